@@ -1,0 +1,1 @@
+"""Shipped checkpoints (safetensors carrying their config)."""

@@ -1,0 +1,1 @@
+"""bidiff.runtime: what runs on the device. numpy + pillow + a backend; never torch or onnx."""

@@ -1,0 +1,135 @@
+"""The diffusion arithmetic shared bit for bit by training, export and the device.
+
+Everything here is numpy only: the device imports it, and `bidiff.models` imports it too, so
+the noise schedule, the DDIM update and the timestep -> expert-group map have exactly one
+definition.
+
+Symbols (as in the DDIM paper): beta_t = ``betas[t]``, abar_t = ``alphas_cumprod[t]``,
+eps = the network's noise estimate, x0 = the predicted clean sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+NUM_TRAIN_TIMESTEPS = 2000
+BETA_START = 1e-6
+BETA_END = 1e-2
+NUM_GROUPS = 5
+
+
+@lru_cache(maxsize=None)
+def _tables(n: int, start: float, end: float) -> tuple[np.ndarray, np.ndarray]:
+    # torch.linspace(float32) evaluates start + step*i (first half) and end - step*(n-1-i)
+    # (second half) with a fused multiply-add; float64 arithmetic rounded once to float32
+    # reproduces that exactly (step*i is exact in float64). np.linspace differs by 1 ulp in
+    # most entries, and one ulp here flips signs a few steps later (MODEL.md).
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    lo = (np.float64(s) + step * i).astype(np.float32)
+    hi = (np.float64(e) - step * (n - 1 - i)).astype(np.float32)
+    betas = np.where(i < n // 2, lo, hi).astype(np.float32)
+    # torch's float32 cumprod of (1 - beta) (computed in float32) equals a float64 cumprod
+    # rounded once; a float32 numpy cumprod does not.
+    alphas_cumprod = np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
+    betas.setflags(write=False)
+    alphas_cumprod.setflags(write=False)
+    return betas, alphas_cumprod
+
+
+def linear_betas(n: int = NUM_TRAIN_TIMESTEPS, start: float = BETA_START,
+                 end: float = BETA_END) -> np.ndarray:
+    """float32 linear betas, bit-identical to ``torch.linspace(start, end, n)`` (read-only)."""
+    return _tables(n, start, end)[0]
+
+
+def alphas_cumprod(n: int = NUM_TRAIN_TIMESTEPS, start: float = BETA_START,
+                   end: float = BETA_END) -> np.ndarray:
+    """float32 abar_t = prod(1 - beta), bit-identical to torch's float32 cumprod (read-only)."""
+    return _tables(n, start, end)[1]
+
+
+def timestep_group(t: int | np.ndarray, *, num_groups: int = NUM_GROUPS,
+                   total_steps: int = NUM_TRAIN_TIMESTEPS) -> int | np.ndarray:
+    """TaR/TaA expert index for timestep t: clamp(int(t*K/T), 0, K-1)."""
+    g = np.clip(np.asarray(t, dtype=np.int64) * num_groups // total_steps, 0, num_groups - 1)
+    return int(g) if g.ndim == 0 else g
+
+
+def group_ranges(*, num_groups: int = NUM_GROUPS,
+                 total_steps: int = NUM_TRAIN_TIMESTEPS) -> list[tuple[int, int]]:
+    """Inclusive (t_min, t_max) of every group, e.g. [(0, 399), (400, 799), ...]."""
+    g = timestep_group(np.arange(total_steps), num_groups=num_groups, total_steps=total_steps)
+    return [(int(np.argmax(g == k)), int(total_steps - 1 - np.argmax(g[::-1] == k)))
+            for k in range(num_groups)]
+
+
+def check_timestep(t: int, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
+    if not 0 <= int(t) < total_steps:
+        raise ValueError(f"timestep {t} is outside 0..{total_steps - 1}")
+    return int(t)
+
+
+@dataclass(frozen=True)
+class DDIMStepOutput:
+    prev_sample: np.ndarray
+    pred_original_sample: np.ndarray
+
+
+class DDIMScheduler:
+    """Deterministic DDIM (eta = 0) with "leading" timestep spacing, as the official sampler.
+
+    Two phases, as in diffusers: ``set_timesteps(n)`` fills ``timesteps``; ``step`` then
+    consumes them in order. With 50 steps: t = 1960, 1920, ..., 40, 0.
+    """
+
+    def __init__(self, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                 beta_start: float = BETA_START, beta_end: float = BETA_END,
+                 timestep_spacing: Literal["leading"] = "leading", clip_sample: bool = True,
+                 clip_range: float = 1.0) -> None:
+        if timestep_spacing != "leading":
+            raise ValueError(f"timestep_spacing {timestep_spacing!r} is not supported; valid: 'leading'")
+        self.num_train_timesteps = num_train_timesteps
+        self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        self.clip_sample = clip_sample
+        self.clip_range = clip_range
+        self.timesteps: np.ndarray | None = None
+
+    def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        n = int(num_inference_steps)
+        if not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {num_inference_steps}")
+        ratio = self.num_train_timesteps // n
+        self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
+        return self.timesteps
+
+    def prev_timestep(self, index: int) -> int:
+        """The timestep after ``timesteps[index]`` (read from the table; -1 after the last)."""
+        ts = self._require_timesteps()
+        return int(ts[index + 1]) if index + 1 < len(ts) else -1
+
+    def _require_timesteps(self) -> np.ndarray:
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps(n) before step()")
+        return self.timesteps
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> DDIMStepOutput:
+        """One DDIM update from ``timesteps[index]`` to the next one, in the sample's dtype."""
+        ts = self._require_timesteps()
+        t, t_prev = int(ts[index]), self.prev_timestep(index)
+        dtype = sample.dtype
+        ac = self.alphas_cumprod
+        # 1. abar_t and abar_prev (abar_prev = 1 after the last step: the result is x0 itself)
+        a_t = dtype.type(ac[t])
+        a_prev = dtype.type(ac[t_prev]) if t_prev >= 0 else dtype.type(1.0)
+        # 2. x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped
+        x0 = (sample - np.sqrt(dtype.type(1) - a_t) * model_output) / np.sqrt(a_t)
+        if self.clip_sample:
+            x0 = np.clip(x0, -self.clip_range, self.clip_range).astype(dtype, copy=False)
+        # 3. x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps   (eta = 0: no fresh noise)
+        prev = np.sqrt(a_prev) * x0 + np.sqrt(dtype.type(1) - a_prev) * model_output
+        return DDIMStepOutput(prev_sample=prev.astype(dtype, copy=False), pred_original_sample=x0)
