@@ -1,0 +1,44 @@
+"""What the diffusion sample x0 means for a model, recorded in checkpoints and artifacts.
+
+- ``official``: x0 is the HR image itself in [0, 1] (BI-DiffSR / SR3 as released); the
+  official checkpoints use it.
+- ``residual``: x0 = residual_scale * (HR - cond), the HR detail missing from the bicubic
+  condition, scaled into the [-1, 1] clipping range. A small model learns it far faster
+  (TRAINING_NOTES.md): at init its output is already the bicubic image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+FormulationType = Literal["official", "residual"]
+FORMULATIONS = ("official", "residual")
+
+
+@dataclass(frozen=True)
+class Formulation:
+    type: FormulationType = "official"
+    residual_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.type not in FORMULATIONS:
+            raise ValueError(f"unknown formulation {self.type!r}; valid: {', '.join(FORMULATIONS)}")
+        if not self.residual_scale > 0:
+            raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
+
+    def to_dict(self) -> dict:
+        return asdict(self) if self.type == "residual" else {"type": "official"}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Formulation":
+        return cls() if not d else cls(**d)
+
+    def target(self, hr: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """The x0 a model is trained to produce (works on numpy arrays and torch tensors)."""
+        return hr if self.type == "official" else (hr - cond) * self.residual_scale
+
+    def to_image(self, x0: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """Sampled x0 -> image in [0, 1] (unclamped; callers clamp)."""
+        return x0 if self.type == "official" else cond + x0 / self.residual_scale
