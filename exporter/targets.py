@@ -1,0 +1,48 @@
+"""Named export targets: one place maps a user-facing name to a compiler target.
+
+``onnx`` exports only the portable graphs; every other name also compiles a native library with
+TVM for that CPU. Valid names are listed in error messages, so keep them short.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    arch: str | None = None            # "x86_64" | "aarch64" | None (portable ONNX only)
+    triple: str | None = None
+    mcpu: str | None = None            # None: the host CPU at export time
+    mattr: tuple[str, ...] = field(default_factory=tuple)
+    cc: str | None = None              # cross compiler for the shared library (None: host cc)
+
+    @property
+    def native(self) -> bool:
+        return self.arch is not None
+
+
+TARGETS: dict[str, TargetSpec] = {t.name: t for t in [
+    TargetSpec("onnx", "portable ONNX graphs only (run with onnxruntime anywhere)"),
+    TargetSpec("x86_64", "this machine's x86_64 CPU and its features (AVX-512 when present)",
+               arch="x86_64", triple="x86_64-linux-gnu"),
+    TargetSpec("x86_64-avx2", "any x86_64 CPU with AVX2 (x86-64-v3)",
+               arch="x86_64", triple="x86_64-linux-gnu", mcpu="x86-64-v3"),
+    TargetSpec("arm64", "generic 64-bit ARM (armv8-a + NEON)",
+               arch="aarch64", triple="aarch64-linux-gnu", mcpu="generic", mattr=("+neon",),
+               cc="aarch64-linux-gnu-gcc"),
+    TargetSpec("rpi4", "Raspberry Pi 4 (Cortex-A72, 64-bit OS)",
+               arch="aarch64", triple="aarch64-linux-gnu", mcpu="cortex-a72", mattr=("+neon",),
+               cc="aarch64-linux-gnu-gcc"),
+    TargetSpec("rpi5", "Raspberry Pi 5 (Cortex-A76, dotprod, 64-bit OS)",
+               arch="aarch64", triple="aarch64-linux-gnu", mcpu="cortex-a76",
+               mattr=("+neon", "+dotprod"), cc="aarch64-linux-gnu-gcc"),
+]}
+
+
+def get_target(name: str) -> TargetSpec:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}") from None
