@@ -1,0 +1,116 @@
+"""Build the training set offline from package archives: `python scripts/prepare_data.py`.
+
+Sources (issue 3): the photographs bundled in the scikit-image 0.26.0 wheel and the nature
+photographs of Debian's ``mate-backgrounds``. Synthetic images (charts, logos, text, line art,
+gradients, the painted wallpapers) are skipped, and so is ``motorcycle_right`` (a stereo twin
+of ``motorcycle_left`` that would leak across the split). Matplotlib's sample data and the
+plasma/lomiri wallpapers are reserved for independent evaluation and never touched here.
+
+Every image is converted to RGB (greyscale photos are replicated to three channels) and, if
+its longer side exceeds ``--max-side`` (default 1024), downscaled with Pillow's antialiased
+BICUBIC, so wallpaper texture appears at the scale of ordinary photographs (and JPEG blocking
+is averaged away). The held-out split is the fixed name list ``HELDOUT``. Re-running is
+idempotent: downloads are cached in ``data/cache`` and existing PNGs are rewritten identically.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+
+SKIMAGE_VERSION = "0.26.0"
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass",
+                  "gravel", "hubble_deep_field", "ihc", "moon", "motorcycle_left", "retina",
+                  "rocket")
+MATE_PACKAGE = "mate-backgrounds"
+MATE_PHOTO_DIR = "usr/share/backgrounds/mate/nature"
+# Chosen by hand for variety (grey, colour, texture, smooth bokeh), fixed by name.
+HELDOUT = ("skimage-camera", "skimage-coffee", "skimage-rocket", "mate-Dune", "mate-LadyBird")
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+def skimage_photos(cache: Path) -> dict[str, bytes]:
+    """Encoded photo bytes from the scikit-image wheel, keyed by output name."""
+    wheels = sorted(cache.glob(f"scikit_image-{SKIMAGE_VERSION}-*.whl"))
+    if not wheels:
+        _run([sys.executable, "-m", "pip", "download", f"scikit-image=={SKIMAGE_VERSION}",
+              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
+        wheels = sorted(cache.glob(f"scikit_image-{SKIMAGE_VERSION}-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as whl:
+        files = {Path(n).stem: n for n in whl.namelist() if n.startswith("skimage/data/")}
+        return {f"skimage-{p}": whl.read(files[p]) for p in SKIMAGE_PHOTOS}
+
+
+def mate_photos(cache: Path) -> dict[str, bytes]:
+    """Encoded photo bytes from the mate-backgrounds .deb (apt-get download, no root install)."""
+    debs = sorted(cache.glob(f"{MATE_PACKAGE}_*.deb"))
+    if not debs:
+        try:
+            _run(["apt-get", "download", MATE_PACKAGE], cache)
+        except subprocess.CalledProcessError:
+            _run(["apt-get", "update"], cache)
+            _run(["apt-get", "download", MATE_PACKAGE], cache)
+        debs = sorted(cache.glob(f"{MATE_PACKAGE}_*.deb"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(["dpkg", "-x", str(debs[0].resolve()), tmp], cache)
+        photos = sorted((Path(tmp) / MATE_PHOTO_DIR).glob("*.jpg"))
+        return {f"mate-{p.stem}": p.read_bytes() for p in photos}
+
+
+def to_training_image(data: bytes, max_side: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = max_side / max(img.size)
+    if scale < 1:
+        size = (round(img.width * scale), round(img.height * scale))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return img
+
+
+def prepare(out: Path, *, max_side: int = 1024) -> dict:
+    """Write data/train and data/heldout PNGs plus a manifest; returns the manifest."""
+    cache = (out / "cache").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    sources = {**skimage_photos(cache), **mate_photos(cache)}
+    missing = sorted(set(HELDOUT) - set(sources))
+    if missing:
+        raise SystemExit(f"held-out images missing from the sources: {', '.join(missing)}")
+    manifest = {"max_side": max_side, "images": {}}
+    for split in ("train", "heldout"):
+        (out / split).mkdir(exist_ok=True)
+        for stale in (out / split).glob("*.png"):
+            stale.unlink()
+    for name, data in sorted(sources.items()):
+        split = "heldout" if name in HELDOUT else "train"
+        img = to_training_image(data, max_side)
+        path = out / split / f"{name}.png"
+        img.save(path, optimize=False)
+        manifest["images"][name] = {"split": split, "size": list(img.size),
+                                    "source_sha256": hashlib.sha256(data).hexdigest()}
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--max-side", type=int, default=1024,
+                        help="downscale larger images to this longer side (default: 1024)")
+    args = parser.parse_args()
+    manifest = prepare(args.out, max_side=args.max_side)
+    splits = [v["split"] for v in manifest["images"].values()]
+    print(f"{splits.count('train')} train, {splits.count('heldout')} held-out images in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
