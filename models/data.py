@@ -1,0 +1,87 @@
+"""Training pairs: random HR patches, their Pillow-bicubic LR and the shared bicubic condition.
+
+The degradation is the one users feed the model (Pillow BICUBIC downscaling, antialiased,
+rounded to 8-bit like a saved image); the condition is ``bidiff.runtime.bicubic``'s
+INTER_CUBIC-compatible upscaling, the same function the device runs. Images are preloaded as
+uint8 arrays because decoding PNGs every step would cost more than the patch itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from bidiff.runtime.bicubic import upscale_condition
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """float32 NCHW arrays in [0, 1] (cond is unclamped and may overshoot slightly)."""
+    hr: np.ndarray
+    lr: np.ndarray
+    cond: np.ndarray
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of a folder in sorted order; a missing or empty folder is a user error."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if folder.is_dir() else []
+    if not files:
+        raise SystemExit(f"no images in {folder} (run scripts/prepare_data.py first?)")
+    return files
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """HWC uint8 RGB (greyscale and alpha images converted)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_images(folder: str | Path) -> list[np.ndarray]:
+    return [load_rgb(p) for p in list_images(folder)]
+
+
+def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
+    """LR = Pillow BICUBIC (antialiased) downscale of an HWC uint8 image by ``scale``."""
+    h, w = hr.shape[:2]
+    if h % scale or w % scale:
+        raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {scale}")
+    img = Image.fromarray(hr).resize((w // scale, h // scale), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def make_pair(hr: np.ndarray, scale: int) -> Batch:
+    """A one-image Batch (HR, LR, condition) from an HWC uint8 HR image."""
+    lr = np.moveaxis(downsample(hr, scale), -1, 0)[None].astype(np.float32) / 255
+    return Batch(hr=np.moveaxis(hr, -1, 0)[None].astype(np.float32) / 255, lr=lr,
+                 cond=upscale_condition(lr, scale))
+
+
+def random_patch(image: np.ndarray, patch: int, rng: np.random.Generator) -> np.ndarray:
+    """A random patch x patch crop under one of the 8 flips/rotations (HWC uint8)."""
+    h, w = image.shape[:2]
+    if h < patch or w < patch:
+        raise ValueError(f"image of {h}x{w} is smaller than the {patch}px patch")
+    y, x = rng.integers(0, h - patch + 1), rng.integers(0, w - patch + 1)
+    crop = image[y:y + patch, x:x + patch]
+    k, flip = rng.integers(0, 4), rng.integers(0, 2)
+    crop = np.rot90(crop, k)
+    return np.ascontiguousarray(crop[:, ::-1] if flip else crop)
+
+
+def sample_batch(images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
+                 rng: np.random.Generator) -> Batch:
+    """n random training pairs; images are drawn uniformly so small photos are not drowned out."""
+    if patch % scale:
+        raise ValueError(f"patch {patch} is not a multiple of the scale {scale}")
+    hr = np.stack([random_patch(images[i], patch, rng) for i in rng.integers(0, len(images), n)])
+    lr = np.stack([downsample(p, scale) for p in hr])
+    lr = np.moveaxis(lr, -1, 1).astype(np.float32) / 255
+    return Batch(hr=np.moveaxis(hr, -1, 1).astype(np.float32) / 255, lr=lr,
+                 cond=upscale_condition(lr, scale))
