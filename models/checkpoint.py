@@ -1,0 +1,95 @@
+"""Checkpoint I/O: our safetensors files carry their config; official .pth files need a name."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configs import ModelConfig, get_config
+from .unet import BIDiffSRUNet
+
+CHECKPOINT_FORMAT = "bidiff-checkpoint-1"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "bidiff-s-x2.safetensors"
+
+
+def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
+    cfg = get_config(config) if isinstance(config, str) else config
+    return BIDiffSRUNet(**cfg.network)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,
+                    extra_metadata: Mapping[str, str] | None = None) -> None:
+    """Write weights (float32) + config to a safetensors file, atomically."""
+    meta = {"format": CHECKPOINT_FORMAT, "config": config.to_json()}
+    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _read_state_dict(path: Path, config: ModelConfig | None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
+            if config is None:
+                raise ValueError(f"{path} carries no bidiff config: pass a config name")
+        else:
+            stored = ModelConfig.from_dict(json.loads(meta["config"]))
+            config = stored if config is None else config
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, config
+    if config is None:
+        raise ValueError(f"{path} is an official checkpoint: pass its config name (e.g. official-x2)")
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ("params_ema" in ckpt or "params" in ckpt):
+        ckpt = ckpt["params_ema"] if "params_ema" in ckpt else ckpt["params"]
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds no state_dict (expected {{'params': ...}})")
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}, config
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], config_name: str) -> None:
+    """Raise a ValueError naming the first keys that do not fit the model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+    if shape:
+        problems.append(f"{len(shape)} with other shapes (first: {'; '.join(shape[:2])})")
+    if problems:
+        raise ValueError(f"checkpoint does not fit config {config_name!r}: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str | os.PathLike | None = None,
+                    config: str | ModelConfig | None = None) -> tuple[BIDiffSRUNet, ModelConfig]:
+    """Load ours (config from metadata) or an official .pth (``config`` required); eval mode.
+
+    ``path=None`` loads the shipped default model.
+    """
+    path = Path(SHIPPED_CHECKPOINT if path is None else path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    cfg = get_config(config) if isinstance(config, str) else config
+    state, cfg = _read_state_dict(path, cfg)
+    model = create_model(cfg)
+    check_state_dict(model, state, cfg.name)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return model.eval(), cfg

@@ -1,0 +1,106 @@
+"""Named model configs (timm-style registry). A config is the architecture plus what the
+artifact and the sampler must know: upscaling factor and training formulation."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from bidiff.runtime.formulation import Formulation
+
+_REGISTRY: dict[str, Callable[[], "ModelConfig"]] = {}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    network: dict[str, Any]
+    scale: int = 2
+    formulation: Formulation = field(default_factory=Formulation)
+    description: str = ""
+
+    @property
+    def input_multiple(self) -> int:
+        return 2 ** (len(self.network["channel_mults"]) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["formulation"] = self.formulation.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["formulation"] = Formulation.from_dict(d.get("formulation"))
+        d["network"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["network"].items()}
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+def register_config(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+    """Register a zero-argument function returning a config; the config's name is the key."""
+    cfg = fn()
+    if cfg.name in _REGISTRY:
+        raise ValueError(f"config {cfg.name!r} is registered twice")
+    _REGISTRY[cfg.name] = fn
+    return fn
+
+
+def list_configs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown config {name!r}; valid configs: {', '.join(list_configs())}") from None
+
+
+def _net(**kw: Any) -> dict[str, Any]:
+    base = dict(in_channel=6, out_channel=3, inner_channel=64, norm_groups=16,
+                channel_mults=[1, 2, 4, 8], attn_res=[], res_blocks=2, dropout=0.2,
+                image_size=256, fp_res=[256, 128], total_step=2000, dynamic_group=5)
+    base.update(kw)
+    return base
+
+
+@register_config
+def official_x2() -> ModelConfig:
+    return ModelConfig("official-x2", _net(), 2, Formulation("official"),
+                       "BI-DiffSR x2 as in the paper (load the official .pth with this name)")
+
+
+@register_config
+def official_x4() -> ModelConfig:
+    return ModelConfig("official-x4", _net(), 4, Formulation("official"),
+                       "BI-DiffSR x4 as in the paper (same network as x2)")
+
+
+@register_config
+def golden_small() -> ModelConfig:
+    return ModelConfig("golden-small", _net(inner_channel=16, norm_groups=8, image_size=64,
+                                            fp_res=[64, 32]),
+                       2, Formulation("official"),
+                       "the official structure at width 16 (shared/golden/small)")
+
+
+@register_config
+def bidiff_s_x2() -> ModelConfig:
+    return ModelConfig("bidiff-s-x2", _net(inner_channel=32, norm_groups=8, channel_mults=[1, 2, 4],
+                                           dropout=0.0, image_size=64, fp_res=[]),
+                       2, Formulation("residual", 4.0),
+                       "the shipped x2 model: all-binary, 3 levels, trained on CPU (residual target)")
+
+
+@register_config
+def tiny_binary() -> ModelConfig:
+    return ModelConfig("tiny-binary", _net(inner_channel=16, norm_groups=4, channel_mults=[1, 2],
+                                           res_blocks=1, dropout=0.0, image_size=32, fp_res=[]),
+                       2, Formulation("residual", 4.0),
+                       "a tiny all-binary network for tests")
