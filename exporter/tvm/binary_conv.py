@@ -1,0 +1,286 @@
+"""Bit-serial ``BinaryConv2d`` for TVM: one TE compute, hand ``s_tir`` schedules per CPU family.
+
+The arithmetic is the one of :func:`bidiff.runtime.binary_op.binary_conv2d_reference`
+(bit conventions are imported from there, never restated):
+
+1. ``pack``: activation bits ``x[c] >= threshold[c]`` packed along channels into words
+   (``uint32``; ``uint64`` when ``C % 64 == 0``, so a 64-channel layer uses one word per tap),
+   layout ``[N, words, H, W]`` so that the inner loop over output columns reads contiguous words;
+2. ``pad``: the packed words with a zero border (only the packed words are padded, C/32 times
+   smaller than the float input);
+3. ``bconv``: ``acc = sum over valid taps and words of popcount(a ^ w)`` (taps in the zero
+   padding are masked out), then ``y = scale[f] * (C * n_valid - 2 * acc)`` where ``n_valid`` is
+   the number of in-image taps of the output pixel;
+4. optional epilogue (``EPILOGUE_RPRELU``): ``y = PReLU(y + b0, slope) + b1`` and/or the identity
+   shortcut ``y += x`` (BIConv = TaA(conv(sign(TaR(x)))) + x, TaR folded into ``threshold``).
+
+Padding bits past the last channel are 0 in weights and activations, so they never count as a
+mismatch. Kernel variants are named in :class:`KernelVariant` and chosen for a target in one
+place, :func:`select_variant`.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, te, tirx
+
+from bidiff.runtime.binary_op import WORD_BITS, num_words
+
+
+class KernelVariant(enum.Enum):
+    """The binary-conv schedules; :func:`select_variant` is the only place that picks one."""
+
+    X86_AVX512 = "x86_avx512"      # AVX-512 VPOPCNTDQ: vpopcntd / vpopcntq on zmm registers
+    X86_AVX2 = "x86_avx2"          # AVX2: LLVM's nibble-lookup (vpshufb) popcount on ymm
+    ARM_NEON = "arm_neon"          # AArch64 NEON: cnt.16b + pairwise adds
+    GENERIC = "generic"            # any other LLVM target: parallel, no vector width assumptions
+
+
+# Register budget per variant: (output channels per tile, vectors per tile, lanes per vector of
+# 32-bit words). ob * nvec accumulators stay in registers (32 zmm / 16 ymm / 32 q registers).
+_TILES: dict[KernelVariant, tuple[int, int, int]] = {
+    KernelVariant.X86_AVX512: (8, 2, 16),
+    KernelVariant.X86_AVX2: (4, 2, 8),
+    KernelVariant.ARM_NEON: (4, 2, 4),
+    KernelVariant.GENERIC: (4, 1, 4),
+}
+
+
+def select_variant(target: tvm.target.Target) -> KernelVariant:
+    """Pick the binary-conv schedule for an LLVM ``target`` (by its triple and CPU features)."""
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith("x86_64"):
+        if tvm.target.codegen.target_has_features("avx512vpopcntdq", target) and \
+                tvm.target.codegen.target_has_features("avx512f", target):
+            return KernelVariant.X86_AVX512
+        if tvm.target.codegen.target_has_features("avx2", target):
+            return KernelVariant.X86_AVX2
+        return KernelVariant.GENERIC
+    if triple.startswith("aarch64"):
+        return KernelVariant.ARM_NEON
+    return KernelVariant.GENERIC
+
+
+EPILOGUES = ("none", "rprelu")
+
+
+@dataclass(frozen=True)
+class BinaryConvShape:
+    """Static shape and options of one binary conv layer (stride 1, 'same' padding)."""
+
+    channels: int
+    filters: int
+    height: int
+    width: int
+    kernel: int = 3
+    epilogue: str = "none"          # "none" | "rprelu" (y = PReLU(y + b0, slope) + b1)
+    residual: bool = False          # add the conv's own input x (needs filters == channels)
+    batch: int = 1
+
+    def __post_init__(self):
+        if self.kernel not in (1, 3):
+            raise ValueError(f"binary conv kernel must be 1 or 3, got {self.kernel}")
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"unknown epilogue {self.epilogue!r}; valid: {', '.join(EPILOGUES)}")
+        if self.residual and self.filters != self.channels:
+            raise ValueError(f"identity residual needs filters == channels, got "
+                             f"{self.filters} != {self.channels}")
+
+    @property
+    def pad(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def word_bits(self) -> int:
+        """64-bit words when the channels fill them exactly (the uint64 view of the uint32
+        packing: word k = uint32 words 2k | 2k+1 << 32), else the 32-bit words as packed."""
+        return 64 if self.channels % 64 == 0 else WORD_BITS
+
+    @property
+    def words(self) -> int:
+        return (self.channels + self.word_bits - 1) // self.word_bits
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
+    """TE compute; returns (inputs list, output tensor). Inputs are, in order:
+    ``x`` f32 [N,C,H,W], ``w_packed`` u32 [F,k,k,ceil(C/32)], ``scale`` f32 [F],
+    ``threshold`` f32 [C], then ``b0, slope, b1`` f32 [F] for the RPReLU epilogue.
+
+    ``col_multiple``: the accumulation runs over a width rounded up to this multiple (extra
+    columns read zero words and are never stored), so the column loop vectorises for any W.
+    """
+    n_, c_, h_, w_, f_, k = (shape.batch, shape.channels, shape.height, shape.width,
+                             shape.filters, shape.kernel)
+    p = shape.pad
+    wb = shape.word_bits
+    nwords = shape.words
+    wdt = f"uint{wb}"
+    wc = _round_up(w_, col_multiple)
+
+    x = te.placeholder((n_, c_, h_, w_), "float32", name="x")
+    w32 = te.placeholder((f_, k, k, num_words(c_)), "uint32", name="w_packed")
+    scale = te.placeholder((f_,), "float32", name="scale")
+    thr = te.placeholder((c_,), "float32", name="threshold")
+    extra = []
+    if shape.epilogue == "rprelu":
+        extra = [te.placeholder((f_,), "float32", name=nm) for nm in ("b0", "slope", "b1")]
+
+    def pack_word(n, wd, y, xx):
+        val = tirx.const(0, wdt)
+        for b in range(wb):
+            c = wd * wb + b
+            # channel index clamped so the load stays in bounds; the bit is masked instead
+            cc = tirx.min(c, c_ - 1) if (nwords * wb > c_) else c
+            bit = tirx.Select(x[n, cc, y, xx] >= thr[cc], tirx.const(1 << b, wdt),
+                              tirx.const(0, wdt))
+            if nwords * wb > c_:
+                bit = tirx.Select(c < c_, bit, tirx.const(0, wdt))
+            val = val | bit
+        return val
+
+    packed = te.compute((n_, nwords, h_, w_), pack_word, name="pack")
+
+    hp, wp = h_ + 2 * p, wc + 2 * p
+    if p or wc != w_:
+        padded = te.compute(
+            (n_, nwords, hp, wp),
+            lambda n, wd, yy, xx: tirx.if_then_else(
+                tirx.all(yy >= p, yy < h_ + p, xx >= p, xx < w_ + p),
+                packed[n, wd, yy - p, xx - p], tirx.const(0, wdt)),
+            name="pad")
+    else:
+        padded = packed
+
+    if wb == 64:
+        wq = te.compute(
+            (f_, k, k, nwords),
+            lambda f, i, j, q: w32[f, i, j, 2 * q].astype(wdt)
+            | (w32[f, i, j, 2 * q + 1].astype(wdt) << tirx.const(32, wdt)),
+            name="wpack64")
+    else:
+        wq = w32
+
+    rw = te.reduce_axis((0, nwords), name="rw")
+    ry = te.reduce_axis((0, k), name="ry")
+    rx = te.reduce_axis((0, k), name="rx")
+
+    def tap(n, f, y, xx):
+        pc = tirx.popcount(padded[n, rw, y + ry, xx + rx] ^ wq[f, ry, rx, rw])
+        if p == 0:
+            return te.sum(pc, axis=[rw, ry, rx])
+        yy, xi = y + ry - p, xx + rx - p
+        valid = tirx.all(yy >= 0, yy < h_, xi >= 0, xi < w_)
+        return te.sum(tirx.Select(valid, pc, tirx.const(0, wdt)), axis=[rw, ry, rx])
+
+    acc = te.compute((n_, f_, h_, wc), tap, name="bconv")
+
+    def n_valid(y, xx):
+        if p == 0:
+            return tirx.const(1, "int32")
+        rows = tirx.min(y + p, h_ - 1) - tirx.max(y - p, 0) + 1
+        cols = tirx.min(xx + p, w_ - 1) - tirx.max(xx - p, 0) + 1
+        return rows * cols
+
+    def epi(n, f, y, xx):
+        dot = n_valid(y, xx) * c_ - 2 * acc[n, f, y, xx].astype("int32")
+        v = scale[f] * dot.astype("float32")
+        if shape.epilogue == "rprelu":
+            b0, slope, b1 = extra
+            v = v + b0[f]
+            v = tirx.Select(v >= tirx.const(0.0, "float32"), v, slope[f] * v) + b1[f]
+        if shape.residual:
+            v = v + x[n, f, y, xx]
+        return v
+
+    out = te.compute((n_, f_, h_, w_), epi, name="epilogue")
+    return [x, w32, scale, thr, *extra], out
+
+
+def _pick_divisor(n: int, prefs: tuple[int, ...]) -> int:
+    for d in prefs:
+        if n % d == 0:
+            return d
+    return 1
+
+
+def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
+                         variant: KernelVariant) -> tirx.PrimFunc:
+    """Hand schedule: tile (filters x columns) with register accumulators, parallel over rows."""
+    ob, nvec, lanes32 = _TILES[variant]
+    vec = lanes32 * 32 // shape.word_bits            # lanes of one register in words
+    if variant is KernelVariant.X86_AVX512 and shape.word_bits == 32:
+        nvec = 1                                      # 16 lanes x 8 filters = 8 zmm already
+        ob = 8
+    ob = _pick_divisor(shape.filters, tuple(d for d in (ob, 8, 4, 2) if d <= ob))
+    tile_x = vec * nvec
+    sch = s_tir.Schedule(func)
+
+    # pack: parallel over (n, word, row), vectorised over columns
+    blk = sch.get_sblock("pack")
+    n, wd, y, xx = sch.get_loops(blk)
+    sch.parallel(sch.fuse(n, wd, y))
+    pv = _pick_divisor(shape.width, (16, 8, 4))
+    if pv > 1:
+        _, xv = sch.split(xx, [None, pv])
+        sch.vectorize(xv)
+
+    try:
+        pad = sch.get_sblock("pad")
+    except Exception:   # noqa: BLE001 - no padding stage for 1x1 kernels on aligned widths
+        pad = None
+    if pad is not None:
+        n, wd, y, xx = sch.get_loops(pad)
+        sch.parallel(sch.fuse(n, wd, y))
+
+    if shape.word_bits == 64:
+        wblk = sch.get_sblock("wpack64")
+        sch.parallel(sch.fuse(*sch.get_loops(wblk)))
+
+    conv = sch.get_sblock("bconv")
+    n, f, y, xx, rw, ry, rx = sch.get_loops(conv)
+    fo, fi = sch.split(f, [None, ob])
+    xo, xi, xv = sch.split(xx, [None, nvec, vec])
+    sch.reorder(n, y, xo, fo, rw, ry, rx, fi, xi, xv)
+    outer = sch.fuse(n, y, xo)
+    sch.parallel(outer)
+    sch.set_scope(conv, 0, "local")
+    epi = sch.get_sblock("epilogue")
+    sch.reverse_compute_at(epi, fo)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(fi)
+    sch.unroll(xi)
+    sch.vectorize(xv)
+    # epilogue tile: filters x columns; vectorise the columns when the tile is never clipped
+    e_loops = sch.get_loops(epi)
+    ef, ex = e_loops[-2], e_loops[-1]
+    if shape.width % tile_x == 0:
+        ex_o, ex_v = sch.split(ex, [None, vec if shape.word_bits == 32 else vec * 2])
+        sch.unroll(ex_o)
+        sch.vectorize(ex_v)
+    sch.unroll(ef)
+    sch.decompose_reduction(conv, rw)
+    return sch.mod["main"]
+
+
+def col_multiple_for(shape: BinaryConvShape, variant: KernelVariant) -> int:
+    ob, nvec, lanes32 = _TILES[variant]
+    vec = lanes32 * 32 // shape.word_bits
+    if variant is KernelVariant.X86_AVX512 and shape.word_bits == 32:
+        nvec = 1
+    return vec * nvec
+
+
+def binary_conv_primfunc(shape: BinaryConvShape, variant: KernelVariant, *,
+                         name: str = "bidiff_binary_conv2d") -> tirx.PrimFunc:
+    """The scheduled PrimFunc (``tirx.is_scheduled``), global symbol ``name``."""
+    inputs, out = binary_conv_compute(shape, col_multiple=col_multiple_for(shape, variant))
+    func = te.create_prim_func([*inputs, out])
+    func = schedule_binary_conv(func, shape, variant)
+    return func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
