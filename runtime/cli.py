@@ -1,0 +1,187 @@
+"""The ``bidiff`` command: ``bidiff upscale`` and ``bidiff info`` (the device side).
+
+    bidiff upscale photo.png -o out/                  # out/photo_x2.png
+    bidiff upscale photos/ -o out/ --steps 20         # every image of the folder, sorted
+    bidiff upscale photo.png -o big.png --artifact model.bidiff --backend onnxruntime
+    bidiff info model.bidiff                          # manifest summary and checksum status
+
+User errors (bad input, bad artifact, bad options) print one line on stderr and exit with
+status 2; no output file is created and no existing one is touched. Outputs are written to a
+temp file in the output folder and renamed into place.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import images
+from .artifact import ArtifactError, file_status, read_artifact, target_mismatch
+from .backends import BACKENDS, BackendError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+USER_ERRORS = (ArtifactError, images.ImageError, BackendError)
+EXIT_USAGE = 2
+
+
+class CliError(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bidiff", prog_name="bidiff")
+def cli() -> None:
+    """bidiff: binarized diffusion super-resolution on the device."""
+
+
+def _collect_inputs(inputs: tuple[Path, ...]) -> tuple[list[Path], bool]:
+    """Files to process (folders expanded, sorted) and whether any input was a folder."""
+    files: list[Path] = []
+    any_dir = False
+    for p in inputs:
+        if p.is_dir():
+            any_dir = True
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise CliError(f"folder {p} has no images ({', '.join(IMAGE_EXTS)})")
+            files += found
+        elif not p.exists():
+            raise CliError(f"{p} does not exist")
+        else:
+            files.append(p)
+    return files, any_dir
+
+
+def _check_writable_dir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bidiff-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CliError(f"output folder {d} is not writable ({e.strerror or e}): choose another -o") from None
+
+
+def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
+    if has_alpha:
+        return ".png"
+    if ext != "auto":
+        return "." + ext
+    s = src.suffix.lower()
+    return s if s in IMAGE_EXTS else ".png"
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="INPUT...")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output folder (created if needed), or a file name for a single input.")
+@click.option("--artifact", type=click.Path(path_type=Path), default=None,
+              help="Artifact folder or .bidiff file. Default: the one for this host in "
+                   "$BIDIFF_CACHE or ~/.cache/bidiff.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps, 1..1000. Default: the artifact's (50 for the shipped model).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: TVM when the artifact has a library for this host, else onnxruntime.")
+@click.option("--suffix", default=None, help="Output name suffix. Default: x{scale}, as in photo_x2.png.")
+@click.option("--ext", type=click.Choice(["auto", "png", "jpg", "webp"]), default="auto", show_default=True,
+              help="Output format; auto keeps the input's. Images with alpha are always PNG.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
+            seed: int, threads: int | None, backend: str, suffix: str | None, ext: str,
+            quiet: bool) -> None:
+    """Upscale images (files or folders of images) into OUTPUT."""
+    from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
+
+    files, any_dir = _collect_inputs(inputs)
+    single_file = len(files) == 1 and not any_dir and output.suffix.lower() in IMAGE_EXTS \
+        and not output.is_dir()
+    out_dir = output.parent if single_file else output
+
+    # 1. Everything that can be wrong is checked before any work: inputs decode, the output
+    #    folder is writable, the artifact verifies and fits a backend.
+    has_alpha = {}
+    for f in files:
+        inp = images.load_input(f)
+        has_alpha[f] = inp.alpha is not None
+        del inp
+    _check_writable_dir(out_dir)
+    up = load(artifact, backend=backend, threads=threads)
+    sfx = suffix if suffix is not None else f"x{up.scale}"
+
+    targets: dict[Path, Path] = {}
+    for f in files:
+        dst = output if single_file else out_dir / f"{f.stem}_{sfx}{_out_ext(f, ext, has_alpha[f])}"
+        if single_file and has_alpha[f] and dst.suffix.lower() in (".jpg", ".jpeg"):
+            raise CliError(f"{f} has an alpha channel; JPEG cannot hold it: write a .png")
+        if dst in targets.values():
+            raise CliError(f"two inputs would both be written to {dst}: use separate output folders")
+        if dst.resolve() == f.resolve():
+            raise CliError(f"output {dst} would overwrite its input: choose another -o or --suffix")
+        targets[f] = dst
+
+    # 2. Upscale, one image at a time, each written atomically.
+    for n, f in enumerate(files, 1):
+        label = f"[{n}/{len(files)}] {f.name}"
+        if quiet:
+            result = up.upscale(f, steps=steps, seed=seed)
+        else:
+            with click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True) as bar:
+                def progress(done: int, total: int, bar=bar) -> None:
+                    bar.length = total
+                    bar.update(done - bar.pos)
+                result = up.upscale(f, steps=steps, seed=seed, progress=progress)
+        images.save_image(result, targets[f])
+        if not quiet:
+            click.echo(f"{targets[f]}", err=False)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def info(artifact: Path) -> None:
+    """Show an artifact's manifest and whether its files are intact."""
+    art = read_artifact(artifact, verify=False)
+    m = art.manifest
+    click.echo(f"artifact    {art.source}")
+    click.echo(m.summary())
+    status = file_status(art.root, m)
+    width = max((len(p) for p, _ in status), default=0)
+    click.echo("files")
+    for rel, st in status:
+        size = (art.root / rel).stat().st_size if st != "missing" else 0
+        click.echo(f"  {rel:<{width}}  {size:>12,d} B  {st}")
+    why = target_mismatch(m)
+    click.echo("host        " + ("portable graphs only" if m.target is None or not m.library
+                                 else "target fits this machine" if why is None else f"MISMATCH: {why}"))
+    bad = [(p, s) for p, s in status if s != "ok"]
+    if bad:
+        raise CliError(f"{len(bad)} artifact file(s) missing or modified (first: {bad[0][0]}, "
+                       f"{bad[0][1]}): re-export the artifact")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        rv = cli.main(args=argv, prog_name="bidiff", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("bidiff: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"bidiff: error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(EXIT_USAGE)
+    except USER_ERRORS as e:
+        click.echo(f"bidiff: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo("bidiff: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
