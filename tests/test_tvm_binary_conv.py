@@ -1,0 +1,172 @@
+"""TVM bit-serial BinaryConv2d kernels vs the numpy reference (``binary_conv2d_reference``).
+
+The reference is plain numpy on +-1 floats (float64 sums, exact), so it cannot share a bug with
+the xor + popcount kernels. Results must match to float32 rounding of ``scale * integer`` (the
+kernel computes the integer exactly and multiplies once, like the reference), so the tolerance
+is a few ulps; the RPReLU / residual epilogue adds float32 rounding of two more adds.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from bidiff.exporter.targets import get_target  # noqa: E402
+from bidiff.exporter.tvm.binary_conv import (  # noqa: E402
+    BinaryConvShape, KernelVariant, binary_conv_primfunc, select_variant)
+from bidiff.exporter.tvm.target import host_target, tvm_target  # noqa: E402
+from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
+
+FN = "bidiff_binary_conv2d"
+AVX512_TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                   "mcpu": "sapphirerapids"})
+AVX2_TARGET = tvm_target(get_target("x86_64-avx2"))
+HOST_HAS_AVX512 = tvm.target.codegen.target_has_features("avx512vpopcntdq", host_target())
+
+CHANNELS = (3, 16, 32, 33, 48, 64, 96)
+SIZES = ((7, 9), (16, 16), (17, 31))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(shape: BinaryConvShape, target_json: str):
+    target = tvm.target.Target(target_json)
+    func = binary_conv_primfunc(shape, select_variant(target), name=FN)
+    return tvm.compile(tvm.IRModule({FN: func}), target=target)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(shape: BinaryConvShape, target_json: str):
+    return _compiled(shape, target_json).jit()
+
+
+def _run(shape: BinaryConvShape, target, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    c, f, h, w, k = shape.channels, shape.filters, shape.height, shape.width, shape.kernel
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    # exact ties x == threshold must give bit 1 (v >= threshold -> +1)
+    x[0, :, 0, 0] = thr
+    wt = rng.standard_normal((f, c, k, k)).astype(np.float32)
+    wt[0, 0] = 0.0                                       # packs as +1
+    wp = pack_weights(wt)
+    sc = (rng.random(f) + 0.5).astype(np.float32)
+    ref = binary_conv2d_reference(x, wp, sc, channels=c, kernel=k, threshold=thr)
+    args = [x, wp, sc, thr]
+    if shape.epilogue == "rprelu":
+        b0, slope, b1 = (rng.standard_normal(f).astype(np.float32) for _ in range(3))
+        args += [b0, slope, b1]
+        z = ref + b0[None, :, None, None]
+        ref = np.where(z >= 0, z, slope[None, :, None, None] * z) + b1[None, :, None, None]
+    if shape.residual:
+        ref = ref + x
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, f, h, w), "float32", dev)
+    _jitted(shape, str(target))[FN](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy(), ref.astype(np.float32)
+
+
+def _cases():
+    cases = []
+    for i, c in enumerate(CHANNELS):
+        for k in (1, 3):
+            h, w = SIZES[(i + k) % len(SIZES)]
+            cases.append((c, 16 if c < 16 else c, h, w, k))
+    for h, w in SIZES:                      # every size for the word-boundary channel counts
+        for c in (33, 64):
+            cases.append((c, 32, h, w, 3))
+    return sorted(set(cases))
+
+
+CASES = _cases()
+
+
+def _ids(case):
+    c, f, h, w, k = case
+    return f"C{c}-F{f}-{h}x{w}-k{k}"
+
+
+def test_variant_selection():
+    assert select_variant(AVX512_TARGET) is KernelVariant.X86_AVX512
+    assert select_variant(AVX2_TARGET) is KernelVariant.X86_AVX2
+    for name in ("arm64", "rpi4", "rpi5"):
+        assert select_variant(tvm_target(get_target(name))) is KernelVariant.ARM_NEON
+    expected = KernelVariant.X86_AVX512 if HOST_HAS_AVX512 else KernelVariant.X86_AVX2
+    assert select_variant(tvm_target(get_target("x86_64"))) is expected
+
+
+def test_word_size():
+    # 64-bit words exactly when the channels fill them; otherwise the 32-bit packing as is
+    assert BinaryConvShape(64, 64, 8, 8).word_bits == 64
+    assert BinaryConvShape(128, 64, 8, 8).words == 2
+    assert BinaryConvShape(32, 32, 8, 8).word_bits == 32
+    assert BinaryConvShape(96, 32, 8, 8).words == 3
+    with pytest.raises(ValueError, match="valid: none, rprelu"):
+        BinaryConvShape(16, 16, 8, 8, epilogue="relu")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_avx2_matches_reference(case):
+    c, f, h, w, k = case
+    out, ref = _run(BinaryConvShape(c, f, h, w, kernel=k), AVX2_TARGET)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX512, reason="host CPU lacks AVX-512 VPOPCNTDQ: the AVX-512 "
+                    "kernels are only compiled and inspected (test_avx512_codegen)")
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_avx512_matches_reference(case):
+    c, f, h, w, k = case
+    out, ref = _run(BinaryConvShape(c, f, h, w, kernel=k), AVX512_TARGET)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("c,h,w,k", [(64, 16, 16, 3), (48, 17, 31, 3), (32, 7, 9, 1)])
+def test_fused_epilogue(c, h, w, k, residual):
+    target = AVX512_TARGET if HOST_HAS_AVX512 else AVX2_TARGET
+    out, ref = _run(BinaryConvShape(c, c, h, w, kernel=k, epilogue="rprelu", residual=residual),
+                    target, seed=1)
+    # |y| <= scale * C * 9 ~ 1e3: two extra float32 adds round at ~1e-4 absolute
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [33, 64])
+def test_avx512_codegen(c):
+    ex = _compiled(BinaryConvShape(c, 32, 16, 16, kernel=3), str(AVX512_TARGET))
+    asm = ex.mod.inspect_source("asm")
+    assert re.search(r"\bvpopcnt[dq]\b", asm), "no AVX-512 VPOPCNTDQ instruction in the kernel"
+    assert "zmm" in asm
+
+
+def test_avx2_codegen():
+    ex = _compiled(BinaryConvShape(64, 32, 16, 16, kernel=3), str(AVX2_TARGET))
+    asm = ex.mod.inspect_source("asm")
+    assert not re.search(r"\bvpopcnt[dq]\b", asm) and "zmm" not in asm
+    assert "vpshufb" in asm and "ymm" in asm     # LLVM's nibble-lookup popcount on ymm
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None
+                    or shutil.which("aarch64-linux-gnu-objdump") is None,
+                    reason="aarch64 cross toolchain absent: run scripts/install_cross.sh")
+@pytest.mark.parametrize("c", [32, 64])
+def test_arm64_cross_build_has_neon_cnt(c, tmp_path):
+    target = tvm_target(get_target("arm64"))
+    ex = _compiled(BinaryConvShape(c, 32, 16, 16, kernel=3), str(target))
+    lib = tmp_path / "k.so"
+    ex.export_library(str(lib), cc=get_target("arm64").cc)
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(lib)], check=True,
+                         capture_output=True, text=True).stdout
+    assert "file format elf64-littleaarch64" in dis
+    # the kernel's own symbol (TVM emits the PrimFunc under its global symbol)
+    m = re.search(rf"^[0-9a-f]+ <{FN}(?:_compute_)?>:\n(.*?)(?:\n\n|\Z)", dis, re.S | re.M)
+    assert m, f"kernel symbol {FN} not in the disassembly"
+    body = "\n".join(
+        seg.group(1) for seg in re.finditer(rf"^[0-9a-f]+ <{FN}[^>]*>:\n(.*?)(?:\n\n|\Z)", dis,
+                                            re.S | re.M))
+    assert re.search(r"\bcnt\s+v\d+\.(8b|16b)", body), "no NEON cnt in the binary conv kernel"
