@@ -1,0 +1,168 @@
+"""runtime.sampler + runtime.tiling with fake in-memory backends (numpy functions of x_t, cond, t).
+
+The references here are written from the DDIM formulas directly (not through DDIMScheduler's
+code path) where the test is about the loop, so they cannot share a bug with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bidiff.runtime import schedule
+from bidiff.runtime.bicubic import upscale_condition
+from bidiff.runtime.formulation import Formulation
+from bidiff.runtime.sampler import sample
+from bidiff.runtime.tiling import TileGrid, axis_starts, axis_windows
+
+OFFICIAL = Formulation()
+AC = schedule.alphas_cumprod().astype(np.float64)
+
+
+class PointwiseModel:
+    """eps = 0.3 x_t + (0.2 + 0.1 k) cond - 0.05 + 1e-5 t: depends on the group and t, pointwise."""
+    name = "fake"
+
+    def __init__(self, tile: int | None) -> None:
+        self.tile, self.calls = tile, []        # tile None: any shape (the untiled reference)
+
+    def run(self, group, x_t, cond, t):
+        assert t.dtype == np.int64 and x_t.shape == cond.shape
+        assert self.tile is None or x_t.shape == (1, 3, self.tile, self.tile)
+        self.calls.append((group, int(t[0, 0])))
+        return (np.float32(0.3) * x_t + np.float32(0.2 + 0.1 * group) * cond
+                - np.float32(0.05) + np.float32(1e-5) * t.astype(np.float32)[..., None, None]).astype(np.float32)
+
+
+class BlurIdealModel:
+    """The ideal ε for x0 = 3x3 box blur of cond with ZERO padding at the tile edge: a model with
+    a receptive field, so a tile's border pixels are wrong (as a real network's are). Pasting
+    tiles shows dark seams; blending ε must hide them."""
+    name = "blur"
+
+    def __init__(self, tile: int) -> None:
+        self.tile = tile
+
+    def run(self, group, x_t, cond, t):
+        p = np.pad(cond.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        s = self.tile
+        x0 = sum(p[..., i:i + s, j:j + s] for i in range(3) for j in range(3)) / 9
+        a = AC[int(t[0, 0])]
+        return ((x_t - np.sqrt(a) * x0) / np.sqrt(1 - a)).astype(np.float32)
+
+
+def lr_image(h: int, w: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).random((3, h, w), dtype=np.float32)
+
+
+def reference_ddim(model, lr: np.ndarray, *, scale: int, steps: int, seed: int) -> np.ndarray:
+    """Untiled DDIM written out from the paper's formulas, float32, one network call per step."""
+    cond = upscale_condition(lr, scale).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal(cond.shape, dtype=np.float32)
+    ratio = 2000 // steps
+    ts = [i * ratio for i in range(steps)][::-1]
+    for i, t in enumerate(ts):
+        eps = model.run(min(t * 5 // 2000, 4), x[None], cond[None], np.array([[t]], np.int64))[0]
+        a_t = np.float32(AC[t])
+        a_p = np.float32(AC[ts[i + 1]]) if i + 1 < len(ts) else np.float32(1)
+        x0 = np.clip((x - np.sqrt(np.float32(1) - a_t) * eps) / np.sqrt(a_t), -1, 1)
+        x = (np.sqrt(a_p) * x0 + np.sqrt(np.float32(1) - a_p) * eps).astype(np.float32)
+    return np.clip(x0, 0, 1)
+
+
+def test_axis_tiling_covers_and_overlaps() -> None:
+    for length, tile, ov in [(32, 32, 8), (33, 32, 8), (100, 32, 8), (96, 32, 0), (1000, 64, 16)]:
+        st = axis_starts(length, tile, ov)
+        assert st[0] == 0 and st[-1] == length - tile and st == sorted(set(st))
+        assert all(b - a <= tile - ov + 1 for a, b in zip(st, st[1:]))          # overlap >= ov - 1
+        ws = axis_windows(st, tile)
+        total = np.zeros(length)
+        for s, w in zip(st, ws):
+            assert w.min() > 0 and w.max() == 1
+            total[s:s + tile] += w
+        assert total.min() > 0.5
+    grid = TileGrid.create(32, 32, 32, 8)
+    (tile, w), = grid.tiles()
+    assert (w == 1).all()                                                       # one tile: weight 1
+
+
+def test_single_tile_equals_untiled_loop_bitwise() -> None:
+    lr, steps = lr_image(16, 16), 7
+    m = PointwiseModel(32)
+    got = sample(m, lr, scale=2, formulation=OFFICIAL, steps=steps, seed=5)
+    # the plain loop: whole image, DDIMScheduler directly
+    cond = upscale_condition(lr, 2).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal(cond.shape, dtype=np.float32)
+    sch = schedule.DDIMScheduler()
+    for i, t in enumerate(sch.set_timesteps(steps)):
+        out = sch.step(m.run(schedule.timestep_group(int(t)), x[None], cond[None],
+                             np.array([[t]], np.int64))[0], i, x)
+        x = out.prev_sample
+    assert np.array_equal(got, np.clip(out.pred_original_sample, 0, 1))
+    # and every step called the group its t falls in
+    assert [g for g, t in m.calls[:steps]] == [min(t * 5 // 2000, 4) for _, t in m.calls[:steps]]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 50])
+def test_loop_matches_independent_reference(steps: int) -> None:
+    lr = lr_image(16, 16)
+    got = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=steps, seed=1)
+    ref = reference_ddim(PointwiseModel(32), lr, scale=2, steps=steps, seed=1)
+    # float32 with a different order of operations: a few ulp per step
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+
+def test_tiled_pointwise_equals_untiled() -> None:
+    """3x2 tiles of a pointwise model blend identical ε values: only rounding may differ."""
+    lr = lr_image(40, 28)                                                       # HR 80 x 56
+    tiled = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=4, seed=2,
+                   overlap=8)
+    whole = reference_ddim(PointwiseModel(None), lr, scale=2, steps=4, seed=2)
+    grid = TileGrid.create(80, 56, 32, 8)
+    assert (len(grid.ys), len(grid.xs)) == (3, 2)
+    np.testing.assert_allclose(tiled, whole, atol=2e-5)
+
+
+def _seam_error(overlap: int) -> float:
+    yy, xx = np.mgrid[0:60, 0:40].astype(np.float32)
+    lr = np.stack([0.2 + 0.6 * xx / 39, 0.2 + 0.6 * yy / 59, 0.5 + 0 * xx])      # smooth gradients
+    hr_h, hr_w = 120, 80                                           # exactly 3 x 2 tiles of 40
+    tiled = sample(BlurIdealModel(40), lr, scale=2, formulation=OFFICIAL, steps=3, seed=0,
+                   overlap=overlap)
+    grid = TileGrid.create(hr_h, hr_w, 40, overlap)
+    assert (len(grid.ys), len(grid.xs)) == ((3, 2) if overlap == 0 else (4, 3))
+    whole = sample(BlurIdealModel(max(hr_h, hr_w)), lr, scale=2, formulation=OFFICIAL, steps=3, seed=0)
+    # the error of the vertical / horizontal gradient: a seam is a jump in it at a tile border.
+    # The outer 2 pixels are left out: there the untiled run sees reflect padding, not zeros.
+    tiled, whole = tiled[:, 2:-2, 2:-2], whole[:, 2:-2, 2:-2]
+    gy = np.abs(np.diff(tiled, axis=1) - np.diff(whole, axis=1))
+    gx = np.abs(np.diff(tiled, axis=2) - np.diff(whole, axis=2))
+    return float(max(gy.max(), gx.max()))
+
+
+def test_no_seam_on_3x2_tiles() -> None:
+    pasted, blended = _seam_error(0), _seam_error(10)
+    assert pasted > 0.05              # the test can see a seam: pasted tiles show the zero padding
+    assert blended < 4e-3, blended    # blended ε: the tile edge's weight is ~0.006 of a 10-px ramp
+
+
+def test_same_seed_same_bytes_and_small_images_padded() -> None:
+    lr = lr_image(5, 7)                                                         # HR 10 x 14 < tile
+    a = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=3, seed=9)
+    b = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=3, seed=9)
+    c = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=3, seed=10)
+    assert a.shape == (3, 10, 14) and a.tobytes() == b.tobytes() and not np.array_equal(a, c)
+
+
+def test_residual_formulation_and_progress() -> None:
+    class Ideal:   # x0 = 0 residual: the result is the bicubic condition itself
+        tile = 32
+
+        def run(self, group, x_t, cond, t):
+            return (x_t / np.sqrt(1 - AC[int(t[0, 0])])).astype(np.float32)
+    lr = lr_image(40, 20)
+    seen = []
+    out = sample(Ideal(), lr, scale=2, formulation=Formulation("residual", 4.0), steps=2, seed=0,
+                 progress=lambda d, n: seen.append((d, n)))
+    np.testing.assert_allclose(out, np.clip(upscale_condition(lr, 2), 0, 1), atol=1e-6)
+    n = seen[-1][1]
+    assert seen == [(i, n) for i in range(1, n + 1)] and n == 2 * len(TileGrid.create(80, 40, 32, 8))
