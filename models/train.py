@@ -1,0 +1,279 @@
+"""Training loop for BI-DiffSR: the official objective, made resumable and unattended.
+
+Objective (official): eps-prediction with an L1 loss, T = 2000 linear schedule
+(``bidiff.runtime.schedule``), ONE timestep per batch (the network picks its expert group from
+t[0]), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, Adam betas (0.9, 0.99). What x0 is comes
+from the model config's formulation (``official``: the HR image; ``residual``:
+4 (HR - condition)).
+
+Additions for a small model on few cores (documented in docs/TRAINING.md): an EMA of the
+weights whose decay warms up as min(decay, (1 + n) / (10 + n)) so early exports are not
+dominated by the random init, a linear LR warm-up and an optional cosine decay.
+
+A run directory holds ``state.pt`` (everything needed to continue bit for bit: weights, EMA,
+optimizer, step, all RNG states, the configs), ``latest_ema.safetensors`` /
+``latest_raw.safetensors`` (weights-only checkpoints via ``save_checkpoint``), periodic
+``ema-<step>.safetensors`` snapshots and ``log.jsonl``. Files are replaced atomically, so a
+run killed at any moment resumes from its last checkpoint; SIGINT/SIGTERM finish the current
+step and checkpoint before returning.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bidiff.models import ModelConfig, create_model, get_config, save_checkpoint
+from bidiff.models.data import load_images, sample_batch
+from bidiff.runtime.schedule import alphas_cumprod
+
+STATE_FILE = "state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a run; saved in its state so a resume continues the same run."""
+    model: str = "bidiff-s-x2"
+    data: str = "data/train"
+    steps: int = 100_000
+    batch: int = 16
+    patch: int = 64
+    lr: float = 2e-4
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 500
+    decay_start: int = 0
+    min_lr: float = 1e-6
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_minutes: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: constant, cosine")
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine.
+
+    The cosine runs from ``max(decay_start, warmup_steps)`` to ``steps``, so a run trained at
+    a constant LR can be annealed later by resuming with a cosine schedule.
+    """
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    start = max(cfg.decay_start, cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine" and step >= start:
+        progress = min(1.0, (step - start) / max(1, cfg.steps - start))
+        lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def ema_decay(updates: int, max_decay: float) -> float:
+    """Warm-up decay min(max_decay, (1 + n) / (10 + n)) for the n-th EMA update."""
+    return min(max_decay, (1 + updates) / (10 + updates))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: int,
+                   noise: torch.Tensor, model_config: ModelConfig,
+                   abar: torch.Tensor) -> torch.Tensor:
+    """L1 between the true and predicted eps at one timestep ``t`` for the whole batch."""
+    x0 = model_config.formulation.target(hr, cond)
+    a = abar[t]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
+    return (model(x_t, cond, t_batch) - noise).abs().mean()
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} thread(s)"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _export(path: Path, model: nn.Module, model_config: ModelConfig, meta: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_checkpoint(tmp, model, model_config, extra_metadata=meta)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Run:
+    """Everything a checkpoint holds (returned by ``train`` for inspection and tests)."""
+    config: TrainConfig
+    model_config: ModelConfig
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    train_seconds: float
+    data_rng: np.random.Generator
+    noise_gen: torch.Generator
+
+
+def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> _Run:
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _Run(cfg, model_config, model, ema, opt, 0, 0.0,
+                np.random.default_rng(cfg.seed), gen)
+
+
+def _state(run: _Run) -> dict[str, Any]:
+    return {"config": asdict(run.config), "model_config": run.model_config.to_json(),
+            "model": run.model.state_dict(), "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "step": run.step,
+            "train_seconds": run.train_seconds,
+            "rng": {"data": json.dumps(run.data_rng.bit_generator.state),
+                    "noise": run.noise_gen.get_state(), "torch": torch.get_rng_state()}}
+
+
+def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Run:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = replace(TrainConfig(**state["config"]), **overrides)
+    run = _new_run(cfg, ModelConfig.from_dict(json.loads(state["model_config"])), device)
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step, run.train_seconds = state["step"], state["train_seconds"]
+    run.data_rng.bit_generator.state = json.loads(state["rng"]["data"])
+    run.noise_gen.set_state(state["rng"]["noise"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return run
+
+
+def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
+    _atomic_save(_state(run), run_dir / STATE_FILE)
+    meta = {"steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
+            "hardware": hardware, "train_config": json.dumps(asdict(run.config))}
+    _export(run_dir / "latest_ema.safetensors", run.ema, run.model_config, {**meta, "weights": "ema"})
+    _export(run_dir / "latest_raw.safetensors", run.model, run.model_config, {**meta, "weights": "raw"})
+    if snapshot:
+        _export(run_dir / f"ema-{run.step:07d}.safetensors", run.ema, run.model_config,
+                {**meta, "weights": "ema"})
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+          overrides: dict[str, Any] | None = None, device: str = "cpu",
+          images: Sequence[np.ndarray] | None = None, model_config: ModelConfig | None = None,
+          until: int | None = None, progress: bool = True) -> _Run:
+    """Train (or continue) a run in ``run_dir`` up to ``cfg.steps`` (or ``until``, if sooner).
+
+    With ``resume`` the saved TrainConfig is used, updated by ``overrides`` (the flags a user
+    gave explicitly). ``images`` (HWC uint8) replaces ``cfg.data`` and ``model_config``
+    replaces the registry config ``cfg.model`` (both for tests).
+    """
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    dev = torch.device(device)
+    state_path = run_dir / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise SystemExit(f"nothing to resume: {state_path} does not exist")
+        run = _restore(state_path, overrides or {}, dev)
+    else:
+        if state_path.exists():
+            raise SystemExit(f"{state_path} exists; pass --resume to continue it or choose another --name")
+        run = _new_run(cfg, model_config or get_config(cfg.model), dev)
+    cfg = run.config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if images is None:
+        images = load_images(cfg.data)
+    abar = torch.from_numpy(alphas_cumprod().copy()).to(dev)
+    hardware = hardware_description(dev)
+    last = min(cfg.steps, until if until is not None else cfg.steps)
+    scale = run.model_config.scale
+    log = (run_dir / LOG_FILE).open("a")
+    log.write(json.dumps({"event": "start", "step": run.step, "config": asdict(cfg),
+                          "model_config": run.model_config.to_dict(), "hardware": hardware,
+                          "time": time.time()}) + "\n")
+    bar = tqdm(total=last, initial=run.step, disable=not progress, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    losses: list[float] = []
+    t_ckpt = t_log = time.monotonic()
+    run.model.train()
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while run.step < last and not stop:
+            t0 = time.monotonic()
+            batch = sample_batch(images, cfg.batch, patch=cfg.patch, scale=scale, rng=run.data_rng)
+            t = int(torch.randint(0, len(abar), (1,), generator=run.noise_gen))
+            noise = torch.randn(batch.hr.shape, generator=run.noise_gen).to(dev)
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(run.step, cfg)
+            loss = diffusion_loss(run.model, torch.from_numpy(batch.hr).to(dev),
+                                  torch.from_numpy(batch.cond).to(dev), t, noise,
+                                  run.model_config, abar)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            ema_update(run.ema, run.model, ema_decay(run.step, cfg.ema_decay))
+            run.step += 1
+            run.train_seconds += time.monotonic() - t0
+            losses.append(loss.item())
+            bar.update(1)
+            now = time.monotonic()
+            if run.step % cfg.log_every == 0 or run.step == last:
+                rate = len(losses) * cfg.batch / max(now - t_log, 1e-9)
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", samples_s=f"{rate:.1f}")
+                log.write(json.dumps({"step": run.step, "loss": float(np.mean(losses)),
+                                      "lr": learning_rate(run.step - 1, cfg),
+                                      "samples_per_s": rate, "train_seconds": run.train_seconds,
+                                      "time": time.time()}) + "\n")
+                log.flush()
+                losses, t_log = [], now
+            if now - t_ckpt >= cfg.checkpoint_minutes * 60 or run.step == last:
+                _checkpoint(run, run_dir, hardware, snapshot=True)
+                log.write(json.dumps({"event": "checkpoint", "step": run.step, "time": time.time()}) + "\n")
+                log.flush()
+                t_ckpt = now
+        if stop:
+            _checkpoint(run, run_dir, hardware, snapshot=False)
+            log.write(json.dumps({"event": "stopped", "signal": stop[0], "step": run.step,
+                                  "time": time.time()}) + "\n")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bar.close()
+        log.close()
+    return run
+
+

@@ -1,0 +1,63 @@
+"""Train a BI-DiffSR model: `python scripts/train.py --config bidiff-s-x2 [--resume]`.
+
+Thin CLI over ``bidiff.models.train``; every flag left out keeps the default (new run) or the
+saved value (``--resume``), so ``--resume --threads 2`` continues the same run on more cores.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from bidiff.models.train import TrainConfig, train
+
+_FLAGS = {  # TrainConfig field -> help
+    "data": "folder of HR training images",
+    "steps": "total optimizer steps (the cosine schedule ends here)",
+    "batch": "patches per step",
+    "patch": "HR patch size in pixels (multiple of scale x the model's input multiple)",
+    "lr": "peak Adam learning rate",
+    "lr_schedule": "constant | cosine (after the warm-up)",
+    "warmup_steps": "linear LR warm-up steps",
+    "decay_start": "step where the cosine decay starts (>= warm-up)",
+    "min_lr": "final LR of the cosine",
+    "ema_decay": "maximum EMA decay (warmed up as (1+n)/(10+n))",
+    "seed": "seed of init, data and noise",
+    "log_every": "steps per log line",
+    "checkpoint_minutes": "minutes between checkpoints and EMA snapshots",
+}
+
+
+def main() -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", dest="model", default=None,
+                        help=f"model config name (default: {defaults.model})")
+    for f in fields(TrainConfig):
+        if f.name in _FLAGS:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                                default=None,
+                                help=f"{_FLAGS[f.name]} (default: {getattr(defaults, f.name)})")
+    parser.add_argument("--name", default=None, help="run name (default: the config name)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder (default: runs)")
+    parser.add_argument("--resume", action="store_true", help="continue runs/<name>/state.pt")
+    parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
+    cfg = TrainConfig(**given)
+    run_dir = args.runs / (args.name or cfg.model)
+    train(cfg, run_dir, resume=args.resume, overrides=given, device=args.device, until=args.until)
+
+
+if __name__ == "__main__":
+    main()
