@@ -1,0 +1,131 @@
+"""Relax ONNX frontend + bidiff::BinaryConv2d converter, compiled for the host, vs onnxruntime.
+
+onnxruntime runs the same model through the model-local function of
+``bidiff.exporter.onnx_binary_op`` (standard ops), so the two sides share only the ONNX file.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from bidiff.exporter.onnx_binary_op import (binary_conv_function, make_binary_conv_node,  # noqa: E402
+                                            opset_imports)
+from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant  # noqa: E402
+from bidiff.exporter.tvm.frontend import from_onnx  # noqa: E402
+from bidiff.exporter.tvm.target import host_target  # noqa: E402
+from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
+
+C, H, W = 32, 12, 20
+
+
+def _model(with_threshold: bool = True):
+    rng = np.random.default_rng(3)
+    inits, nodes = [], []
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    # float conv 3 -> C, then two binary convs (3x3 C -> C, 1x1 C -> 48) around standard ops
+    init("w0", (0.3 * rng.standard_normal((C, 3, 3, 3))).astype(np.float32))
+    nodes.append(helper.make_node("Conv", ["x", "w0"], ["h0"], pads=[1, 1, 1, 1]))
+    w1 = rng.standard_normal((C, C, 3, 3)).astype(np.float32)
+    init("w1p", pack_weights(w1))
+    init("s1", (rng.random(C) + 0.5).astype(np.float32))
+    init("t1", (0.1 * rng.standard_normal(C)).astype(np.float32))
+    nodes.append(make_binary_conv_node("h0", "w1p", "s1", "t1", "h1", kernel=3, channels=C,
+                                       pad=1, name="bconv3"))
+    init("b", rng.standard_normal((1, C, 1, 1)).astype(np.float32))
+    init("slope", np.full((C, 1, 1), 0.25, np.float32))
+    nodes.append(helper.make_node("Add", ["h1", "b"], ["h2"]))
+    nodes.append(helper.make_node("PRelu", ["h2", "slope"], ["h3"]))
+    nodes.append(helper.make_node("Add", ["h3", "h0"], ["h4"]))          # identity shortcut
+    w2 = rng.standard_normal((48, C, 1, 1)).astype(np.float32)
+    init("w2p", pack_weights(w2))
+    init("s2", (rng.random(48) + 0.5).astype(np.float32))
+    if with_threshold:
+        init("t2", np.zeros(C, np.float32))
+        inputs2 = ["h4", "w2p", "s2", "t2"]
+    else:
+        inputs2 = ["h4", "w2p", "s2"]
+    node = make_binary_conv_node("h4", "w2p", "s2", "t2", "y", kernel=1, channels=C, pad=0,
+                                 name="bconv1")
+    del node.input[:]
+    node.input.extend(inputs2)
+    nodes.append(node)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [1, 3, H, W])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                             [1, 48, H, W])], inits)
+    model = helper.make_model(graph, opset_imports=opset_imports(),
+                              functions=[binary_conv_function()])
+    model.ir_version = 10
+    return model
+
+
+def _numpy_forward(model, x):
+    p = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    import torch  # float conv only, as an independent reference of the standard Conv
+    h0 = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(p["w0"]),
+                                    padding=1).numpy()
+    h1 = binary_conv2d_reference(h0, p["w1p"], p["s1"], channels=C, kernel=3, threshold=p["t1"])
+    h2 = h1 + p["b"]
+    h3 = np.where(h2 >= 0, h2, p["slope"][None] * h2)
+    h4 = h3 + h0
+    return binary_conv2d_reference(h4, p["w2p"], p["s2"], channels=C, kernel=1)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = _model()
+    target = host_target()
+    mod, selected = from_onnx(model, target=target)
+    ex = tvm.compile(mod, target=target)
+    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    return model, vm, selected
+
+
+def test_converter_selects_host_variant(compiled):
+    _, _, selected = compiled
+    variant = select_variant(host_target())
+    assert variant in (KernelVariant.X86_AVX512, KernelVariant.X86_AVX2)
+    assert [v for _, v in selected] == [variant, variant]
+    assert selected[0][0].endswith("_c32_f32_h12_w20_k3")
+    assert selected[1][0].endswith("_c32_f48_h12_w20_k1")
+
+
+def test_compiled_graph_matches_onnxruntime_and_reference(compiled):
+    model, vm, _ = compiled
+    x = np.random.default_rng(0).standard_normal((1, 3, H, W)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref_ort = ort.InferenceSession(model.SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref_np = _numpy_forward(model, x)
+    # The binary convs are exact integer sums times one scale on both sides; the float conv and
+    # the shortcut add differ in summation order (~1e-6 relative). A float difference that flips
+    # a sign bit would show up as a jump of 2*scale, far above this tolerance.
+    np.testing.assert_allclose(got, ref_ort, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, ref_np, rtol=1e-4, atol=1e-4)
+
+
+def test_threshold_input_is_optional():
+    model = _model(with_threshold=False)
+    target = host_target()
+    mod, selected = from_onnx(model, target=target)
+    assert len(selected) == 2
+    assert any(gv.name_hint == selected[1][0] for gv in mod.get_global_vars())
+
+
+def test_converter_needs_target():
+    from bidiff.exporter.tvm import frontend
+    frontend.install()
+    with pytest.raises(Exception, match="needs a compile target"):
+        tvm.relax.frontend.onnx.from_onnx(_model())
