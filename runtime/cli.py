@@ -56,11 +56,22 @@ def _collect_inputs(inputs: tuple[Path, ...]) -> tuple[list[Path], bool]:
 
 
 def _check_writable_dir(d: Path) -> None:
+    """Fail early if ``d`` cannot be written (or created); creates nothing."""
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".bidiff-probe-", dir=d)
-        os.close(fd)
-        os.unlink(probe)
+        if d.exists():
+            if not d.is_dir():
+                raise NotADirectoryError(20, "not a directory")
+            fd, probe = tempfile.mkstemp(prefix=".bidiff-probe-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+            return
+        parent = d.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(20, f"{parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
     except OSError as e:
         raise CliError(f"output folder {d} is not writable ({e.strerror or e}): choose another -o") from None
 
@@ -126,6 +137,10 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
         targets[f] = dst
 
     # 2. Upscale, one image at a time, each written atomically.
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"output folder {out_dir} is not writable ({e.strerror or e}): choose another -o") from None
     for n, f in enumerate(files, 1):
         label = f"[{n}/{len(files)}] {f.name}"
         if quiet:

@@ -66,8 +66,7 @@ def max_pixels() -> int | None:
     return Image.MAX_IMAGE_PIXELS
 
 
-def _check_pixels(w: int, h: int, name: str) -> None:
-    limit = max_pixels()
+def _check_pixels(w: int, h: int, name: str, limit: int | None) -> None:
     if limit is not None and w * h > limit:
         raise ImageError(f"{name} is {w}x{h} = {w * h} pixels, over the decompression-bomb limit of "
                          f"{limit}: if you trust it, set {MAX_PIXELS_ENV}={w * h} (or 0 for no limit)")
@@ -94,9 +93,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             saved = Image.MAX_IMAGE_PIXELS
             try:
-                Image.MAX_IMAGE_PIXELS = limit
+                # Pillow's own check is replaced by ours (same default limit), which runs on the
+                # header's size before anything is decoded and names the exact pixel count.
+                Image.MAX_IMAGE_PIXELS = None
                 im = Image.open(p)
-                _check_pixels(im.width, im.height, name)
+                _check_pixels(im.width, im.height, name, limit)
                 im.load()
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
