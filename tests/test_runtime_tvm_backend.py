@@ -1,0 +1,97 @@
+"""The TVM backend's calling convention, with a stand-in library compiled here by TVM (the test
+may use the compiler; the runtime must not). The library computes the same pointwise ideal ε
+as the fake ONNX graphs of test_runtime_artifact, so both backends must agree."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bidiff.runtime import artifact as A
+from bidiff.runtime import schedule
+from test_runtime_artifact import TILE, fake_group_onnx, tiny_manifest
+
+pytest.importorskip("tvm_ffi")
+if importlib.util.find_spec("tvm") is None:
+    pytest.skip("apache-tvm (compiler) not installed", allow_module_level=True)
+pytestmark = pytest.mark.slow        # compiles a small library (~15 s)
+
+
+def build_fake_library(path: Path, tile: int) -> None:
+    import tvm
+    from tvm import relax
+    ac = schedule.alphas_cumprod().astype(np.float64)
+    bb = relax.BlockBuilder()
+    for k in range(schedule.NUM_GROUPS):
+        x = relax.Var("x_t", relax.TensorType((1, 3, tile, tile), "float32"))
+        c = relax.Var("cond", relax.TensorType((1, 3, tile, tile), "float32"))
+        t = relax.Var("t", relax.TensorType((1, 1), "int64"))
+        with bb.function(f"group_{k}", [x, c, t]):
+            with bb.dataflow():
+                t1 = bb.emit(relax.op.reshape(t, (1,)))
+                a = bb.emit(relax.op.take(relax.const(np.sqrt(ac).astype(np.float32)), t1, axis=0))
+                b = bb.emit(relax.op.take(relax.const(np.sqrt(1 - ac).astype(np.float32)), t1, axis=0))
+                x0 = bb.emit(relax.op.multiply(c, relax.const(np.float32(1 - 0.02 * k))))
+                num = bb.emit(relax.op.subtract(x, relax.op.multiply(x0, a)))
+                eps = bb.emit_output(relax.op.divide(num, b))
+            bb.emit_func_output(eps)
+    ex = tvm.compile(bb.get(), target=tvm.target.Target("llvm"))
+    ex.export_library(str(path))
+
+
+@pytest.fixture(scope="module")
+def tvm_art(tmp_path_factory) -> Path:
+    import tvm_ffi
+    out = tmp_path_factory.mktemp("tvm") / "fake-native"
+    host = A.host_info()
+    m = tiny_manifest(target=A.TargetInfo(name="host", arch=host.arch, triple=None, cpu=None),
+                      library="model.so")
+    m.versions["tvm_ffi"] = tvm_ffi.__version__
+    with A.ArtifactWriter(out) as w:
+        (w.staging / "onnx").mkdir()
+        for g in m.groups:
+            (w.staging / g.onnx).write_bytes(fake_group_onnx(g.index, TILE))
+        build_fake_library(w.staging / "model.so", TILE)
+        return w.finish(m)
+
+
+SCRIPT = """
+import sys, numpy as np
+from bidiff import runtime
+img = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+tvm_up = runtime.load(sys.argv[1], threads=2)                # auto -> tvm
+assert tvm_up.backend_name == "tvm", tvm_up.backend_name
+a = tvm_up.upscale(img, steps=4, seed=3)
+b = tvm_up.upscale(img, steps=4, seed=3)
+assert a.tobytes() == b.tobytes()
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tvm'))
+ort = runtime.load(sys.argv[1], backend="onnxruntime", threads=1).upscale(img, steps=4, seed=3)
+import os
+print("threads", os.environ.get("TVM_NUM_THREADS"), "heavy", heavy,
+      "maxdiff", int(np.abs(a.astype(int) - ort.astype(int)).max()))
+"""
+
+
+def test_tvm_backend_matches_onnxruntime_and_stays_light(tvm_art: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tvm_art)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    words = r.stdout.split()
+    assert words[:2] == ["threads", "2"] and r.stdout.split("heavy ")[1].startswith("[]"), r.stdout
+    assert int(words[-1]) <= 1, r.stdout          # float32 on both sides; uint8 rounding may differ by 1
+
+
+def test_tvm_backend_refusals(tvm_art: Path, tmp_path: Path) -> None:
+    from bidiff import runtime
+    from bidiff.runtime.backends import resolve_backend
+    art = A.read_artifact(tvm_art)
+    assert resolve_backend(art, "tvm") == "tvm"
+    from test_runtime_artifact import make_fake_artifact
+    onnx_only = A.read_artifact(make_fake_artifact(tmp_path / "onnx-only"))
+    with pytest.raises(runtime.BackendError, match="no native library"):
+        resolve_backend(onnx_only, "tvm")
+    assert resolve_backend(onnx_only, "auto") == "onnxruntime"
