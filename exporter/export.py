@@ -1,0 +1,269 @@
+"""``export_artifact``: checkpoint -> per-group ONNX graphs (+ native library) -> artifact.
+
+The artifact format is ``bidiff.runtime.artifact``'s (read its docstring); this module only
+fills it:
+
+    manifest.json
+    onnx/group_<k>.onnx        one graph per timestep group (custom op + model-local function)
+    onnx/weights.safetensors   the weights all five graphs share (ONNX external data)
+
+The weights file sits next to the graphs because ONNX external data must live inside the
+model's directory (onnx and onnxruntime refuse ``..`` paths).
+
+Everything is built in a staging directory next to ``out`` and published atomically: on any
+error nothing is left at ``out`` (an existing artifact is only replaced with ``force=True``, and
+only once the new one is complete). All user errors are ``ValueError`` subclasses with one-line
+messages (``ExportError``, ``ArtifactError``, and ``load_checkpoint``'s ValueError naming the
+keys that do not fit), which the CLI prints with exit code 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bidiff.runtime.artifact import (ArtifactError, ArtifactWriter, GroupInfo, Manifest, ModelInfo,
+                                     FORMAT_VERSION)
+from bidiff.runtime.binary_op import OP_VERSION
+
+from .targets import TargetSpec, get_target
+from .unroll import group_table, is_biconv
+
+__all__ = ["ExportError", "ExportResult", "export_artifact", "export_float_onnx", "check_tile",
+           "DEFAULT_TILE", "ONNX_DIR"]
+
+DEFAULT_TILE = 128
+ONNX_DIR = "onnx"
+_MIN_TILE_MULTIPLE = 8
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter; the message is one line and says what to do."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_artifact`` wrote, with the sizes the CLI summary prints."""
+    path: Path
+    manifest: Manifest
+    file_sizes: dict[str, int]            # artifact-relative path -> bytes (manifest included)
+    packed_binary_bytes: int              # bit-packed binary weights in the artifact
+    binary_float32_bytes: int             # the same weights as float32
+    float_onnx_bytes: int | None = None   # plain float ONNX export of the same network (all groups)
+    float_onnx_path: Path | None = None   # where it was kept (None: measured, then deleted)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def artifact_bytes(self) -> int:
+        return sum(self.file_sizes.values())
+
+    @property
+    def binary_ratio(self) -> float:
+        return self.binary_float32_bytes / max(1, self.packed_binary_bytes)
+
+    @property
+    def float_ratio(self) -> float | None:
+        return None if self.float_onnx_bytes is None else self.float_onnx_bytes / max(1, self.artifact_bytes)
+
+
+def check_tile(tile: object, *, multiple: int = _MIN_TILE_MULTIPLE) -> int:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0 or tile % multiple:
+        raise ExportError(f"tile {tile!r} must be a positive multiple of {multiple} (e.g. 64, 128, 256)")
+    return tile
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load(checkpoint, config):
+    from bidiff.models import SHIPPED_CHECKPOINT, get_config, load_checkpoint
+    if config is not None and isinstance(config, str):
+        get_config(config)                      # unknown name -> ValueError listing valid ones
+    if checkpoint is None:
+        if not Path(SHIPPED_CHECKPOINT).is_file():
+            raise ExportError(f"the shipped model ({Path(SHIPPED_CHECKPOINT).name}) is not installed: "
+                              "pass a checkpoint path")
+        checkpoint = SHIPPED_CHECKPOINT
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist")
+    try:
+        model, cfg = load_checkpoint(path, config)
+    except ValueError:
+        raise
+    except Exception as e:  # a damaged file: torch/safetensors raise assorted types
+        msg = " ".join(str(e).split())[:200]
+        raise ExportError(f"cannot read checkpoint {path} ({type(e).__name__}: {msg})") from None
+    return model, cfg, path
+
+
+def _graph_metadata(cfg, ckpt_sha: str) -> dict[str, str]:
+    from bidiff.runtime.artifact import _bidiff_version
+    return {"config": cfg.to_json(), "config_name": cfg.name, "scale": str(cfg.scale),
+            "formulation": json.dumps(cfg.formulation.to_dict(), sort_keys=True),
+            "bidiff_version": _bidiff_version(), "format_version": str(FORMAT_VERSION),
+            "checkpoint_sha256": ckpt_sha}
+
+
+def _versions() -> dict[str, str | None]:
+    import onnx
+    import torch
+    try:
+        import onnxruntime
+        ort_v = onnxruntime.__version__
+    except ImportError:      # pragma: no cover - onnxruntime is in the [export] extra
+        ort_v = None
+    from .onnx_binary_op import ONNX_OPSET
+    return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+            "onnxruntime": ort_v, "onnx_opset": str(ONNX_OPSET), "bidiff_op": str(OP_VERSION)}
+
+
+def _tvm_backend(spec: TargetSpec):
+    try:
+        mod = importlib.import_module("bidiff.exporter.tvm.build")
+    except ImportError:
+        mod = None
+    if mod is None or not hasattr(mod, "build_library"):
+        raise ExportError(f"target {spec.name} needs the TVM backend, not yet available "
+                          "(use --target onnx)")
+    return mod
+
+
+def export_float_onnx(model, out_dir: str | os.PathLike, *, tile: int, metadata: dict[str, str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> dict[int, Path]:
+    """The plain float ONNX of ``model`` (standard Conv with alpha*sign(W), no custom op)."""
+    from .onnx_export import write_onnx_graphs
+    return write_onnx_graphs(model, out_dir, tile=tile, binary=False, metadata=metadata, progress=progress)
+
+
+def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str | None = None,
+                    target: str = "onnx", out: str | os.PathLike, tile: int = DEFAULT_TILE,
+                    force: bool = False, progress: bool = True,
+                    float_onnx: str | os.PathLike | None = None,
+                    measure_float: bool = True) -> ExportResult:
+    """Export a checkpoint to an artifact at ``out`` (a directory, or a ``.bidiff`` zip).
+
+    - ``checkpoint``: a bidiff safetensors checkpoint (carries its config) or an official
+      ``.pth`` (then ``config`` names it); default None = the shipped model.
+    - ``config``: a registered config name (``bidiff.models.list_configs()``); default: the
+      checkpoint's own.
+    - ``target``: ``onnx`` (portable graphs only, the default) or a native target name from
+      ``bidiff.exporter.targets`` (needs ``bidiff.exporter.tvm.build``).
+    - ``tile``: the HR tile S the graphs are fixed to (default 128: a multiple of 8 that keeps
+      one network call small; the runtime tiles larger images with overlap).
+    - ``force``: replace an existing ``out`` (atomically, once the new artifact is complete).
+    - ``progress``: show a tqdm bar on stderr.
+    - ``float_onnx``: also keep the plain float ONNX export (same graphs, standard Conv with
+      alpha*sign(W)) in this directory; default None: it is built in a temp dir only to measure
+      its size for the summary (``measure_float=False`` skips even that).
+    """
+    spec = get_target(target) if isinstance(target, str) else None
+    if spec is None:
+        raise ExportError(f"target must be a name, got {target!r}")
+    check_tile(tile)
+    if config is not None:
+        from bidiff.models import get_config
+        get_config(config)                      # unknown name -> ValueError listing valid ones
+    if float_onnx is not None and Path(float_onnx).exists() and not force:
+        raise ExportError(f"{float_onnx} already exists: pass --force to replace it")
+    tvm_mod = _tvm_backend(spec) if spec.native else None
+
+    from tqdm import tqdm
+    bar = tqdm(total=4, desc="bidiff-export", unit="step", disable=not progress, leave=False)
+    try:
+        writer = ArtifactWriter(out, force=force)            # refuses an existing out early
+        try:
+            writer.__enter__()                                # the staging dir next to out
+        except OSError as e:
+            raise ExportError(f"cannot write the artifact to {out}: {e.strerror or e}") from None
+        with writer:
+            bar.set_postfix_str("loading checkpoint")
+            model, cfg, ckpt_path = _load(checkpoint, config)
+            from bidiff.models import set_deploy
+            set_deploy(model, True)
+            check_tile(tile, multiple=max(_MIN_TILE_MULTIPLE, model.input_multiple))
+            if tile % cfg.scale:
+                raise ExportError(f"tile {tile} is not a multiple of the model's scale {cfg.scale}")
+            bar.total = 2 + model.dynamic_group + (1 if measure_float or float_onnx is not None else 0) \
+                + (1 if tvm_mod else 0)
+            bar.update(1)
+
+            def step(msg: str) -> None:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+
+            meta = _graph_metadata(cfg, _sha256(ckpt_path))
+            from .onnx_export import write_onnx_graphs
+            paths = write_onnx_graphs(model, writer.staging / ONNX_DIR, tile=tile, binary=True,
+                                      metadata=meta, progress=lambda m: step(m))
+            groups = [GroupInfo(index=k, t_min=lo, t_max=hi, onnx=f"{ONNX_DIR}/{paths[k].name}")
+                      for k, lo, hi in group_table(model)]
+            manifest = Manifest(
+                model=ModelInfo(name=cfg.name, network=dict(cfg.network), scale=int(cfg.scale),
+                                formulation=cfg.formulation.to_dict()),
+                groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
+                versions=_versions())
+            if tvm_mod is not None:       # the TVM engineer's hook (see the module docstring)
+                bar.set_postfix_str(f"compiling for {spec.name}")
+                lib = tvm_mod.build_library(onnx_paths=paths, target=spec, out_dir=writer.staging)
+                manifest.library, manifest.target = lib["library"], lib["target"]
+                for g in manifest.groups:
+                    g.function = lib["functions"][g.index]
+                manifest.backends = list(lib.get("backends", ["tvm", "onnxruntime"]))
+                manifest.versions.update(lib.get("versions", {}))
+                bar.update(1)
+
+            float_bytes, float_path = None, None
+            if measure_float or float_onnx is not None:
+                bar.set_postfix_str("float ONNX for comparison")
+                tmp = Path(tempfile.mkdtemp(prefix=".float-onnx-", dir=writer.staging.parent))
+                try:
+                    fpaths = export_float_onnx(model, tmp, tile=tile, metadata=meta)
+                    float_bytes = sum(p.stat().st_size for p in tmp.iterdir())
+                    if float_onnx is not None:
+                        float_path = Path(float_onnx)
+                        if float_path.exists():
+                            shutil.rmtree(float_path) if float_path.is_dir() else float_path.unlink()
+                        float_path.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(str(tmp), str(float_path))
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                bar.update(1)
+
+            bar.set_postfix_str("writing artifact")
+            packed = _packed_weight_bytes(writer.staging / ONNX_DIR)
+            as_float = 4 * sum(m.binary_conv.weight.numel() for m in model.modules() if is_biconv(m))
+            # mkdtemp makes the staging dir 0700; the published artifact is meant to be shared
+            umask = os.umask(0)
+            os.umask(umask)
+            writer.staging.chmod(0o777 & ~umask)
+            published = writer.finish(manifest)
+            sizes = ({p.relative_to(published).as_posix(): p.stat().st_size
+                      for p in sorted(published.rglob("*")) if p.is_file()}
+                     if published.is_dir() else {published.name: published.stat().st_size})
+            bar.update(1)
+    finally:
+        bar.close()
+    return ExportResult(path=published, manifest=manifest, file_sizes=sizes,
+                        packed_binary_bytes=packed, binary_float32_bytes=as_float,
+                        float_onnx_bytes=float_bytes, float_onnx_path=float_path)
+
+
+def _packed_weight_bytes(onnx_dir: Path) -> int:
+    """Bytes of the bit-packed binary weights in the shared weights file (read off its header)."""
+    from .onnx_export import WEIGHTS_FILE, read_safetensors_index
+    header, _ = read_safetensors_index(onnx_dir / WEIGHTS_FILE)
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+               if k.endswith(".binary_conv.packed"))
