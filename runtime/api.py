@@ -11,6 +11,7 @@ you trust. Checksums catch corruption and edits after export, not a malicious ex
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,12 @@ class Upscaler:
 
     def close(self) -> None:
         self.backend.close()
+
+    def __enter__(self) -> "Upscaler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load(artifact: str | os.PathLike | Artifact | None = None, *, backend: str = "auto",
@@ -163,6 +170,8 @@ def _build_default_artifact(cache: Path) -> Path | None:
         return None
     target = _default_target()
     out = cache / f"default-{'onnx' if target == 'onnx' else host_info().arch}"
+    print(f"bidiff: first use: exporting the default model for this machine (target {target}) "
+          f"to {out}; this takes a while, once", file=sys.stderr, flush=True)
     export_artifact(None, target=target, out=out, force=False)
     return out
 

@@ -11,7 +11,8 @@ What the sampler sees is always RGB float32 [3, H, W] in [0, 1]. Inputs are norm
   float (assumed in [0, 1], clipped). The result is an H' x W' x 3 (x 4 with alpha) array of the
   same dtype (float inputs give float32).
 - PIL images in -> PIL out: mode ``RGB``, or ``RGBA`` when the input had alpha (8 bits per channel,
-  since Pillow has no 16-bit RGB mode). Paths are decoded to PIL and give PIL out.
+  since Pillow has no 16-bit RGB mode). Paths are decoded to PIL (EXIF orientation applied) and
+  give PIL out.
 
 Errors are ``ImageError`` (a ``ValueError``) with a one-line message. Pillow's decompression-bomb
 limit (``Image.MAX_IMAGE_PIXELS``, ~89.5 M pixels) is enforced as an error; set the environment
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bicubic import resize_bicubic
 
@@ -172,7 +173,8 @@ def load_input(image: Any) -> ImageInput:
     if isinstance(image, Image.Image):
         return from_pil(image)
     if isinstance(image, (str, os.PathLike)):
-        return from_pil(open_image(image), name=str(image))
+        # Files: honour the EXIF orientation, as viewers do (an in-memory PIL image is taken as is).
+        return from_pil(ImageOps.exif_transpose(open_image(image)), name=str(image))
     if isinstance(image, np.ndarray):
         return from_array(image)
     raise ImageError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a path or a numpy array")
