@@ -25,6 +25,9 @@ from .tiling import TileGrid, default_overlap
 
 Progress = Callable[[int, int], None]
 """progress(done, total): network evaluations done so far out of steps x tiles."""
+StepHook = Callable[[int, int, np.ndarray, np.ndarray], None]
+"""on_step(index, t, x_t, eps): the padded x_t a step starts from and its blended ε (read-only
+views, valid during the call), for step-by-step comparisons with a reference sampler."""
 
 
 class EpsModel(Protocol):
@@ -47,7 +50,7 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
            steps: int = 50, seed: int = 0, overlap: int | None = None,
-           progress: Progress | None = None) -> np.ndarray:
+           progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
     ``overlap`` (HR pixels between neighbouring tiles) defaults to a quarter of the tile.
@@ -92,6 +95,8 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
                 progress(done, total)
         if not single:
             eps *= inv_wsum
+        if on_step is not None:
+            on_step(i, int(t), x_t, eps)
         out = sched.step(eps, i, x_t)
         x_t, x0 = out.prev_sample, out.pred_original_sample
 
