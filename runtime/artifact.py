@@ -269,7 +269,11 @@ def make_staging_dir(out_path: str | os.PathLike) -> Path:
     """A fresh empty directory next to ``out_path`` (same file system, so publish can rename)."""
     out = Path(out_path).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    umask = os.umask(0)                   # mkdtemp makes it 0700; a published artifact is shared
+    os.umask(umask)
+    d.chmod(0o777 & ~umask)
+    return d
 
 
 def publish(staging_dir: str | os.PathLike, out_path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -331,7 +335,8 @@ class ArtifactWriter:
         self.published: Path | None = None
 
     def __enter__(self) -> "ArtifactWriter":
-        self.staging = make_staging_dir(self.out_path)
+        if self.staging is None:          # idempotent: entering twice keeps one staging dir
+            self.staging = make_staging_dir(self.out_path)
         return self
 
     def finish(self, manifest: Manifest) -> Path:
