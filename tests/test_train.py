@@ -6,13 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from bidiff.models import get_config, load_checkpoint
+from bidiff.models import create_model, get_config, load_checkpoint
 from bidiff.models.data import sample_batch
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
 from bidiff.runtime.schedule import alphas_cumprod
 
 TINY = get_config("tiny-binary")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine is shared: extra OpenMP threads under load make a 3 s test take minutes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _images(n: int = 3, size: int = 48) -> list[np.ndarray]:
@@ -35,7 +44,6 @@ def _cfg(**kw) -> TrainConfig:
 
 def test_loss_goes_down_on_a_fixed_batch():
     torch.manual_seed(0)
-    from bidiff.models import create_model
     model = create_model(TINY)
     batch = sample_batch(_images(), 4, patch=16, scale=2, rng=np.random.default_rng(1))
     hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
