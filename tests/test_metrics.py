@@ -20,8 +20,8 @@ def test_y_of_black_and_white_is_the_bt601_range():
 
 
 def test_psnr_hand_value():
-    # A uniform grey offset of d/65.481... is awkward; offset all channels by v: Y moves by
-    # 219 v exactly, so MSE = (219 v)^2 and PSNR = 20 log10(255 / (219 v)).
+    # Offsetting all three channels by v moves Y by (65.481 + 128.553 + 24.966) v = 219 v,
+    # so MSE = (219 v)^2 and PSNR = 20 log10(255 / (219 v)).
     ref = np.full((8, 8, 3), 0.5)
     v = 0.01
     assert psnr_y(ref + v, ref) == pytest.approx(20 * math.log10(255 / (219 * v)), abs=1e-9)

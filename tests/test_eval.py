@@ -1,0 +1,65 @@
+"""Evaluation on a tiny checkpoint: tables and picture are written, bicubic is scored right."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bidiff.models import create_model, get_config, save_checkpoint
+from bidiff.models.evaluate import center_crop, run_eval
+from bidiff.models.metrics import psnr_y, ssim_y
+
+TINY = get_config("tiny-binary")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    for name, size in [("a", (40, 36)), ("b", (37, 41))]:
+        smooth = np.kron(rng.random((size[0] // 4 + 1, size[1] // 4 + 1, 3)), np.ones((4, 4, 1)))
+        img = (smooth[:size[0], :size[1]] * 255).round().astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{name}.png")
+    return folder
+
+
+def test_eval_writes_table_json_and_picture(tmp_path, photos):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, create_model(TINY), TINY, {"steps": "0"})
+    out = tmp_path / "eval"
+    result = run_eval(ckpt, photos, out, steps=(2, 1), max_side=32, picture_crop=16)
+    md = (out / "results.md").read_text()
+    for row in ("| bicubic |", "| 2 steps |", "| 1 steps |", "| a |", "| b |"):
+        assert row in md
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["scores"]) == {"bicubic", "2 steps", "1 steps"}
+    assert saved["info"]["config"] == "tiny-binary"
+    assert Image.open(out / "comparison.png").size == (3 * 16 + 2 * 4, 2 * 16 + 4)
+
+    cv2 = pytest.importorskip("cv2")
+    hr = center_crop(np.asarray(Image.open(photos / "b.png")), max_side=32, multiple=2)
+    lr = np.asarray(Image.fromarray(hr).resize((hr.shape[1] // 2, hr.shape[0] // 2),
+                                               Image.Resampling.BICUBIC))
+    up = cv2.resize(lr.astype(np.float32) / 255, (hr.shape[1], hr.shape[0]),
+                    interpolation=cv2.INTER_CUBIC)
+    up = np.round(np.clip(up, 0, 1) * 255) / 255  # the 8-bit output evaluate() scores
+    expected = [psnr_y(up, hr / 255, border=2), ssim_y(up, hr / 255, border=2)]
+    assert result.scores["bicubic"]["b"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_center_crop():
+    img = np.arange(10 * 7 * 3).reshape(10, 7, 3)
+    assert center_crop(img, max_side=4, multiple=2).shape == (4, 4, 3)
+    assert (center_crop(img, max_side=4, multiple=2) == img[3:7, 1:5]).all()
+    assert center_crop(img, max_side=None, multiple=4).shape == (8, 4, 3)
