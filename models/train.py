@@ -165,7 +165,11 @@ def _state(run: _Run) -> dict[str, Any]:
 
 def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Run:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = replace(TrainConfig(**state["config"]), **overrides)
+    saved = TrainConfig(**state["config"])
+    if overrides.get("model", saved.model) != saved.model:
+        raise SystemExit(f"{path} trains {saved.model!r}, not {overrides['model']!r}; "
+                         "drop --config or choose another --name")
+    cfg = replace(saved, **overrides)
     run = _new_run(cfg, ModelConfig.from_dict(json.loads(state["model_config"])), device)
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])

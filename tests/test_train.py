@@ -83,6 +83,9 @@ def test_resume_without_state_and_restart_over_state_are_user_errors(tmp_path):
     train(_cfg(steps=1), tmp_path, images=_images(), model_config=TINY, progress=False)
     with pytest.raises(SystemExit, match="--resume"):
         train(_cfg(steps=1), tmp_path, images=_images(), model_config=TINY, progress=False)
+    with pytest.raises(SystemExit, match="trains 'tiny-binary'"):
+        train(_cfg(), tmp_path, resume=True, overrides={"model": "bidiff-s-x2"},
+              images=_images(), progress=False)
 
 
 def test_schedules():
