@@ -4,6 +4,8 @@ What the sampler sees is always RGB float32 [3, H, W] in [0, 1]. Inputs are norm
 
 - colour: grey (``L``, ``1``, ``I;16``, ``I``, ``F``), palette (``P``), ``CMYK``, ``YCbCr`` ... are
   converted to RGB; 16-bit values are scaled by 1/65535 (so precision is kept up to the model).
+  Pillow decodes 16-bit *RGB* PNGs as 8-bit RGB; pass such images as uint16 arrays (e.g. read
+  with another library) to keep 16 bits.
 - alpha: ``RGBA``, ``LA``, ``PA`` and palette/grey images with a ``transparency`` entry keep their
   alpha channel; it is upscaled with plain bicubic (the same kernel as the condition) and clamped
   to [0, 1], then reattached to the result. The diffusion model only sees the colour.
