@@ -99,12 +99,14 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: TVM when the artifact has a library for this host, else onnxruntime.")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="HR pixels shared by neighbouring tiles. Default: a quarter of the artifact's tile.")
 @click.option("--suffix", default=None, help="Output name suffix. Default: x{scale}, as in photo_x2.png.")
 @click.option("--ext", type=click.Choice(["auto", "png", "jpg", "webp"]), default="auto", show_default=True,
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            seed: int, threads: int | None, backend: str, suffix: str | None, ext: str,
+            seed: int, threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str,
             quiet: bool) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
@@ -124,6 +126,8 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
     _check_writable_dir(out_dir)
     up = load(artifact, backend=backend, threads=threads)
     sfx = suffix if suffix is not None else f"x{up.scale}"
+    if overlap is not None and overlap >= up.manifest.tile:
+        raise CliError(f"--overlap {overlap} must be smaller than the artifact's tile ({up.manifest.tile})")
 
     targets: dict[Path, Path] = {}
     for f in files:
@@ -144,13 +148,14 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
     for n, f in enumerate(files, 1):
         label = f"[{n}/{len(files)}] {f.name}"
         if quiet:
-            result = up.upscale(f, steps=steps, seed=seed)
+            result = up.upscale(f, steps=steps, seed=seed, overlap=overlap)
         else:
             with click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True) as bar:
                 def progress(done: int, total: int, bar=bar) -> None:
                     bar.length = total
                     bar.update(done - bar.pos)
-                result = up.upscale(f, steps=steps, seed=seed, progress=progress)
+                result = up.upscale(f, steps=steps, seed=seed, overlap=overlap,
+                                    progress=progress)
         images.save_image(result, targets[f])
         if not quiet:
             click.echo(f"{targets[f]}", err=False)
