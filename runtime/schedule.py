@@ -122,14 +122,17 @@ class DDIMScheduler:
         ts = self._require_timesteps()
         t, t_prev = int(ts[index]), self.prev_timestep(index)
         dtype = sample.dtype
-        ac = self.alphas_cumprod
-        # 1. abar_t and abar_prev (abar_prev = 1 after the last step: the result is x0 itself)
-        a_t = dtype.type(ac[t])
-        a_prev = dtype.type(ac[t_prev]) if t_prev >= 0 else dtype.type(1.0)
+        f32 = np.float32
+        # 1. abar_t and abar_prev (abar_prev = 1 after the last step, so the result is x0).
+        #    Coefficients are float32 whatever the sample dtype, as diffusers computes them.
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else f32(1.0)
+        sqrt_a_t, sqrt_1m_a_t = (dtype.type(np.sqrt(a_t)), dtype.type(np.sqrt(f32(1) - a_t)))
+        sqrt_a_prev, sqrt_1m_a_prev = (dtype.type(np.sqrt(a_prev)), dtype.type(np.sqrt(f32(1) - a_prev)))
         # 2. x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped
-        x0 = (sample - np.sqrt(dtype.type(1) - a_t) * model_output) / np.sqrt(a_t)
+        x0 = (sample - sqrt_1m_a_t * model_output) / sqrt_a_t
         if self.clip_sample:
             x0 = np.clip(x0, -self.clip_range, self.clip_range).astype(dtype, copy=False)
         # 3. x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps   (eta = 0: no fresh noise)
-        prev = np.sqrt(a_prev) * x0 + np.sqrt(dtype.type(1) - a_prev) * model_output
+        prev = sqrt_a_prev * x0 + sqrt_1m_a_prev * model_output
         return DDIMStepOutput(prev_sample=prev.astype(dtype, copy=False), pred_original_sample=x0)

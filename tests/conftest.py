@@ -1,0 +1,37 @@
+"""Shared fixtures. The golden vectors are read from ../shared/golden (never copied here)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("BIDIFF_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN / "units.npz").is_file():
+        pytest.fail(f"golden reference data not found at {GOLDEN} (set BIDIFF_GOLDEN)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_npz(golden_dir):
+    cache: dict[str, dict] = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            with np.load(golden_dir / name) as f:
+                cache[name] = {k: f[k] for k in f.files}
+        return cache[name]
+    return load
+
+
+@pytest.fixture(scope="session")
+def golden_small_model(golden_dir):
+    from bidiff.models import load_checkpoint
+    model, cfg = load_checkpoint(golden_dir / "small" / "net_g.pth", "golden-small")
+    return model, cfg

@@ -1,0 +1,69 @@
+"""The numpy diffusion arithmetic shared with the device, against the official run."""
+import numpy as np
+import pytest
+
+from bidiff.runtime import schedule
+from bidiff.runtime.bicubic import resize_bicubic, upscale_condition
+
+
+def test_schedule_tables_are_bit_exact(golden_npz):
+    e = golden_npz("small/e2e_lr16x16_x2.npz")
+    assert schedule.linear_betas().dtype == np.float32
+    np.testing.assert_array_equal(schedule.linear_betas(), e["betas"])
+    np.testing.assert_array_equal(schedule.alphas_cumprod(), e["alphas_cumprod"])
+
+
+def test_leading_timesteps(golden_npz):
+    e = golden_npz("small/e2e_lr16x16_x2.npz")
+    sched = schedule.DDIMScheduler()
+    np.testing.assert_array_equal(sched.set_timesteps(50), e["timesteps"])
+    np.testing.assert_array_equal(schedule.timestep_group(e["timesteps"]), e["group_index"])
+    assert list(sched.set_timesteps(10)) == [1800, 1600, 1400, 1200, 1000, 800, 600, 400, 200, 0]
+    assert list(sched.set_timesteps(1)) == [0]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2001])
+def test_bad_step_counts(bad):
+    with pytest.raises(ValueError, match="steps must be between 1 and 2000"):
+        schedule.DDIMScheduler().set_timesteps(bad)
+
+
+def test_step_before_set_timesteps_refuses():
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        schedule.DDIMScheduler().step(np.zeros(3, np.float32), 0, np.zeros(3, np.float32))
+
+
+def test_group_map(golden_npz):
+    u = golden_npz("units.npz")
+    np.testing.assert_array_equal(schedule.timestep_group(np.arange(2000)), u["group_index_for_t_0_1999"])
+    assert schedule.group_ranges() == [(0, 399), (400, 799), (800, 1199), (1200, 1599), (1600, 1999)]
+
+
+@pytest.mark.parametrize("prefix,dtype", [("", np.float32), ("f64_", np.float64)])
+def test_ddim_update_reproduces_official_trajectory(golden_npz, prefix, dtype):
+    """Feeding the official x_t and eps, every update lands exactly on the next official x_t."""
+    e = golden_npz("small/e2e_lr16x16_x2.npz")
+    xs, eps = e[prefix + "x_t_per_step"], e[prefix + "eps_per_step"]
+    sched = schedule.DDIMScheduler()
+    sched.set_timesteps(50)
+    for i in range(50):
+        out = sched.step(eps[i], i, xs[i])
+        assert out.prev_sample.dtype == dtype
+        nxt = xs[i + 1] if i < 49 else e[prefix + "sr_raw_padded"]
+        np.testing.assert_allclose(out.prev_sample, nxt, rtol=0, atol=1e-6)
+        if not prefix:
+            np.testing.assert_allclose(out.pred_original_sample, e["x0_pred_per_step"][i], rtol=0, atol=1e-6)
+
+
+def test_bicubic_condition_matches_golden(golden_npz):
+    e = golden_npz("small/e2e_lr16x16_x2.npz")
+    cond = upscale_condition(e["lr_rgb_float_chw"], 2)
+    np.testing.assert_allclose(cond, e["cond"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,out", [((17, 23), (34, 46)), ((13, 9), (52, 36)), ((40, 30), (20, 15))])
+def test_bicubic_matches_opencv(shape, out):
+    cv2 = pytest.importorskip("cv2")
+    x = np.random.default_rng(1).random(shape + (3,)).astype(np.float32)
+    ref = cv2.resize(x, out[::-1], interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_allclose(resize_bicubic(x, out), ref, rtol=0, atol=1e-6)
