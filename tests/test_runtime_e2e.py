@@ -19,7 +19,7 @@ from bidiff.models.sampler import sample as torch_sample           # noqa: E402
 from bidiff.runtime.bicubic import upscale_condition               # noqa: E402
 from bidiff.runtime.sampler import sample as rt_sample             # noqa: E402
 
-TILE, STEPS = 32, 6
+TILE, STEPS = 32, 4       # t = 1500, 1000, 500, 0: groups 3, 2, 1, 0
 
 
 @pytest.fixture(scope="module")
