@@ -1,0 +1,101 @@
+"""Model API: registry, checkpoints carrying their config, and clear errors on bad input."""
+import numpy as np
+import pytest
+import torch
+
+from bidiff.models import create_model, get_config, list_configs, load_checkpoint, save_checkpoint, set_deploy
+from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights, weight_scale
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("tiny-binary").eval(), get_config("tiny-binary")
+
+
+def test_registry_lists_and_rejects():
+    assert {"official-x2", "official-x4", "golden-small", "bidiff-s-x2", "tiny-binary"} <= set(list_configs())
+    with pytest.raises(ValueError, match=r"unknown config 'nope'; valid configs: .*official-x2"):
+        get_config("nope")
+
+
+@pytest.mark.parametrize("name", ["bidiff-s-x2", "tiny-binary", "golden-small"])
+def test_every_small_config_builds_and_runs(name):
+    cfg = get_config(name)
+    model = create_model(cfg).eval()
+    s = 4 * cfg.input_multiple
+    with torch.no_grad():
+        eps = model(torch.randn(1, 3, s, s), torch.rand(1, 3, s, s), torch.tensor([[5]]))
+    assert eps.shape == (1, 3, s, s)
+
+
+@pytest.mark.parametrize("x_shape,cond_shape,t,msg", [
+    ((1, 4, 16, 16), (1, 3, 16, 16), [[5]], r"x_t must be \[B, 3, H, W\]"),
+    ((1, 3, 16, 16), (1, 1, 16, 16), [[5]], r"cond must be \[B, 3, H, W\]"),
+    ((1, 3, 18, 16), (1, 3, 18, 16), [[5]], "H and W must be multiples of 8, got 18x16"),
+    ((1, 3, 16, 16), (1, 3, 16, 16), [[2000]], r"t must be integer timesteps in 0..1999"),
+    ((1, 3, 16, 16), (1, 3, 16, 16), [[-1]], r"t must be integer timesteps in 0..1999"),
+    ((1, 3, 16, 16), (1, 3, 16, 16), [[5.0]], r"t must be integer timesteps"),
+    ((1, 3, 16, 16), (2, 3, 16, 16), [[5]], r"differ in batch or size"),
+])
+def test_bad_inputs_raise_value_error(x_shape, cond_shape, t, msg):
+    model = create_model("golden-small")       # 4 levels: input multiple 8
+    with pytest.raises(ValueError, match=msg):
+        model(torch.randn(*x_shape), torch.rand(*cond_shape), torch.tensor(t))
+
+
+def test_safetensors_round_trip_carries_config(tmp_path, tiny):
+    model, cfg = tiny
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, cfg, {"steps": 7})
+    loaded, cfg2 = load_checkpoint(path)
+    assert cfg2 == cfg and cfg2.formulation.type == "residual"
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_checkpoint_for_another_config_names_keys(tmp_path, tiny):
+    model, cfg = tiny
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, cfg)
+    with pytest.raises(ValueError, match=r"does not fit config 'bidiff-s-x2': .*(missing|other shapes) \(first: "):
+        load_checkpoint(path, "bidiff-s-x2")
+
+
+def test_official_pth_needs_a_config_name(golden_dir):
+    with pytest.raises(ValueError, match="pass its config name"):
+        load_checkpoint(golden_dir / "small" / "net_g.pth")
+    with pytest.raises(ValueError, match="does not fit config 'tiny-binary'"):
+        load_checkpoint(golden_dir / "small" / "net_g.pth", "tiny-binary")
+
+
+def test_params_ema_and_module_prefix(tmp_path, golden_dir, golden_small_model):
+    sd = torch.load(golden_dir / "small" / "net_g.pth", weights_only=True)["params"]
+    path = tmp_path / "ema.pth"
+    torch.save({"params_ema": {"module." + k: v for k, v in sd.items()}}, path)
+    model, _ = load_checkpoint(path, "golden-small")
+    ref, _ = golden_small_model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("channels,kernel", [(16, 3), (32, 1), (48, 3), (96, 1), (33, 3)])
+def test_deploy_binary_conv_equals_numpy_reference(channels, kernel):
+    """Deploy mode is the exported arithmetic: BIConv's core equals binary_op's reference."""
+    from bidiff.models.layers import BIConv
+    torch.manual_seed(channels)
+    conv = BIConv(channels, kernel).eval()
+    with torch.no_grad():
+        conv.binary_conv.weight.normal_()
+        conv.binary_conv.weight[0, 0, 0, 0] = 0.0          # exact zero weight: packs as +1
+    set_deploy(conv)
+    x = torch.randn(1, channels, 7, 9)
+    x[0, 0, 0, :3] = 0.0                                    # exact zero activation: +1
+    with torch.no_grad():
+        got = conv.binary_conv(conv.binary_act(x)).numpy()
+    w = conv.binary_conv.weight.detach().numpy()
+    ref = binary_conv2d_reference(x.numpy(), pack_weights(w), weight_scale(w), channels=channels, kernel=kernel)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
+    set_deploy(conv, False)
+    with torch.no_grad():
+        official = conv.binary_conv(conv.binary_act(x)).numpy()
+    assert not np.allclose(official, ref, atol=1e-5)        # the zero cases really differ
