@@ -1,0 +1,287 @@
+"""Schedules for the float ops of a legalized Relax module, applied as one module pass.
+
+TVM's default Relax CPU pipeline lowers float ops to plain unscheduled loops (a 3x3 conv runs
+~100x slower than onnxruntime; TVM_NOTES). :class:`ScheduleFloatOps` runs after LegalizeOps /
+FuseOps / FuseTIR and schedules every PrimFunc that is not already scheduled (our binary-conv
+kernels are), picking a rule by block names and block kinds:
+
+- ``conv2d_nchw`` (float conv, NCHW kept): weights repacked to [O/ob, I, kh, kw, ob] by a
+  ``cache_read`` + ``transform_layout``; accumulation in a ``local`` tile of ob output channels x
+  (nvec x lanes) columns, the fused epilogue (bias, activation, residual) inlined into the
+  write-back; loop order n, y, xo, fo, rc, ry, rx, fi, xi, xv; parallel over rows;
+- blocks with a reduction (GroupNorm statistics, matmul, softmax, ...): spatial producers
+  inlined, parallel over the spatial loops of each reduction, the output epilogue parallel and
+  vectorised;
+- everything else (elementwise, reshape, concat, pixel shuffle): producers inlined, the output
+  block fused, parallel and vectorised.
+
+``sigmoid`` is legalized as ``1 / (1 + fast_exp(-x))`` (:func:`legalize_fast_sigmoid`) so Swish
+vectorises; precise ``expf`` calls stay scalar. The rule used is recorded on each PrimFunc as
+the attribute ``bidiff.schedule`` (tests assert it).
+"""
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
+
+SCHEDULE_ATTR = "bidiff.schedule"
+_log = logging.getLogger(__name__)
+
+# f32 lanes per vector register, and (ob, nvec) register tiles of the 3x3 and 1x1 convs
+_LANES = {KernelVariant.X86_AVX512: 16, KernelVariant.X86_AVX2: 8, KernelVariant.ARM_NEON: 4,
+          KernelVariant.GENERIC: 4}
+_CONV_TILES = {  # variant: {kernel size 1 or >1: (ob, nvec)}
+    KernelVariant.X86_AVX512: {3: (8, 2), 1: (4, 4)},
+    KernelVariant.X86_AVX2: {3: (4, 2), 1: (4, 2)},
+    KernelVariant.ARM_NEON: {3: (4, 4), 1: (4, 4)},
+    KernelVariant.GENERIC: {3: (4, 2), 1: (4, 2)},
+}
+
+
+# ---------------------------------------------------------------------------------- sigmoid
+def _fast_sigmoid_te(x: te.Tensor) -> te.Tensor:
+    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: tirx.const(1.0, x.dtype) / (tirx.const(1.0, x.dtype)
+                                                                       + e(*i)),
+                      name="fast_sigmoid")
+
+
+def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """LegalizeOps rule for ``relax.sigmoid`` on float32: 1 / (1 + fast_exp(-x))."""
+    x = call.args[0]
+    if x.ty.dtype != "float32":
+        return bb.call_te(topi.sigmoid, x)
+    return bb.call_te(_fast_sigmoid_te, x, primfunc_name_hint="fast_sigmoid")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _root_blocks(sch: s_tir.Schedule):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _pick(n: int, prefs) -> int:
+    for d in prefs:
+        if d and n % d == 0:
+            return d
+    return 1
+
+
+def _inline_spatial_producers(sch: s_tir.Schedule, keep=()) -> None:
+    """compute_inline every spatial block that is not an output (and not in ``keep``)."""
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+    for blk in _root_blocks(sch):
+        name = sch.get(blk).name_hint
+        if name in outputs or name in keep or _is_reduction(sch, blk):
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - not inlinable (e.g. read at several shifted points)
+            pass
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, blk, lanes: int) -> None:
+    """Spatial block: fuse the outer loops in parallel, vectorise the innermost by ``lanes``."""
+    loops = sch.get_loops(blk)
+    if not loops:
+        return
+    inner = loops[-1]
+    ext = _extent(sch, inner)
+    outer = loops[:-1]
+    if ext is not None and ext % lanes == 0 and ext >= lanes:
+        io, iv = sch.split(inner, [None, lanes])
+        outer = [*outer, io]
+        sch.vectorize(iv)
+    elif ext is not None and ext <= 64 and len(loops) == 1:
+        pass
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+
+def _parallel_reduction(sch: s_tir.Schedule, blk) -> None:
+    """Reduction block: parallel over its leading spatial loops (if any extent > 1)."""
+    block = sch.get(blk)
+    loops = sch.get_loops(blk)
+    n_spatial = 0
+    for iv in block.iter_vars:
+        if int(iv.iter_type) != 0:
+            break
+        n_spatial += 1
+    spatial = loops[:n_spatial]
+    if not spatial:
+        return
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    ext = _extent(sch, fused)
+    if ext is None or ext > 1:
+        sch.parallel(fused)
+
+
+# ---------------------------------------------------------------------------------- rules
+def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    conv = sch.get_sblock("conv2d_nchw")
+    block = sch.get(conv)
+    n_, f_, h_, w_ = (int(iv.dom.extent) for iv in block.iter_vars[:4])
+    kh = int(block.iter_vars[5].dom.extent)
+    lanes = _LANES[variant]
+    ob, nvec = _CONV_TILES[variant][3 if kh > 1 else 1]
+    ob = f_ if f_ <= ob else _pick(f_, [d for d in (ob, 8, 4, 2) if d <= ob])
+    lanes = _pick(w_, [d for d in (lanes, 8, 4) if d <= lanes])
+    nvec = _pick(w_ // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+
+    # consumers of the conv (bias add, activations, residual) -> inlined into the write-back
+    root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    after = root_names[root_names.index("conv2d_nchw") + 1:]
+    before = root_names[:root_names.index("conv2d_nchw")]
+    for name in before:                      # pad_temp etc.: keep, parallel
+        blk = sch.get_sblock(name)
+        if kh == 1 and name == "pad_temp":   # a plain copy for 1x1 convs
+            try:
+                sch.compute_inline(blk)
+                continue
+            except Exception:  # noqa: BLE001
+                pass
+        if not _is_reduction(sch, blk):
+            loops = sch.get_loops(blk)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+
+    # weights: repack [O, I, kh, kw] -> [O/ob, I, kh, kw, ob] (contiguous ob-vector per tap)
+    reads = [r.source.name for r in block.reads]
+    w_idx = next(i for i, r in enumerate(block.reads) if len(r.source.shape) == 4
+                 and "pad" not in reads[i] and int(r.source.shape[0]) == f_
+                 and int(r.source.shape[2]) == kh)
+    if ob > 1 and f_ % ob == 0:
+        wblk = sch.cache_read(conv, w_idx, "global")
+        sch.transform_layout(wblk, ("write", 0),
+                             lambda o, i, y, x: (o // ob, i, y, x, o % ob))
+        wl = sch.get_loops(wblk)
+        sch.parallel(wl[0])
+
+    wb = sch.cache_write(conv, 0, "local")
+    for name in after:
+        try:
+            sch.reverse_compute_inline(sch.get_sblock(name))
+        except Exception:  # noqa: BLE001 - left as a separate (elementwise) block
+            blk = sch.get_sblock(name)
+            _parallel_vectorize(sch, blk, _LANES[variant])
+
+    nn, ff, yy, xx, rc, ry, rx = sch.get_loops(conv)
+    fo, fi = sch.split(ff, [None, ob])
+    xo, xi, xv = sch.split(xx, [None, nvec, lanes])
+    sch.reorder(nn, yy, xo, fo, rc, ry, rx, fi, xi, xv)
+    sch.parallel(sch.fuse(nn, yy))
+    sch.reverse_compute_at(wb, fo)
+    sch.unroll(fi)
+    sch.unroll(xi)
+    sch.unroll(rx)
+    sch.vectorize(xv)
+    wl = sch.get_loops(wb)
+    wf, wx = wl[-2], wl[-1]          # write-back tile: ob filters x (nvec * lanes) columns
+    wxo, wxv = sch.split(wx, [None, lanes])
+    sch.vectorize(wxv)
+    sch.unroll(wxo)
+    sch.unroll(wf)
+    sch.decompose_reduction(conv, rc)
+
+
+def schedule_with_reduction(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    _inline_spatial_producers(sch)
+    for blk in _root_blocks(sch):
+        if _is_reduction(sch, blk):
+            _parallel_reduction(sch, blk)
+        else:
+            _parallel_vectorize(sch, blk, _LANES[variant])
+
+
+def schedule_elementwise(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    _inline_spatial_producers(sch)
+    for blk in _root_blocks(sch):
+        _parallel_vectorize(sch, blk, _LANES[variant])
+
+
+def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant) -> tuple[tirx.PrimFunc, str]:
+    """Schedule one legalized PrimFunc; returns (function, rule name). Falls back rule by rule
+    (conv -> reduction -> elementwise -> unscheduled) if a schedule primitive refuses."""
+    sch0 = s_tir.Schedule(func)
+    names = {sch0.get(b).name_hint for b in _root_blocks(sch0)} if _has_root(sch0) else set()
+    has_red = _has_root(sch0) and any(_is_reduction(sch0, b) for b in _root_blocks(sch0))
+    rules = []
+    if "conv2d_nchw" in names:
+        rules.append(("conv2d_nchw", schedule_conv2d_nchw))
+    if has_red:
+        rules.append(("reduction", schedule_with_reduction))
+    else:
+        rules.append(("elementwise", schedule_elementwise))
+    for rule_name, rule in rules:
+        sch = s_tir.Schedule(func)
+        try:
+            rule(sch, variant)
+        except Exception as e:  # noqa: BLE001 - try the next, more generic rule
+            _log.debug("schedule rule %s failed: %s", rule_name, e)
+            continue
+        return sch.mod["main"], rule_name
+    return func, "unscheduled"
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="bidiff.ScheduleFloatOps")
+class ScheduleFloatOps:
+    """Schedule every PrimFunc not marked ``tirx.is_scheduled`` for ``target``."""
+
+    def __init__(self, target: tvm.target.Target):
+        self.variant = select_variant(target)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                continue
+            new, rule = schedule_primfunc(func, self.variant)
+            updates[gv] = new.with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, rule)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """``cpu_generic``'s pipeline with fast sigmoid legalization and :class:`ScheduleFloatOps`
+    placed after FuseTIR (before the dataflow lowering)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="bidiff.relax_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_pipeline.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps({"relax.sigmoid": legalize_fast_sigmoid}),
+                   relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(),
+                   relax.transform.FuseOps(),
+                   relax.transform.FuseTIR()]
+                + [ScheduleFloatOps(target)]
+                + cpu_pipeline.dataflow_lower_passes(target)
+                + cpu_pipeline.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
