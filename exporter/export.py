@@ -6,6 +6,7 @@ fills it:
     manifest.json
     onnx/group_<k>.onnx        one graph per timestep group (custom op + model-local function)
     onnx/weights.safetensors   the weights all five graphs share (ONNX external data)
+    model.so                   native targets only: ``bidiff.exporter.tvm.build.build_library``
 
 The weights file sits next to the graphs because ONNX external data must live inside the
 model's directory (onnx and onnxruntime refuse ``..`` paths).
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bidiff.runtime.artifact import (ArtifactError, ArtifactWriter, GroupInfo, Manifest, ModelInfo,
-                                     FORMAT_VERSION)
+from bidiff.runtime.artifact import (FORMAT_VERSION, ArtifactWriter, GroupInfo, Manifest, ModelInfo,
+                                     TargetInfo, host_info)
 from bidiff.runtime.binary_op import OP_VERSION
 
 from .targets import TargetSpec, get_target
@@ -40,6 +41,7 @@ __all__ = ["ExportError", "ExportResult", "export_artifact", "export_float_onnx"
 
 DEFAULT_TILE = 128
 ONNX_DIR = "onnx"
+LIBRARY_FILE = "model.so"
 _MIN_TILE_MULTIPLE = 8
 
 
@@ -129,7 +131,19 @@ def _versions() -> dict[str, str | None]:
             "onnxruntime": ort_v, "onnx_opset": str(ONNX_OPSET), "bidiff_op": str(OP_VERSION)}
 
 
+def _tvm_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist, key in (("apache-tvm", "tvm"), ("apache-tvm-ffi", "tvm_ffi")):
+        try:
+            from importlib.metadata import version
+            out[key] = version(dist)
+        except Exception:
+            out[key] = None
+    return out
+
+
 def _tvm_backend(spec: TargetSpec):
+    """``bidiff.exporter.tvm.build`` (the TVM engineer's), or a one-line ExportError."""
     try:
         mod = importlib.import_module("bidiff.exporter.tvm.build")
     except ImportError:
@@ -138,6 +152,23 @@ def _tvm_backend(spec: TargetSpec):
         raise ExportError(f"target {spec.name} needs the TVM backend, not yet available "
                           "(use --target onnx)")
     return mod
+
+
+# CPU features (cpuinfo spelling) that code compiled for an LLVM mcpu relies on, beyond mattr.
+_MCPU_FEATURES = {"x86-64-v3": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+                  "generic": (), "cortex-a72": ("asimd",), "cortex-a76": ("asimd", "asimddp")}
+# For "this machine's CPU" targets: the host features LLVM may use that matter for our kernels.
+_HOST_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                  "avx512_vpopcntdq", "asimd", "asimddp")
+
+
+def _target_info(spec: TargetSpec, lib) -> TargetInfo:
+    feats = set(spec.mattr) | set(_MCPU_FEATURES.get(spec.mcpu or "", ()))
+    if spec.mcpu is None:                      # compiled for the host CPU: record what it has
+        host = host_info()
+        feats |= set(_HOST_FEATURES) & set(host.features or ())
+    return TargetInfo(name=spec.name, arch=spec.arch, triple=getattr(lib, "triple", spec.triple),
+                      cpu=getattr(lib, "mcpu", spec.mcpu), features=sorted(feats))
 
 
 def export_float_onnx(model, out_dir: str | os.PathLike, *, tile: int, metadata: dict[str, str] | None = None,
@@ -214,14 +245,18 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                                 formulation=cfg.formulation.to_dict()),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 versions=_versions())
-            if tvm_mod is not None:       # the TVM engineer's hook (see the module docstring)
+            if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
                 bar.set_postfix_str(f"compiling for {spec.name}")
-                lib = tvm_mod.build_library(onnx_paths=paths, target=spec, out_dir=writer.staging)
-                manifest.library, manifest.target = lib["library"], lib["target"]
+                try:
+                    lib = tvm_mod.build_library(paths, spec, writer.staging / LIBRARY_FILE)
+                except getattr(tvm_mod, "BuildError", RuntimeError) as e:
+                    raise ExportError(f"cannot build target {spec.name}: {' '.join(str(e).split())}") from None
+                manifest.library = LIBRARY_FILE
+                manifest.target = _target_info(spec, lib)
                 for g in manifest.groups:
-                    g.function = lib["functions"][g.index]
-                manifest.backends = list(lib.get("backends", ["tvm", "onnxruntime"]))
-                manifest.versions.update(lib.get("versions", {}))
+                    g.function = lib.functions[g.index]
+                manifest.backends = ["tvm", "onnxruntime"]
+                manifest.versions.update(_tvm_versions())
                 bar.update(1)
 
             float_bytes, float_path = None, None
