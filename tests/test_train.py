@@ -10,6 +10,7 @@ from bidiff.models import create_model, get_config, load_checkpoint
 from bidiff.models.data import sample_batch
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
+from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import alphas_cumprod
 
 TINY = get_config("tiny-binary")
@@ -102,3 +103,22 @@ def test_schedules():
     assert ema_decay(10**6, 0.999) == 0.999
     with pytest.raises(ValueError, match="valid: constant, cosine"):
         TrainConfig(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("formulation", ["official", "residual"])
+def test_loss_noises_the_formulations_x0(formulation):
+    """With zero noise the network sees x_t = sqrt(abar_t) x0, x0 as the formulation defines."""
+    seen = {}
+
+    def spy(x_t, cond, t):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    cfg = replace(TINY, formulation=Formulation(formulation, 4.0))
+    hr, cond = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    loss = diffusion_loss(spy, hr, cond, 700, torch.zeros_like(hr), cfg, abar)
+    x0 = hr if formulation == "official" else 4 * (hr - cond)
+    torch.testing.assert_close(seen["x_t"], float(np.sqrt(alphas_cumprod()[700])) * x0)
+    assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [[700], [700]]
+    assert loss.item() == 0.0
