@@ -283,4 +283,6 @@ def binary_conv_primfunc(shape: BinaryConvShape, variant: KernelVariant, *,
     inputs, out = binary_conv_compute(shape, col_multiple=col_multiple_for(shape, variant))
     func = te.create_prim_func([*inputs, out])
     func = schedule_binary_conv(func, shape, variant)
-    return func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    # op_pattern 8 = kOpaque: FuseOps must not fuse neighbours into the hand-scheduled kernel
+    return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+            .with_attr("op_pattern", 8))
