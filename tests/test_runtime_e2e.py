@@ -80,3 +80,60 @@ def test_real_graphs_tiled_deterministic_and_cli(exported, tmp_path: Path) -> No
               "--steps", "3", "--seed", "1", "-q", "--threads", "1"])
     assert e.value.code == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "x_x2.png")), a)
+
+
+# ------------------------------------------------------------------ the native (TVM) artifact
+
+STEP_DUMP = """
+import sys, numpy as np
+from bidiff import runtime
+from bidiff.runtime.sampler import sample
+art, lr_path, out_path, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+up = runtime.load(art, backend="tvm", threads=2)
+lr = np.load(lr_path)
+xs, es = [], []
+img = sample(up.backend, lr, scale=up.scale, formulation=up.formulation, steps=steps, seed=11,
+             on_step=lambda i, t, x, e: (xs.append(x.copy()), es.append(e.copy())))
+again = sample(up.backend, lr, scale=up.scale, formulation=up.formulation, steps=steps, seed=11)
+assert img.tobytes() == again.tobytes()
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tvm'))
+assert not heavy, heavy
+np.savez(out_path, x=np.stack(xs), eps=np.stack(es), img=img)
+"""
+
+
+@pytest.mark.slow
+def test_tvm_matches_pytorch_step_by_step(exported, tmp_path: Path) -> None:
+    """The TVM runtime (in a fresh process: no torch, no tvm compiler) vs the PyTorch reference."""
+    import subprocess
+    import sys
+    pytest.importorskip("tvm")
+    build = pytest.importorskip("bidiff.exporter.tvm.build")
+    from bidiff.runtime.artifact import host_info
+    _, model, cfg = exported
+    target = {"x86_64": "x86_64", "aarch64": "arm64"}.get(host_info().arch)
+    if target is None:
+        pytest.skip(f"no native target for {host_info().arch}")
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, model, cfg)
+    art = exporter.export_artifact(ckpt, target=target, out=tmp_path / "native", tile=TILE,
+                                   progress=False, measure_float=False).path
+    lr = np.random.default_rng(4).random((3, TILE // 2, TILE // 2), dtype=np.float32)
+    np.save(tmp_path / "lr.npy", lr)
+    r = subprocess.run([sys.executable, "-c", STEP_DUMP, str(art), str(tmp_path / "lr.npy"),
+                        str(tmp_path / "steps.npz"), str(STEPS)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "steps.npz")
+    noise = np.random.default_rng(11).standard_normal((3, TILE, TILE), dtype=np.float32)
+    cond = torch.from_numpy(upscale_condition(lr, cfg.scale))[None]
+    ref = torch_sample(model, cond, steps=STEPS, noise=torch.from_numpy(noise)[None],
+                       formulation=cfg.formulation, record=True)
+    for i in range(STEPS):
+        de = np.abs(got["eps"][i] - ref.eps[i][0].numpy())
+        dx = np.abs(got["x"][i] - ref.x_t[i][0].numpy())
+        # same bound as onnxruntime: different float kernels, rare sign flips near 0
+        assert de.mean() < 1e-4 and np.percentile(de, 99.9) < 1e-3, (i, de.mean(), de.max())
+        assert dx.mean() < 1e-4 and np.percentile(dx, 99.9) < 1e-3, (i, dx.mean(), dx.max())
+    diff = np.abs(got["img"] - ref.image[0].numpy())
+    assert diff.mean() < 1e-4 and np.percentile(diff, 99.9) < 2e-3, (diff.mean(), diff.max())
