@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from bidiff.exporter.targets import TargetSpec
@@ -114,10 +115,8 @@ def import_groups(onnx_model_paths: dict[int, str | os.PathLike], target: tvm.ta
                 continue
             name = gv.name_hint
             if name in funcs:
-                try:
-                    tvm.ir.assert_structural_equal(funcs[name], func)
-                except ValueError:
-                    raise BuildError(f"kernel {name} differs between groups") from None
+                if not tvm_ffi.structural_equal(funcs[name], func):
+                    raise BuildError(f"kernel {name} differs between groups")
                 continue
             funcs[name] = func
             gvars[name] = gv                    # the first group's GlobalVar (it carries ty)
