@@ -1,0 +1,96 @@
+"""build_library: the groups' ONNX graphs -> one native library; each ``group_<k>`` equals
+onnxruntime on the same ONNX (the tiny all-binary config, random weights)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from bidiff.exporter.targets import get_target  # noqa: E402
+from bidiff.exporter.tvm.build import BuildError, build_library  # noqa: E402
+
+GROUPS = (0, 3)
+TILE = 32
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    from bidiff.exporter.onnx_export import write_onnx_graphs
+    from bidiff.models import create_model
+    torch.manual_seed(0)
+    model = create_model("tiny-binary").eval()
+    with torch.no_grad():   # distinct experts per group and non-trivial biases / slopes
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("onnx")
+    return write_onnx_graphs(model, out, tile=TILE, groups=GROUPS)
+
+
+@pytest.fixture(scope="module")
+def library(graphs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lib") / "model.so"
+    return build_library(graphs, get_target("x86_64"), out)
+
+
+def test_library_interface(library):
+    assert library.path.is_file()
+    assert library.functions == {k: f"group_{k}" for k in GROUPS}
+    assert library.inputs == ("x_t", "cond", "t") and library.outputs == ("eps",)
+    assert library.triple == "x86_64-linux-gnu"
+    assert library.kernels and all(v in ("x86_avx512", "x86_avx2") for v in library.kernels.values())
+
+
+def test_each_group_matches_onnxruntime(library, graphs):
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(library.path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, TILE, TILE)).astype(np.float32)
+    cond = rng.standard_normal((1, 3, TILE, TILE)).astype(np.float32)
+    outs = {}
+    for k in GROUPS:
+        t = np.array([[k * 400 + 17]], np.int64)            # a timestep inside group k
+        got = vm[f"group_{k}"](*(tvm.runtime.tensor(a) for a in (x, cond, t))).numpy()
+        ref = ort.InferenceSession(str(graphs[k]), providers=["CPUExecutionProvider"]).run(
+            None, {"x_t": x, "cond": cond, "t": t})[0]
+        # float32 summation order (float convs, GroupNorm, attention) and the fast sigmoid;
+        # binary convs are exact integer sums on both sides
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        outs[k] = got
+    assert not np.allclose(outs[GROUPS[0]], outs[GROUPS[1]])   # the groups really differ
+
+
+def test_missing_cross_compiler_is_one_line_error(graphs, tmp_path):
+    spec = dataclasses.replace(get_target("arm64"), cc="aarch64-bidiff-missing-gcc")
+    out = tmp_path / "model.so"
+    with pytest.raises(BuildError, match="scripts/install_cross.sh") as err:
+        build_library(graphs, spec, out)
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_portable_target_has_no_library(graphs, tmp_path):
+    with pytest.raises(BuildError, match="portable ONNX only"):
+        build_library(graphs, get_target("onnx"), tmp_path / "model.so")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None
+                    or shutil.which("aarch64-linux-gnu-objdump") is None,
+                    reason="aarch64 cross toolchain absent: run scripts/install_cross.sh")
+def test_arm64_library(graphs, tmp_path):
+    info = build_library({GROUPS[0]: graphs[GROUPS[0]]}, get_target("rpi4"), tmp_path / "m.so")
+    assert set(info.kernels.values()) == {"arm_neon"}
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(info.path)], check=True,
+                         capture_output=True, text=True).stdout
+    assert "file format elf64-littleaarch64" in dis
+    for name in info.kernels:
+        body = "\n".join(m.group(1) for m in re.finditer(
+            rf"^[0-9a-f]+ <{name}[^>]*>:\n(.*?)(?:\n\n|\Z)", dis, re.S | re.M))
+        assert re.search(r"\bcnt\s+v\d+\.(8b|16b)", body), f"no NEON cnt in {name}"
