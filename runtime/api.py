@@ -169,11 +169,22 @@ def _build_default_artifact(cache: Path) -> Path | None:
     except ImportError:
         return None
     target = _default_target()
-    out = cache / f"default-{'onnx' if target == 'onnx' else host_info().arch}"
-    print(f"bidiff: first use: exporting the default model for this machine (target {target}) "
-          f"to {out}; this takes a while, once", file=sys.stderr, flush=True)
-    export_artifact(None, target=target, out=out, force=False)
-    return out
+    print(f"bidiff: first use: exporting the default model for this machine into {cache} "
+          f"(target {target}); this takes a while, once", file=sys.stderr, flush=True)
+    for tgt in dict.fromkeys([target, "onnx"]):       # native first; portable if compiling fails
+        out = cache / f"default-{'onnx' if tgt == 'onnx' else host_info().arch}"
+        try:
+            export_artifact(None, target=tgt, out=out, force=False)
+            return out
+        except ValueError as e:                     # the exporter's one-line user errors
+            raise ArtifactError(f"cannot build the default artifact ({' '.join(str(e).split())}): "
+                                f"pass --artifact PATH or copy an artifact to {cache}/default-onnx") from None
+        except RuntimeError as e:                   # a failed native build: the ONNX graphs still work
+            if tgt == "onnx":
+                raise
+            print(f"bidiff: native build failed ({' '.join(str(e).split())[:200]}); "
+                  "exporting the portable ONNX graphs instead", file=sys.stderr, flush=True)
+    return None
 
 
 __all__ = ["load", "upscale", "Upscaler", "default_artifact", "check_steps", "MAX_STEPS"]
