@@ -119,3 +119,29 @@ def test_running_onnxruntime_backend_loads_no_torch_or_onnx(art: Path) -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tvm')))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_default_artifact_built_by_exporter(art: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """First use with the exporter installed: it is called for this host (native first, ONNX if
+    the native build fails); its user errors become one-line ArtifactErrors."""
+    exporter = pytest.importorskip("bidiff.exporter")
+    calls = []
+
+    def fake_export(checkpoint, *, target, out, force):
+        calls.append(target)
+        if target != "onnx":
+            raise RuntimeError("compiler exploded")
+        shutil.copytree(art, out)
+    monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(exporter, "export_artifact", fake_export, raising=False)
+    monkeypatch.setattr(api, "_default_target", lambda: "x86_64")
+    assert api.default_artifact() == tmp_path / "cache" / "default-onnx"
+    assert calls == ["x86_64", "onnx"] and "compiler exploded" in capsys.readouterr().err
+    assert api.default_artifact() == tmp_path / "cache" / "default-onnx" and len(calls) == 2   # cached
+
+    def user_error(checkpoint, **kw):
+        raise ValueError("the shipped model is not installed")
+    monkeypatch.setattr(exporter, "export_artifact", user_error)
+    monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(runtime.ArtifactError, match="cannot build the default artifact .*not installed"):
+        api.default_artifact()
