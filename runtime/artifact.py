@@ -105,11 +105,12 @@ class Manifest:
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested parts (JSON, or an exporter building one by hand).
+        # Unknown keys are ignored: a later bidiff may add optional fields within a format version.
         if isinstance(self.model, dict):
-            self.model = ModelInfo(**self.model)
-        self.groups = [GroupInfo(**g) if isinstance(g, dict) else g for g in self.groups]
+            self.model = ModelInfo(**_known(ModelInfo, self.model))
+        self.groups = [GroupInfo(**_known(GroupInfo, g)) if isinstance(g, dict) else g for g in self.groups]
         if isinstance(self.target, dict):
-            self.target = TargetInfo(**self.target)
+            self.target = TargetInfo(**_known(TargetInfo, self.target))
 
     # -- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +191,11 @@ class Manifest:
 
 
 _MANIFEST_FIELDS = {f.name for f in dataclasses.fields(Manifest)}
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def check_format_version(v: Any, *, source: str = "manifest") -> int:
