@@ -203,7 +203,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
     if spec is None:
         raise ExportError(f"target must be a name, got {target!r}")
     check_tile(tile)
-    if config is not None:
+    if isinstance(config, str):
         from bidiff.models import get_config
         get_config(config)                      # unknown name -> ValueError listing valid ones
     if float_onnx is not None and Path(float_onnx).exists() and not force:

@@ -41,10 +41,11 @@ Transpose to [F, C, k, k], Cast bool, Where -> +-1 float); binarise X (GreaterOr
 Where -> +-1); Pad with 0 by ``pad``; Conv with the +-1 weights (stride 1); Slice with steps
 ``stride``; Mul by ``scale``. Sums of +-1 are exact integers in float32 (|sum| <= C*k*k < 2**24)
 and the final Mul is one rounding, so the body equals the numpy reference bit for bit
-(tests/test_export_binary_op.py checks that, with graph optimisations off). With its default
-optimisations onnxruntime also folds the scale into the constant-folded weights (Conv+Mul
-fusion), i.e. it convolves with alpha*sign(W) exactly like PyTorch's deploy mode; the sums then
-round (a few ulp of |Y|). onnxruntime constant-folds the weight unpacking of
+(tests/test_export_binary_op.py checks that, with onnxruntime's default optimisations on and
+off). The Mul is written as ``Mul(scale, acc)`` on purpose: onnxruntime's Conv+Mul fusion only
+matches ``Mul(conv_out, constant)``, and fusing would fold alpha into the weights (sums of
+alpha*sign(W) round, breaking exactness against the reference and the TVM popcount kernels).
+onnxruntime constant-folds the weight unpacking of
 an initializer at session start, so a run costs one float Conv. Attribute values reach the body
 through ``onnx.helper.make_attribute_ref`` (``Constant(value_int=@attr)``), since Conv's
 ``pads``/``strides`` are int lists and cannot reference the scalar attributes directly.
@@ -127,7 +128,7 @@ def binary_conv_function() -> onnx.FunctionProto:
         _const("axes_hw", np.array([2, 3], np.int64)),
         helper.make_node("Slice", ["acc_full", "zero_2", "big_2", "axes_hw", "steps"], ["acc"]),
         helper.make_node("Reshape", [scale, "shape_nchw_c"], ["scale_nchw"]),
-        helper.make_node("Mul", ["acc", "scale_nchw"], list(OP_OUTPUTS)),
+        helper.make_node("Mul", ["scale_nchw", "acc"], list(OP_OUTPUTS)),
     ]
     return helper.make_function(
         OP_DOMAIN, OP_NAME, list(OP_INPUTS), list(OP_OUTPUTS), nodes,

@@ -353,8 +353,10 @@ def read_safetensors_index(path: str | os.PathLike) -> tuple[dict, int]:
 def write_onnx_graphs(model: torch.nn.Module, out_dir: str | os.PathLike, *, tile: int,
                       binary: bool = True, groups: Iterable[int] | None = None,
                       metadata: dict[str, str] | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict[int, Path]:
+                      progress: Callable[[str], None] | None = None, check: bool = True) -> dict[int, Path]:
     """Write ``group_<k>.onnx`` for each group plus the shared ``weights.safetensors``.
+
+    ``check``: run ``onnx.checker.check_model(path, full_check=True)`` on every graph written.
 
     ``metadata`` (str -> str) goes into every graph's metadata_props, plus ``group``,
     ``t_min``, ``t_max``, ``tile`` and ``binary``. Returns group -> graph path.
@@ -393,5 +395,7 @@ def write_onnx_graphs(model: torch.nn.Module, out_dir: str | os.PathLike, *, til
                 init.ClearField("raw_data")
         p = out / f"group_{k}.onnx"
         p.write_bytes(gg.model.SerializeToString(deterministic=True))
+        if check:       # full check (shape inference through the function body); ~0.1 s a graph
+            onnx.checker.check_model(str(p), full_check=True)
         paths[k] = p
     return paths

@@ -61,7 +61,10 @@ def test_export_artifact_roundtrip(tiny_ckpt, tmp_path) -> None:
     # sizes: packed binary weights >= 25x smaller than float32; artifact smaller than float ONNX
     assert r.binary_ratio >= 25 and r.float_onnx_bytes > r.artifact_bytes
     # deterministic: a second export is byte-identical, file by file (manifest included)
-    export_artifact(tiny_ckpt, out=tmp_path / "art2", tile=16, progress=False)
+    r2 = export_artifact(tiny_ckpt, out=tmp_path / "art2", tile=16, progress=False,
+                         float_onnx=tmp_path / "float")
+    assert r2.float_onnx_path == tmp_path / "float" and r2.float_onnx_bytes == r.float_onnx_bytes
+    assert sorted(os.listdir(tmp_path / "float")) == [f"group_{k}.onnx" for k in range(5)] + ["weights.safetensors"]
     for rel in [*m.files, "manifest.json"]:
         assert (out / rel).read_bytes() == (tmp_path / "art2" / rel).read_bytes(), rel
 
