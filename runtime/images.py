@@ -188,22 +188,29 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(resize_bicubic(alpha, (h * scale, w * scale)), 0, 1)
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+def _quantize(hwc: np.ndarray, dtype: type) -> np.ndarray:
+    """[0, 1] floats -> round(x * max) in ``dtype``, a band of rows at a time (no big temporaries)."""
+    top = np.float32(np.iinfo(dtype).max)
+    out = np.empty(hwc.shape, dtype=dtype)
+    step = max(1, (1 << 18) // max(1, hwc.shape[1]))
+    for y in range(0, hwc.shape[0], step):
+        band = np.clip(hwc[y:y + step], 0, 1) * top
+        out[y:y + step] = np.round(band, out=band)
+    return out
 
 
 def to_output(rgb: np.ndarray, alpha: np.ndarray | None, inp: ImageInput) -> Any:
     """RGB float [3, H, W] in [0, 1] (+ alpha [H, W]) -> the kind ``inp`` came as."""
-    hwc = np.moveaxis(np.clip(rgb, 0, 1), 0, -1)
+    hwc = np.moveaxis(rgb, 0, -1)                     # a view
     if alpha is not None:
         hwc = np.concatenate([hwc, alpha[..., None]], axis=-1)
     if inp.kind == "pil":
-        return Image.fromarray(_to_uint8(hwc), mode="RGBA" if alpha is not None else "RGB")
+        return Image.fromarray(_quantize(hwc, np.uint8))      # H x W x 3 -> RGB, x 4 -> RGBA
     if inp.kind == "uint8":
-        return _to_uint8(hwc)
+        return _quantize(hwc, np.uint8)
     if inp.kind == "uint16":
-        return np.round(np.clip(hwc, 0, 1) * 65535).astype(np.uint16)
-    return np.ascontiguousarray(hwc, dtype=np.float32)
+        return _quantize(hwc, np.uint16)
+    return np.clip(hwc, 0, 1).astype(np.float32, copy=False)
 
 
 def save_image(im: Image.Image, path: str | os.PathLike) -> None:

@@ -8,9 +8,10 @@
    the tile windows (``tiling``), then take one DDIM step on the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size and clamped to [0, 1].
 
-Memory: the whole-image buffers are x_t, cond, the ε accumulator, the inverse weight sum and the
-DDIM step's temporaries (a handful of 3 x H x W float32 arrays); tiles are processed one at a
-time, so nothing else grows with the image area.
+Memory: the whole-image buffers are x_t, cond, the ε accumulator and the inverse weight sum
+(3.33 arrays of 3 x H x W float32); tiles are processed one at a time and the DDIM update runs in
+place band by band, so nothing else grows with the image area (the bicubic condition's float64
+work buffers come and go before sampling starts).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from . import schedule
 from .bicubic import upscale_condition
 from .formulation import Formulation
 from .tiling import TileGrid, default_overlap
+
+BAND_PIXELS = 1 << 18                    # pixels per band of the in-place DDIM update
 
 Progress = Callable[[int, int], None]
 """progress(done, total): network evaluations done so far out of steps x tiles."""
@@ -74,8 +77,8 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     single = len(tiles) == 1
     eps = np.empty_like(x_t)
     t_buf = np.empty((1, 1), dtype=np.int64)
-    x0 = None
     total, done = len(timesteps) * len(tiles), 0
+    band = max(1, BAND_PIXELS // W)          # rows per DDIM-update band
 
     for i, t in enumerate(timesteps):
         group = schedule.timestep_group(int(t))
@@ -97,9 +100,17 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
             eps *= inv_wsum
         if on_step is not None:
             on_step(i, int(t), x_t, eps)
-        out = sched.step(eps, i, x_t)
-        x_t, x0 = out.prev_sample, out.pred_original_sample
+        # The DDIM update is elementwise, so it runs band by band in place: the same bits as one
+        # whole-image call, without whole-image temporaries. After the last step x_t holds x0
+        # (there abar_prev = 1, so prev_sample equals pred_original_sample anyway).
+        last = i == len(timesteps) - 1
+        for y0 in range(0, H, band):
+            rows = slice(y0, y0 + band)
+            out = sched.step(eps[:, rows], i, x_t[:, rows])
+            x_t[:, rows] = out.pred_original_sample if last else out.prev_sample
+    del eps, inv_wsum
 
-    # The last step's prediction (there abar_prev = 1, so prev_sample equals it anyway).
-    img = formulation.to_image(x0, cond)
-    return np.clip(img[:, :hr_h, :hr_w], 0, 1).astype(np.float32)
+    img = formulation.to_image(x_t[:, :hr_h, :hr_w], cond[:, :hr_h, :hr_w])
+    del x_t, cond
+    img = np.clip(img, 0, 1, out=img if img.dtype == np.float32 else None)
+    return np.ascontiguousarray(img, dtype=np.float32)      # a copy only when it was cropped
