@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# Run the bidiff device runtime as a 64-bit Raspberry Pi would, under qemu-aarch64 emulation.
+#
+#   scripts/arm64_emulate.sh [setup]            build / refresh the emulated device (idempotent)
+#   scripts/arm64_emulate.sh run -- bidiff upscale in.png -o out --artifact bidiff-rpi4
+#   scripts/arm64_emulate.sh run -- python3 -c 'import numpy; print(numpy.__version__)'
+#   scripts/arm64_emulate.sh footprint          MB installed on the device side, per component
+#   scripts/arm64_emulate.sh paths              print SYSROOT=, SITE=, TVM_RUNTIME= (for scripts)
+#
+# Everything comes from Debian and PyPI packages and is cached under $BIDIFF_ARM64_CACHE
+# (default .cache/arm64, git-ignored):
+#   sysroot/   an arm64 Debian bookworm userland with Python 3.11 (apt-get download + dpkg -x);
+#              it stands in for the Pi's own OS Python and is not part of bidiff's footprint
+#   wheels/    the aarch64 wheels a Pi's pip would pick: bidiff (built from this repo, pure
+#              Python), its pinned runtime deps (numpy, pillow, click, apache-tvm-ffi) and the
+#              apache-tvm wheel that libtvm_runtime.so is taken from
+#   device/site/                 `pip install --target` of "bidiff[tvm]" (what the Pi installs)
+#   device/lib/libtvm_runtime.so  extracted from the apache-tvm wheel, found by the runtime
+#                                 through $BIDIFF_TVM_RUNTIME (the README's Pi commands do the same)
+# The wrapper `run` maps `bidiff ...` to the console script pip wrote (bidiff.runtime.cli:main)
+# and `python3 ...` to the sysroot's python3.11; the environment is passed through.
+# Host requirements: Debian/Ubuntu with apt-get (root or sudo), python3 with pip, network to
+# Debian's and PyPI's mirrors on the first run. Installs qemu-user and the aarch64 cross
+# compiler (scripts/install_cross.sh) when missing.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${BIDIFF_ARM64_CACHE:-$REPO/.cache/arm64}"
+SYSROOT="$CACHE/sysroot"
+WHEELS="$CACHE/wheels"
+DIST="$CACHE/dist"
+DEVICE="$CACHE/device"
+SITE="$DEVICE/site"
+TVM_RUNTIME="$DEVICE/lib/libtvm_runtime.so"
+PY="${PYTHON:-python3}"
+PIP_PLATFORM=(--only-binary=:all: --platform manylinux_2_28_aarch64 --python-version 3.11
+              --implementation cp --abi cp311)
+# Python 3.11 and the libraries its stdlib extension modules link against (TVM_NOTES.md);
+# libssl3 for hashlib's OpenSSL backend (the runtime sha256-checks every artifact file).
+DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1
+      libexpat1 zlib1g libffi8 libbz2-1.0 liblzma5 libuuid1 libcrypt1 libsqlite3-0 libncursesw6
+      libtinfo6 libreadline8 libssl3)
+
+die() { echo "arm64_emulate: $*" >&2; exit 1; }
+say() { echo "arm64_emulate: $*" >&2; }
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need_apt() {
+    command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1 ||
+        die "apt-get/dpkg not found: this script needs Debian or Ubuntu (install qemu-user, gcc-aarch64-linux-gnu and an arm64 python3.11 sysroot by hand elsewhere)"
+    if [ -n "$SUDO" ] && ! command -v sudo >/dev/null 2>&1; then
+        die "not root and no sudo: run as root, or install qemu-user and gcc-aarch64-linux-gnu first (apt-get install qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"
+    fi
+}
+
+apt_updated=0
+apt_update() {
+    [ "$apt_updated" = 1 ] && return 0
+    $SUDO apt-get update -qq >"$CACHE/apt-update.log" 2>&1 ||
+        die "apt-get update failed (no network to the Debian mirror?): see $CACHE/apt-update.log"
+    apt_updated=1
+}
+
+ensure_qemu() {
+    command -v qemu-aarch64 >/dev/null 2>&1 && return 0
+    need_apt
+    say "installing qemu-user (qemu-aarch64)"
+    apt_update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >"$CACHE/apt-qemu.log" 2>&1 ||
+        die "could not install qemu-user (see $CACHE/apt-qemu.log): install it with 'apt-get install qemu-user'"
+    command -v qemu-aarch64 >/dev/null 2>&1 ||
+        die "qemu-aarch64 still missing after installing qemu-user: install it with 'apt-get install qemu-user'"
+}
+
+ensure_cross() {
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && return 0
+    need_apt
+    say "installing the aarch64 cross compiler (scripts/install_cross.sh)"
+    "$REPO/scripts/install_cross.sh" >"$CACHE/apt-cross.log" 2>&1 ||
+        die "could not install the aarch64 cross compiler (see $CACHE/apt-cross.log): run scripts/install_cross.sh"
+}
+
+ensure_sysroot() {
+    local want="${DEBS[*]}"
+    if [ -x "$SYSROOT/usr/bin/python3.11" ] && [ "$(cat "$CACHE/sysroot.ok" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    need_apt
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        say "dpkg --add-architecture arm64"
+        $SUDO dpkg --add-architecture arm64
+        apt_updated=0
+    fi
+    local debs="$CACHE/debs" pkgs=() p
+    mkdir -p "$debs"
+    for p in "${DEBS[@]}"; do pkgs+=("$p:arm64"); done
+    say "downloading ${#pkgs[@]} arm64 Debian packages for the sysroot"
+    # apt-get download needs the arm64 package lists: update once if they are missing/stale.
+    if ! (cd "$debs" && apt-get download -qq "${pkgs[@]}" >"$CACHE/apt-download.log" 2>&1); then
+        apt_update
+        (cd "$debs" && apt-get download -qq "${pkgs[@]}" >"$CACHE/apt-download.log" 2>&1) ||
+            die "apt-get download of the arm64 packages failed (no network?): see $CACHE/apt-download.log"
+    fi
+    rm -rf "$SYSROOT.tmp"
+    mkdir -p "$SYSROOT.tmp"
+    for p in "${DEBS[@]}"; do
+        local f
+        f=$(ls -t "$debs/${p}_"*_arm64.deb 2>/dev/null | head -1)
+        [ -n "$f" ] || die "package $p:arm64 was not downloaded: see $CACHE/apt-download.log"
+        dpkg -x "$f" "$SYSROOT.tmp"
+    done
+    [ -x "$SYSROOT.tmp/usr/bin/python3.11" ] || die "the arm64 sysroot has no usr/bin/python3.11"
+    # Debian ships no .pyc (postinst compiles them): do it here with the host's Python 3.11 (the
+    # same bytecode), so the emulated interpreter does not recompile the stdlib on each run.
+    if "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        "$PY" -m compileall -q -j 1 "$SYSROOT.tmp/usr/lib/python3.11" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$SYSROOT"
+    mv "$SYSROOT.tmp" "$SYSROOT"
+    echo "$want" >"$CACHE/sysroot.ok"
+}
+
+# The versions pinned in pyproject.toml (dependencies + the tvm extra) and the apache-tvm pin of
+# the export extra (libtvm_runtime.so must match the compiler that built model.so).
+pins() {
+    "$PY" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+tvm = [d for d in p["optional-dependencies"]["export"] if d.split("==")[0] == "apache-tvm"]
+print(p["version"])
+print(" ".join(p["dependencies"] + p["optional-dependencies"]["tvm"]))
+print(tvm[0] if tvm else "")
+EOF
+}
+
+ensure_device() {
+    local version deps tvm_pin lines
+    mapfile -t lines < <(pins)
+    version="${lines[0]}" deps="${lines[1]}" tvm_pin="${lines[2]:-}"
+    [ -n "$tvm_pin" ] || die "pyproject.toml pins no apache-tvm in the export extra"
+    "$PY" -m pip --version >/dev/null 2>&1 || die "$PY has no pip: install it (apt-get install python3-pip)"
+    mkdir -p "$WHEELS" "$DIST"
+
+    # 1. bidiff itself: the pure-Python wheel built from this checkout (rebuilt every time: cheap).
+    rm -f "$DIST"/bidiff-*.whl
+    "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
+        "$PY" -m pip wheel -q --no-deps -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
+        die "building the bidiff wheel failed: see $CACHE/pip-wheel.log"
+    local whl
+    whl=$(ls "$DIST"/bidiff-"$version"-*.whl | head -1)
+    local sum
+    sum="$( (echo "$deps $tvm_pin"; sha256sum "$whl" | cut -d' ' -f1) | sha256sum | cut -d' ' -f1)"
+    if [ -d "$SITE/bidiff/runtime" ] && [ -f "$TVM_RUNTIME" ] && [ "$(cat "$CACHE/device.ok" 2>/dev/null)" = "$sum" ]; then
+        return 0
+    fi
+
+    # 2. The aarch64 wheels a Pi's pip picks for "bidiff[tvm]" (the pins are the wheel's own
+    #    metadata = pyproject.toml), plus the apache-tvm wheel for libtvm_runtime.so.
+    if ! ls "$WHEELS"/apache_tvm-*aarch64*.whl >/dev/null 2>&1 || [ "$(cat "$CACHE/wheels.ok" 2>/dev/null)" != "$deps $tvm_pin" ]; then
+        say "downloading aarch64 wheels: $deps $tvm_pin"
+        "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" -d "$WHEELS" \
+            $deps >"$CACHE/pip-download.log" 2>&1 &&
+        "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" --no-deps -d "$WHEELS" \
+            "$tvm_pin" >>"$CACHE/pip-download.log" 2>&1 ||
+            die "pip download of the aarch64 wheels failed (no network to PyPI?): see $CACHE/pip-download.log"
+        echo "$deps $tvm_pin" >"$CACHE/wheels.ok"
+    fi
+
+    # 3. pip install --target, offline from those wheels: exactly `pip install "bidiff[tvm]"`.
+    say "installing bidiff[tvm] for aarch64 into $SITE"
+    rm -rf "$DEVICE.tmp"
+    mkdir -p "$DEVICE.tmp/lib"
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
+        "${PIP_PLATFORM[@]}" --target "$DEVICE.tmp/site" "bidiff[tvm] @ file://$whl" \
+        >"$CACHE/pip-install.log" 2>&1 || die "pip install --target failed: see $CACHE/pip-install.log"
+
+    # 4. libtvm_runtime.so (and nothing else) out of the aarch64 apache-tvm wheel.
+    local tvmwhl
+    tvmwhl=$(ls "$WHEELS"/apache_tvm-*aarch64*.whl | head -1)
+    "$PY" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("tvm/lib/libtvm_runtime.so"))' \
+        "$tvmwhl" "$DEVICE.tmp/lib/libtvm_runtime.so" || die "no tvm/lib/libtvm_runtime.so in $tvmwhl"
+    "$PY" - "$DEVICE.tmp/lib/libtvm_runtime.so" "$DEVICE.tmp/site"/numpy/_core/_multiarray_umath*.so <<'EOF' ||
+import sys
+for f in sys.argv[1:]:                         # ELF e_machine 183 = EM_AARCH64
+    if open(f, "rb").read(20)[18:20] != (183).to_bytes(2, "little"):
+        sys.exit(f"{f} is not an aarch64 binary")
+EOF
+        die "the device install holds non-aarch64 binaries"
+    rm -rf "$DEVICE"
+    mv "$DEVICE.tmp" "$DEVICE"
+    echo "$sum" >"$CACHE/device.ok"
+}
+
+# Optional: onnxruntime for aarch64 in its own folder (the other backend; not in the footprint of
+# the TVM install). `setup --onnxruntime`.
+ensure_onnxruntime() {
+    local ort
+    ort=$("$PY" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+print(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["onnxruntime"][0])
+EOF
+)
+    [ "$(cat "$CACHE/ort.ok" 2>/dev/null)" = "$ort" ] && [ -d "$DEVICE/site-ort/onnxruntime" ] && return 0
+    say "installing $ort for aarch64 into $DEVICE/site-ort"
+    rm -rf "$DEVICE/site-ort"
+    "$PY" -m pip install -q --disable-pip-version-check "${PIP_PLATFORM[@]}" --target "$DEVICE/site-ort" \
+        "$ort" >"$CACHE/pip-ort.log" 2>&1 || die "pip install of aarch64 $ort failed (no network?): see $CACHE/pip-ort.log"
+    echo "$ort" >"$CACHE/ort.ok"
+}
+
+setup() {
+    mkdir -p "$CACHE"
+    local t0=$SECONDS
+    ensure_qemu
+    ensure_cross
+    ensure_sysroot
+    ensure_device
+    if [ "${1:-}" = "--onnxruntime" ]; then ensure_onnxruntime; fi
+    say "ready in $((SECONDS - t0)) s: $CACHE (run: scripts/arm64_emulate.sh run -- bidiff ...)"
+}
+
+check_ready() {
+    command -v qemu-aarch64 >/dev/null 2>&1 || die "qemu-aarch64 not found: run scripts/arm64_emulate.sh setup (or apt-get install qemu-user)"
+    [ -x "$SYSROOT/usr/bin/python3.11" ] && [ -d "$SITE/bidiff" ] ||
+        die "no emulated device in $CACHE: run scripts/arm64_emulate.sh setup first"
+}
+
+run() {
+    check_ready
+    [ "${1:-}" = "--" ] && shift
+    [ $# -ge 1 ] || die "usage: scripts/arm64_emulate.sh run -- bidiff ARGS... | python3 ARGS..."
+    local cmd="$1"; shift
+    local path="$SITE"
+    [ -n "${ARM64_ONNXRUNTIME:-}" ] && path="$SITE:$DEVICE/site-ort"
+    local pre=()
+    case "$cmd" in
+        bidiff) pre=("$SITE/bin/bidiff") ;;        # the console script: bidiff.runtime.cli:main
+        python|python3|python3.11) ;;
+        *) die "run: unknown command $cmd (bidiff or python3)" ;;
+    esac
+    exec qemu-aarch64 -L "$SYSROOT" \
+        -E PYTHONHOME="$SYSROOT/usr" -E PYTHONPATH="$path" \
+        -E BIDIFF_TVM_RUNTIME="${BIDIFF_TVM_RUNTIME:-$TVM_RUNTIME}" \
+        -E LC_ALL=C.UTF-8 -E PYTHONNOUSERSITE=1 \
+        "$SYSROOT/usr/bin/python3.11" "${pre[@]}" "$@"
+}
+
+case "${1:-setup}" in
+    setup) shift || true; setup "$@" ;;
+    run) shift; run "$@" ;;
+    footprint) check_ready; "$PY" "$REPO/scripts/footprint.py" --device "$DEVICE" --sysroot "$SYSROOT" "${@:2}" ;;
+    paths) echo "CACHE=$CACHE"; echo "SYSROOT=$SYSROOT"; echo "SITE=$SITE"; echo "TVM_RUNTIME=$TVM_RUNTIME" ;;
+    -h|--help|help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command $1 (setup, run, footprint, paths)" ;;
+esac
