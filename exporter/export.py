@@ -211,7 +211,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
     tvm_mod = _tvm_backend(spec) if spec.native else None
 
     from tqdm import tqdm
-    bar = tqdm(total=4, desc="bidiff-export", unit="step", disable=not progress, leave=False)
+    bar = None        # created once the input is validated, so an error stays a single line
     try:
         writer = ArtifactWriter(out, force=force)            # refuses an existing out early
         try:
@@ -219,16 +219,15 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
         except OSError as e:
             raise ExportError(f"cannot write the artifact to {out}: {e.strerror or e}") from None
         with writer:
-            bar.set_postfix_str("loading checkpoint")
             model, cfg, ckpt_path = _load(checkpoint, config)
             from bidiff.models import set_deploy
             set_deploy(model, True)
             check_tile(tile, multiple=max(_MIN_TILE_MULTIPLE, model.input_multiple))
             if tile % cfg.scale:
                 raise ExportError(f"tile {tile} is not a multiple of the model's scale {cfg.scale}")
-            bar.total = 2 + model.dynamic_group + (1 if measure_float or float_onnx is not None else 0) \
+            total = 1 + model.dynamic_group + (1 if measure_float or float_onnx is not None else 0) \
                 + (1 if tvm_mod else 0)
-            bar.update(1)
+            bar = tqdm(total=total, desc="bidiff-export", unit="step", disable=not progress, leave=False)
 
             def step(msg: str) -> None:
                 bar.set_postfix_str(msg)
@@ -290,7 +289,8 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                      if published.is_dir() else {published.name: published.stat().st_size})
             bar.update(1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return ExportResult(path=published, manifest=manifest, file_sizes=sizes,
                         packed_binary_bytes=packed, binary_float32_bytes=as_float,
                         float_onnx_bytes=float_bytes, float_onnx_path=float_path)
