@@ -142,54 +142,63 @@ ensure_device() {
     "$PY" -m pip --version >/dev/null 2>&1 || die "$PY has no pip: install it (apt-get install python3-pip)"
     mkdir -p "$WHEELS" "$DIST"
 
-    # 1. bidiff itself: the pure-Python wheel built from this checkout (rebuilt every time: cheap).
+    # 1. bidiff itself: the pure-Python wheel built from this checkout (every time: a few seconds).
     rm -f "$DIST"/bidiff-*.whl
-    "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
-        "$PY" -m pip wheel -q --no-deps -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
+    "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$DIST" "$REPO" \
+        >"$CACHE/pip-wheel.log" 2>&1 ||
+        "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
         die "building the bidiff wheel failed: see $CACHE/pip-wheel.log"
     local whl
     whl=$(ls "$DIST"/bidiff-"$version"-*.whl | head -1)
-    local sum
-    sum="$( (echo "$deps $tvm_pin"; sha256sum "$whl" | cut -d' ' -f1) | sha256sum | cut -d' ' -f1)"
-    if [ -d "$SITE/bidiff/runtime" ] && [ -f "$TVM_RUNTIME" ] && [ "$(cat "$CACHE/device.ok" 2>/dev/null)" = "$sum" ]; then
-        return 0
-    fi
+    # the wheel's RECORD (sha256 of every file) identifies its content; zip timestamps do not
+    local record
+    record=$("$PY" -c 'import sys, zipfile, hashlib; z = zipfile.ZipFile(sys.argv[1]); print(hashlib.sha256(b"".join(z.read(n) for n in sorted(z.namelist()) if n.endswith("/RECORD"))).hexdigest())' "$whl")
 
-    # 2. The aarch64 wheels a Pi's pip picks for "bidiff[tvm]" (the pins are the wheel's own
-    #    metadata = pyproject.toml), plus the apache-tvm wheel for libtvm_runtime.so.
-    if ! ls "$WHEELS"/apache_tvm-*aarch64*.whl >/dev/null 2>&1 || [ "$(cat "$CACHE/wheels.ok" 2>/dev/null)" != "$deps $tvm_pin" ]; then
-        say "downloading aarch64 wheels: $deps $tvm_pin"
-        "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" -d "$WHEELS" \
-            $deps >"$CACHE/pip-download.log" 2>&1 &&
-        "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" --no-deps -d "$WHEELS" \
-            "$tvm_pin" >>"$CACHE/pip-download.log" 2>&1 ||
-            die "pip download of the aarch64 wheels failed (no network to PyPI?): see $CACHE/pip-download.log"
-        echo "$deps $tvm_pin" >"$CACHE/wheels.ok"
-    fi
-
-    # 3. pip install --target, offline from those wheels: exactly `pip install "bidiff[tvm]"`.
-    say "installing bidiff[tvm] for aarch64 into $SITE"
-    rm -rf "$DEVICE.tmp"
-    mkdir -p "$DEVICE.tmp/lib"
-    "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
-        "${PIP_PLATFORM[@]}" --target "$DEVICE.tmp/site" "bidiff[tvm] @ file://$whl" \
-        >"$CACHE/pip-install.log" 2>&1 || die "pip install --target failed: see $CACHE/pip-install.log"
-
-    # 4. libtvm_runtime.so (and nothing else) out of the aarch64 apache-tvm wheel.
-    local tvmwhl
-    tvmwhl=$(ls "$WHEELS"/apache_tvm-*aarch64*.whl | head -1)
-    "$PY" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("tvm/lib/libtvm_runtime.so"))' \
-        "$tvmwhl" "$DEVICE.tmp/lib/libtvm_runtime.so" || die "no tvm/lib/libtvm_runtime.so in $tvmwhl"
-    "$PY" - "$DEVICE.tmp/lib/libtvm_runtime.so" "$DEVICE.tmp/site"/numpy/_core/_multiarray_umath*.so <<'EOF' ||
+    # 2. The runtime's dependencies, once per set of pins: the aarch64 wheels a Pi's pip picks for
+    #    "bidiff[tvm]" (the pins are the wheel's own metadata = pyproject.toml), and
+    #    libtvm_runtime.so (only that file) out of the aarch64 apache-tvm wheel.
+    if ! [ -d "$SITE" ] || ! [ -f "$TVM_RUNTIME" ] || [ "$(cat "$CACHE/device.ok" 2>/dev/null)" != "$deps $tvm_pin" ]; then
+        if ! ls "$WHEELS"/apache_tvm-*aarch64*.whl >/dev/null 2>&1 || [ "$(cat "$CACHE/wheels.ok" 2>/dev/null)" != "$deps $tvm_pin" ]; then
+            say "downloading aarch64 wheels: $deps $tvm_pin"
+            "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" -d "$WHEELS" \
+                $deps >"$CACHE/pip-download.log" 2>&1 &&
+            "$PY" -m pip download -q --disable-pip-version-check "${PIP_PLATFORM[@]}" --no-deps -d "$WHEELS" \
+                "$tvm_pin" >>"$CACHE/pip-download.log" 2>&1 ||
+                die "pip download of the aarch64 wheels failed (no network to PyPI?): see $CACHE/pip-download.log"
+            echo "$deps $tvm_pin" >"$CACHE/wheels.ok"
+        fi
+        say "installing bidiff[tvm] for aarch64 into $SITE"
+        rm -rf "$DEVICE.tmp"
+        mkdir -p "$DEVICE.tmp/lib"
+        # offline from those wheels: exactly `pip install "bidiff[tvm]"` on the Pi
+        "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
+            "${PIP_PLATFORM[@]}" --target "$DEVICE.tmp/site" "bidiff[tvm] @ file://$whl" \
+            >"$CACHE/pip-install.log" 2>&1 || die "pip install --target failed: see $CACHE/pip-install.log"
+        local tvmwhl
+        tvmwhl=$(ls "$WHEELS"/apache_tvm-*aarch64*.whl | head -1)
+        "$PY" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("tvm/lib/libtvm_runtime.so"))' \
+            "$tvmwhl" "$DEVICE.tmp/lib/libtvm_runtime.so" || die "no tvm/lib/libtvm_runtime.so in $tvmwhl"
+        "$PY" - "$DEVICE.tmp/lib/libtvm_runtime.so" "$DEVICE.tmp/site"/numpy/_core/_multiarray_umath*.so <<'EOF' ||
 import sys
 for f in sys.argv[1:]:                         # ELF e_machine 183 = EM_AARCH64
     if open(f, "rb").read(20)[18:20] != (183).to_bytes(2, "little"):
         sys.exit(f"{f} is not an aarch64 binary")
 EOF
-        die "the device install holds non-aarch64 binaries"
-    rm -rf "$DEVICE"
-    mv "$DEVICE.tmp" "$DEVICE"
-    echo "$sum" >"$CACHE/device.ok"
+            die "the device install holds non-aarch64 binaries"
+        rm -rf "$DEVICE"
+        mv "$DEVICE.tmp" "$DEVICE"
+        echo "$deps $tvm_pin" >"$CACHE/device.ok"
+        echo "$record" >"$CACHE/bidiff.ok"
+    fi
+
+    # 3. A changed checkout: replace only bidiff (same command a Pi user runs to update).
+    if [ "$(cat "$CACHE/bidiff.ok" 2>/dev/null)" != "$record" ]; then
+        say "updating bidiff in $SITE"
+        "$PY" -m pip install -q --disable-pip-version-check --no-deps --upgrade "${PIP_PLATFORM[@]}" \
+            --target "$SITE" "$whl" >"$CACHE/pip-install.log" 2>&1 ||
+            die "pip install --target of the bidiff wheel failed: see $CACHE/pip-install.log"
+        echo "$record" >"$CACHE/bidiff.ok"
+    fi
 }
 
 # Optional: onnxruntime for aarch64 in its own folder (the other backend; not in the footprint of
@@ -209,12 +218,35 @@ EOF
     echo "$ort" >"$CACHE/ort.ok"
 }
 
+# qemu-user 7.2 (Debian bookworm) shows the guest the HOST's /proc/cpuinfo (x86 flags), so the
+# runtime's target check would refuse every arm64 artifact ("needs CPU features ... (asimd)").
+# qemu resolves a guest's absolute paths inside -L first, so $SYSROOT/proc/cpuinfo is what the
+# guest reads: the text a Raspberry Pi 4 (64-bit OS) or 5 shows. ARM64_CPU=rpi4 (default) | rpi5.
+write_cpuinfo() {
+    local feats part
+    case "${ARM64_CPU:-rpi4}" in
+        rpi4) feats="fp asimd evtstrm crc32 cpuid"; part=0xd08 ;;
+        rpi5) feats="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"; part=0xd0b ;;
+        *) die "ARM64_CPU must be rpi4 or rpi5" ;;
+    esac
+    local text="" i
+    for i in 0 1 2 3; do
+        text+=$(printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: %s\nCPU revision\t: 1\n\n' "$i" "$feats" "$part")
+        text+=$'\n\n'
+    done
+    mkdir -p "$SYSROOT/proc"
+    if [ "$(cat "$SYSROOT/proc/cpuinfo" 2>/dev/null)" != "$(printf '%s' "$text")" ]; then
+        printf '%s' "$text" >"$SYSROOT/proc/cpuinfo.tmp" && mv "$SYSROOT/proc/cpuinfo.tmp" "$SYSROOT/proc/cpuinfo"
+    fi
+}
+
 setup() {
     mkdir -p "$CACHE"
     local t0=$SECONDS
     ensure_qemu
     ensure_cross
     ensure_sysroot
+    write_cpuinfo
     ensure_device
     if [ "${1:-}" = "--onnxruntime" ]; then ensure_onnxruntime; fi
     say "ready in $((SECONDS - t0)) s: $CACHE (run: scripts/arm64_emulate.sh run -- bidiff ...)"
@@ -228,6 +260,7 @@ check_ready() {
 
 run() {
     check_ready
+    write_cpuinfo
     [ "${1:-}" = "--" ] && shift
     [ $# -ge 1 ] || die "usage: scripts/arm64_emulate.sh run -- bidiff ARGS... | python3 ARGS..."
     local cmd="$1"; shift
