@@ -45,7 +45,9 @@ def _model(with_threshold: bool = True):
     init("slope", np.full((C, 1, 1), 0.25, np.float32))
     nodes.append(helper.make_node("Add", ["h1", "b"], ["h2"]))
     nodes.append(helper.make_node("PRelu", ["h2", "slope"], ["h3"]))
-    nodes.append(helper.make_node("Add", ["h3", "h0"], ["h4"]))          # identity shortcut
+    init("b1", rng.standard_normal((1, C, 1, 1)).astype(np.float32))
+    nodes.append(helper.make_node("Add", ["b1", "h3"], ["h3b"]))         # operands swapped
+    nodes.append(helper.make_node("Add", ["h3b", "h0"], ["h4"]))         # identity shortcut
     w2 = rng.standard_normal((48, C, 1, 1)).astype(np.float32)
     init("w2p", pack_weights(w2))
     init("s2", (rng.random(48) + 0.5).astype(np.float32))
@@ -77,17 +79,21 @@ def _numpy_forward(model, x):
     h1 = binary_conv2d_reference(h0, p["w1p"], p["s1"], channels=C, kernel=3, threshold=p["t1"])
     h2 = h1 + p["b"]
     h3 = np.where(h2 >= 0, h2, p["slope"][None] * h2)
-    h4 = h3 + h0
+    h4 = h3 + p["b1"] + h0
     return binary_conv2d_reference(h4, p["w2p"], p["s2"], channels=C, kernel=1)
+
+
+def _compile(model, **kw):
+    target = host_target()
+    mod, selected = from_onnx(model, target=target, **kw)
+    ex = tvm.compile(mod, target=target)
+    return tvm.relax.VirtualMachine(ex, tvm.cpu()), selected
 
 
 @pytest.fixture(scope="module")
 def compiled():
     model = _model()
-    target = host_target()
-    mod, selected = from_onnx(model, target=target)
-    ex = tvm.compile(mod, target=target)
-    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    vm, selected = _compile(model)
     return model, vm, selected
 
 
@@ -96,7 +102,8 @@ def test_converter_selects_host_variant(compiled):
     variant = select_variant(host_target())
     assert variant in (KernelVariant.X86_AVX512, KernelVariant.X86_AVX2)
     assert [v for _, v in selected] == [variant, variant]
-    assert selected[0][0].endswith("_c32_f32_h12_w20_k3")
+    # TaA (Add, PRelu, Add) and the shortcut Add run in the kernel's epilogue
+    assert selected[0][0].endswith("_c32_f32_h12_w20_k3_rprelu_res")
     assert selected[1][0].endswith("_c32_f48_h12_w20_k1")
 
 
@@ -114,6 +121,16 @@ def test_compiled_graph_matches_onnxruntime_and_reference(compiled):
     # a sign bit would show up as a jump of 2*scale, far above this tolerance.
     np.testing.assert_allclose(got, ref_ort, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got, ref_np, rtol=1e-4, atol=1e-4)
+
+
+def test_unfused_epilogue_gives_the_same_result(compiled):
+    model, vm, _ = compiled
+    vm2, selected = _compile(model, fuse_epilogues=False)
+    assert selected[0][0].endswith("_k3")
+    x = np.random.default_rng(1).standard_normal((1, 3, H, W)).astype(np.float32)
+    a = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    b = vm2["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_threshold_input_is_optional():

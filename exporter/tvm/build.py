@@ -79,8 +79,8 @@ class _ShareGlobals(relax.PyExprMutator):
     def visit_global_var_(self, op):
         return self.gvars.get(op.name_hint, op)
 
-    def visit_constant_(self, op):
-        arr = op.data.numpy()
+    def visit_generic_const_(self, op):
+        arr = op.value.numpy()
         key = (str(arr.dtype), arr.shape, hashlib.sha256(np.ascontiguousarray(arr).tobytes())
                .hexdigest())
         if key not in self.consts:

@@ -49,8 +49,66 @@ def _static_shape(expr: relax.Expr, what: str) -> tuple[int, ...]:
 
 def kernel_name(shape: BinaryConvShape, variant: KernelVariant) -> str:
     """Global symbol of the kernel for ``shape``: one PrimFunc per distinct layer shape."""
+    epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "")
     return (f"bidiff_bconv_{variant.value}_c{shape.channels}_f{shape.filters}"
-            f"_h{shape.height}_w{shape.width}_k{shape.kernel}")
+            f"_h{shape.height}_w{shape.width}_k{shape.kernel}{epi}")
+
+
+def _flat_param(expr: relax.Expr, f: int, what: str) -> relax.Expr:
+    """A per-output-channel parameter ([1,F,1,1], [F,1,1], [F] or one value) as an f32 [F]."""
+    if isinstance(expr, tvm.ir.expr.Constant):
+        arr = np.asarray(expr.value.numpy(), np.float32).reshape(-1)
+        if arr.size == 1:
+            arr = np.repeat(arr, f)
+        if arr.size != f:
+            raise ValueError(f"BinaryConv2d epilogue: {what} has {arr.size} values, expected {f}")
+        return relax.const(np.ascontiguousarray(arr))
+    size = int(np.prod(_static_shape(expr, what)))
+    if size != f:
+        raise ValueError(f"BinaryConv2d epilogue: {what} has {size} values, expected {f}")
+    return relax.op.reshape(expr, (f,))
+
+
+def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
+    target = _TARGET.get()
+    if target is None:
+        raise RuntimeError("BinaryConv2d needs a compile target: import the model with "
+                           "bidiff.exporter.tvm.frontend.from_onnx(model, target=...)")
+    if len(inputs) < 3:
+        raise ValueError(f"BinaryConv2d takes X, W_packed, scale[, threshold]; got "
+                         f"{len(inputs)} inputs")
+    x, w, scale = inputs[0], inputs[1], inputs[2]
+    thr = inputs[3] if len(inputs) > 3 else None
+    kernel = int(attr.get("kernel", 3))
+    channels = int(attr["channels"]) if "channels" in attr else None
+    pad = int(attr.get("pad", kernel // 2))
+    stride = int(attr.get("stride", 1))
+    n, c, h, wd = _static_shape(x, "X")
+    f, kh, kw, nw = _static_shape(w, "W_packed")
+    if channels is not None and channels != c:
+        raise ValueError(f"BinaryConv2d: attribute channels={channels} but X has {c}")
+    if stride != 1 or pad != kernel // 2:
+        raise NotImplementedError(f"BinaryConv2d: only stride 1 with 'same' padding is "
+                                  f"compiled (got stride={stride}, pad={pad}, kernel={kernel})")
+    if (kh, kw) != (kernel, kernel) or nw != num_words(c) or n != 1:
+        raise ValueError(f"BinaryConv2d: W_packed {(f, kh, kw, nw)} does not fit kernel "
+                         f"{kernel} and {c} channels (batch {n})")
+    if w.ty.dtype != "uint32":
+        raise ValueError(f"BinaryConv2d: W_packed must be uint32, got {w.ty.dtype}")
+    if thr is None:
+        thr = relax.const(np.zeros((c,), np.float32))
+    args = [x, w, scale, thr]
+    if epilogue == "rprelu":
+        args += [_flat_param(e, f, nm) for e, nm in zip(inputs[4:7], ("bias0", "slope", "bias1"))]
+    shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel,
+                            epilogue=epilogue, residual=residual)
+    variant = select_variant(target)
+    name = kernel_name(shape, variant)
+    gvar = _lookup_or_add(bb, name, lambda: binary_conv_primfunc(shape, variant, name=name))
+    selected = _SELECTED.get()
+    if selected is not None:
+        selected.append((name, variant))
+    return relax.call_tir(gvar, args, out_ty=relax.TensorType((n, f, h, wd), "float32"))
 
 
 class BinaryConv2d(onnx_frontend.OnnxOpConverter):
@@ -58,42 +116,85 @@ class BinaryConv2d(onnx_frontend.OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        target = _TARGET.get()
-        if target is None:
-            raise RuntimeError("BinaryConv2d needs a compile target: import the model with "
-                               "bidiff.exporter.tvm.frontend.from_onnx(model, target=...)")
-        if len(inputs) < 3:
-            raise ValueError(f"BinaryConv2d takes X, W_packed, scale[, threshold]; got "
-                             f"{len(inputs)} inputs")
-        x, w, scale = inputs[0], inputs[1], inputs[2]
-        thr = inputs[3] if len(inputs) > 3 else None
-        kernel = int(attr.get("kernel", 3))
-        channels = int(attr["channels"]) if "channels" in attr else None
-        pad = int(attr.get("pad", kernel // 2))
-        stride = int(attr.get("stride", 1))
-        n, c, h, wd = _static_shape(x, "X")
-        f, kh, kw, nw = _static_shape(w, "W_packed")
-        if channels is not None and channels != c:
-            raise ValueError(f"BinaryConv2d: attribute channels={channels} but X has {c}")
-        if stride != 1 or pad != kernel // 2:
-            raise NotImplementedError(f"BinaryConv2d: only stride 1 with 'same' padding is "
-                                      f"compiled (got stride={stride}, pad={pad}, kernel={kernel})")
-        if (kh, kw) != (kernel, kernel) or nw != num_words(c) or n != 1:
-            raise ValueError(f"BinaryConv2d: W_packed {(f, kh, kw, nw)} does not fit kernel "
-                             f"{kernel} and {c} channels (batch {n})")
-        if w.ty.dtype != "uint32":
-            raise ValueError(f"BinaryConv2d: W_packed must be uint32, got {w.ty.dtype}")
-        if thr is None:
-            thr = relax.const(np.zeros((c,), np.float32))
-        shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel)
-        variant = select_variant(target)
-        name = kernel_name(shape, variant)
-        gvar = _lookup_or_add(bb, name, lambda: binary_conv_primfunc(shape, variant, name=name))
-        selected = _SELECTED.get()
-        if selected is not None:
-            selected.append((name, variant))
-        return relax.call_tir(gvar, [x, w, scale, thr],
-                              out_ty=relax.TensorType((n, f, h, wd), "float32"))
+        return _convert(bb, inputs, attr, epilogue="none", residual=False)
+
+
+class BinaryConv2dRPReLU(onnx_frontend.OnnxOpConverter):
+    """Internal ``BinaryConv2d`` + TaA RPReLU (+ identity shortcut), written only by
+    :func:`fuse_binary_epilogues` for the import; never part of an exported graph."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _convert(bb, inputs, attr, epilogue="rprelu",
+                        residual=bool(int(attr.get("residual", 0))))
+
+
+FUSED_OP = "BinaryConv2dRPReLU"
+FUSED_DOMAIN = "bidiff.tvm"
+
+
+def fuse_binary_epilogues(model):
+    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)]`` chains (TaA
+    after a binary conv, then the BIConv shortcut) into one internal node, so the kernel applies
+    them in its epilogue. b0 / slope / b1 must be initializers; intermediate results must have
+    no other consumer. Returns (new model, number of chains fused); ``model`` is not modified.
+    """
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+
+    def only_consumer(name):
+        cs = consumers.get(name, [])
+        return cs[0] if len(cs) == 1 and name not in outputs else None
+
+    def other(node, name):
+        a, b = node.input
+        return b if a == name else a if b == name else None
+
+    remove, replace = set(), {}
+    for node in g.node:
+        if node.op_type != OP_NAME or len(node.input) != 4:
+            continue
+        x = node.input[0]
+        add0 = only_consumer(node.output[0])
+        if add0 is None or add0.op_type != "Add" or other(add0, node.output[0]) not in inits:
+            continue
+        prelu = only_consumer(add0.output[0])
+        if prelu is None or prelu.op_type != "PRelu" or prelu.input[0] != add0.output[0] \
+                or prelu.input[1] not in inits:
+            continue
+        add1 = only_consumer(prelu.output[0])
+        if add1 is None or add1.op_type != "Add" or other(add1, prelu.output[0]) not in inits:
+            continue
+        chain, last, residual = [add0, prelu, add1], add1, 0
+        add2 = only_consumer(add1.output[0])
+        if add2 is not None and add2.op_type == "Add" and other(add2, add1.output[0]) == x:
+            chain.append(add2)
+            last, residual = add2, 1
+        fused = onnx.helper.make_node(
+            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1],
+                       other(add1, prelu.output[0])], [last.output[0]],
+            name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
+        fused.attribute.extend(node.attribute)
+        fused.attribute.append(onnx.helper.make_attribute("residual", residual))
+        replace[id(node)] = fused
+        remove.update(id(c) for c in chain)
+    if not replace:
+        return m, 0
+    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in remove]
+    del g.node[:]
+    g.node.extend(nodes)
+    if all(o.domain != FUSED_DOMAIN for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid(FUSED_DOMAIN, 1))
+    return m, len(replace)
 
 
 def _lookup_or_add(bb: relax.BlockBuilder, name: str, make) -> tvm.ir.GlobalVar:
@@ -117,6 +218,7 @@ def install() -> None:
     def _get_convert_map():
         table = _ORIGINAL_MAP()
         table[OP_NAME] = BinaryConv2d
+        table[FUSED_OP] = BinaryConv2dRPReLU
         return table
 
     onnx_frontend._get_convert_map = _get_convert_map
@@ -132,14 +234,19 @@ def _import_context(target: tvm.target.Target, selected: list):
         _SELECTED.reset(t2)
 
 
-def from_onnx(model, *, target: tvm.target.Target, **kwargs) -> tuple[tvm.IRModule, list]:
+def from_onnx(model, *, target: tvm.target.Target, fuse_epilogues: bool = True,
+              **kwargs) -> tuple[tvm.IRModule, list]:
     """Import ``model`` (``onnx.ModelProto``) into Relax with BinaryConv2d kernels for ``target``.
 
+    ``fuse_epilogues`` (default True): TaA's RPReLU and the identity shortcut after a binary conv
+    run in the kernel's epilogue (:func:`fuse_binary_epilogues`) instead of separate passes.
     Returns ``(module, selected)`` where ``selected`` lists ``(kernel name, KernelVariant)`` for
-    each BinaryConv2d node, so callers and tests can see which schedule was used.
+    each binary conv, so callers and tests can see which schedule was used.
     ``kwargs`` go to ``tvm.relax.frontend.onnx.from_onnx`` (e.g. ``shape_dict``).
     """
     install()
+    if fuse_epilogues:
+        model, _ = fuse_binary_epilogues(model)
     selected: list = []
     with _import_context(target, selected):
         mod = onnx_frontend.from_onnx(model, **kwargs)
