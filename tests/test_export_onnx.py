@@ -198,3 +198,12 @@ def test_reexport_is_byte_identical_and_float_export_matches(tmp_path) -> None:
     got_f = _session(fl[2]).run(None, feeds)[0]
     got_b = _session(a[2]).run(None, feeds)[0]
     np.testing.assert_allclose(got_f, got_b, rtol=0, atol=TOL)
+
+
+def test_tie_check_is_not_vacuous(tmp_path) -> None:
+    """A wrong expert (group 1's graph fed a group-0 timestep) must not pass as 'ties'."""
+    model = _model("tiny-binary")
+    path = write_onnx_graphs(model, tmp_path, tile=TILE, groups=[1], check=False)[1]
+    feeds = _inputs(seed=0, t=100)                            # t = 100 -> torch uses group 0
+    rows = _binary_inputs(model, path, feeds, 1)
+    assert any(r[2] for r in rows) and not _explained_by_ties(rows)
