@@ -142,11 +142,15 @@ ensure_device() {
     "$PY" -m pip --version >/dev/null 2>&1 || die "$PY has no pip: install it (apt-get install python3-pip)"
     mkdir -p "$WHEELS" "$DIST"
 
-    # 1. bidiff itself: the pure-Python wheel built from this checkout (every time: a few seconds).
-    rm -f "$DIST"/bidiff-*.whl
-    "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$DIST" "$REPO" \
+    # 1. bidiff itself: the pure-Python wheel of this checkout (every time: a few seconds), built
+    #    from a copy so that setuptools' build files never land in the checkout.
+    rm -rf "$DIST" "$CACHE/src"
+    mkdir -p "$DIST" "$CACHE/src"
+    (cd "$REPO" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md \
+        runtime exporter models) | tar -xf - -C "$CACHE/src" || die "cannot copy the sources to $CACHE/src"
+    "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$DIST" "$CACHE/src" \
         >"$CACHE/pip-wheel.log" 2>&1 ||
-        "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$DIST" "$REPO" >"$CACHE/pip-wheel.log" 2>&1 ||
+        "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$DIST" "$CACHE/src" >"$CACHE/pip-wheel.log" 2>&1 ||
         die "building the bidiff wheel failed: see $CACHE/pip-wheel.log"
     local whl
     whl=$(ls "$DIST"/bidiff-"$version"-*.whl | head -1)
