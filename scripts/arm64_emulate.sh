@@ -44,7 +44,7 @@ DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstd
 die() { echo "arm64_emulate: $*" >&2; exit 1; }
 say() { echo "arm64_emulate: $*" >&2; }
 SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if [ "${EUID:-0}" -ne 0 ]; then SUDO="sudo"; fi
 
 need_apt() {
     command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1 ||
