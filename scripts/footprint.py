@@ -41,9 +41,11 @@ def site_components(site: Path) -> dict[str, int]:
     return out
 
 
-def bidiff_runtime_only(site: Path) -> int:
-    """What the device actually imports of bidiff (runtime/), without the exporter/models sources."""
-    return tree_bytes(site / "bidiff" / "runtime")
+def bidiff_parts(site: Path) -> dict[str, int]:
+    """bidiff's subpackages: the device imports only runtime/ (models/ holds the shipped training
+    checkpoint, exporter/ the export code; both come with the one wheel)."""
+    root = site / "bidiff"
+    return {d.name: tree_bytes(d) for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
 
 
 def mb(n: int) -> str:
@@ -63,7 +65,7 @@ def main() -> int:
     comps["libtvm_runtime.so"] = tree_bytes(lib) if lib.exists() else 0
     total = sum(comps.values())
     report = {"components": comps, "total": total,
-              "bidiff_runtime_package": bidiff_runtime_only(a.device / "site")}
+              "bidiff_parts": bidiff_parts(a.device / "site")}
     if a.sysroot and a.sysroot.is_dir():
         report["sysroot"] = tree_bytes(a.sysroot)
     arts = {}
@@ -76,16 +78,16 @@ def main() -> int:
         return 0
     print("device install (pip install --target of bidiff[tvm] + libtvm_runtime.so):")
     for k, v in sorted(comps.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:<22} {mb(v)}")
+        print(f"  {k:<32} {mb(v)}")
     print(f"  {'total':<22} {mb(total)}")
-    print(f"  (of bidiff: runtime/ {mb(report['bidiff_runtime_package']).strip()}; the rest is "
-          "exporter/models source the device never imports)")
+    parts = ", ".join(f"{k}/ {v / 1e6:.2f}" for k, v in report["bidiff_parts"].items())
+    print(f"  (bidiff in MB: {parts}; the device imports only runtime/)")
     if "sysroot" in report:
         print(f"emulated OS (Debian arm64 python3.11 sysroot, not part of the footprint): {mb(report['sysroot']).strip()}")
     for k, v in arts.items():
         print(f"artifact {k}: {mb(v['total']).strip()}")
         for f, n in v["files"].items():
-            print(f"  {f:<22} {mb(n)}")
+            print(f"  {f:<32} {mb(n)}")
     return 0
 
 
