@@ -133,6 +133,13 @@ def test_bidiff_upscale_under_qemu_equals_x86(target, artifacts, image, x86_png,
                              f"max {int(diff.max())} levels")
 
 
+def test_bidiff_info_under_qemu(artifacts):
+    """README's check on the Pi: checksums intact and the target fits (the emulated Pi 4)."""
+    r = emu("bidiff", "info", str(artifacts["rpi4"]), what="emulated bidiff info (rpi4)")
+    assert "target fits this machine" in r.stdout, r.stdout
+    assert "model.so" in r.stdout and "modified" not in r.stdout
+
+
 FLOAT_SCRIPT = r"""
 import sys, numpy as np
 from bidiff import runtime
