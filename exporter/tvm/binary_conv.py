@@ -202,6 +202,9 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
     return [x, w32, scale, thr, *extra], out
 
 
+MIN_PARALLEL_WORK = 65536
+
+
 def _pick_divisor(n: int, prefs: tuple[int, ...]) -> int:
     for d in prefs:
         if n % d == 0:
@@ -220,11 +223,15 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     ob = _pick_divisor(shape.filters, tuple(d for d in (ob, 8, 4, 2) if d <= ob))
     tile_x = vec * nvec
     sch = s_tir.Schedule(func)
+    # small layers (the low-resolution levels of a tile) run on one thread: waking the pool
+    # costs more than ~64K word operations
+    work = (shape.filters * shape.height * shape.width * shape.kernel ** 2 * shape.words)
+    par = sch.parallel if work >= MIN_PARALLEL_WORK else (lambda loop: None)
 
     # pack: parallel over (n, word, row), vectorised over columns
     blk = sch.get_sblock("pack")
     n, wd, y, xx = sch.get_loops(blk)
-    sch.parallel(sch.fuse(n, wd, y))
+    par(sch.fuse(n, wd, y))
     pv = _pick_divisor(shape.width, (16, 8, 4))
     if pv > 1:
         _, xv = sch.split(xx, [None, pv])
@@ -236,11 +243,11 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
         pad = None
     if pad is not None:
         n, wd, y, xx = sch.get_loops(pad)
-        sch.parallel(sch.fuse(n, wd, y))
+        par(sch.fuse(n, wd, y))
 
     if shape.word_bits == 64:
         wblk = sch.get_sblock("wpack64")
-        sch.parallel(sch.fuse(*sch.get_loops(wblk)))
+        sch.fuse(*sch.get_loops(wblk))       # F*k*k*words: tiny, one thread
 
     conv = sch.get_sblock("bconv")
     n, f, y, xx, rw, ry, rx = sch.get_loops(conv)
@@ -248,7 +255,7 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     xo, xi, xv = sch.split(xx, [None, nvec, vec])
     sch.reorder(n, y, xo, fo, rw, ry, rx, fi, xi, xv)
     outer = sch.fuse(n, y, xo)
-    sch.parallel(outer)
+    par(outer)
     sch.set_scope(conv, 0, "local")
     epi = sch.get_sblock("epilogue")
     sch.reverse_compute_at(epi, fo)

@@ -93,11 +93,28 @@ def _inline_spatial_producers(sch: s_tir.Schedule, keep=()) -> None:
             pass
 
 
+# Below this many output elements a block runs on one thread: waking the pool costs more than
+# the work (parameter reshapes, ones/zeros, per-channel vectors, the timestep MLP's vectors).
+MIN_PARALLEL_ELEMENTS = 16384
+
+
+def _work(sch: s_tir.Schedule, loops) -> int | None:
+    total = 1
+    for lp in loops:
+        ext = _extent(sch, lp)
+        if ext is None:
+            return None
+        total *= ext
+    return total
+
+
 def _parallel_vectorize(sch: s_tir.Schedule, blk, lanes: int) -> None:
     """Spatial block: fuse the outer loops in parallel, vectorise the innermost by ``lanes``."""
     loops = sch.get_loops(blk)
     if not loops:
         return
+    work = _work(sch, loops)
+    serial = work is not None and work < MIN_PARALLEL_ELEMENTS
     inner = loops[-1]
     ext = _extent(sch, inner)
     outer = loops[:-1]
@@ -105,9 +122,7 @@ def _parallel_vectorize(sch: s_tir.Schedule, blk, lanes: int) -> None:
         io, iv = sch.split(inner, [None, lanes])
         outer = [*outer, io]
         sch.vectorize(iv)
-    elif ext is not None and ext <= 64 and len(loops) == 1:
-        pass
-    if outer:
+    if outer and not serial:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
 
@@ -123,6 +138,9 @@ def _parallel_reduction(sch: s_tir.Schedule, blk) -> None:
         n_spatial += 1
     spatial = loops[:n_spatial]
     if not spatial:
+        return
+    work = _work(sch, loops)
+    if work is not None and work < MIN_PARALLEL_ELEMENTS:
         return
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     ext = _extent(sch, fused)
