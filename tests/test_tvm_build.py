@@ -44,7 +44,8 @@ def test_library_interface(library):
     assert library.path.is_file()
     assert library.functions == {k: f"group_{k}" for k in GROUPS}
     assert library.inputs == ("x_t", "cond", "t") and library.outputs == ("eps",)
-    assert library.triple == "x86_64-linux-gnu"
+    assert library.triple == "x86_64-linux-gnu" and "avx2" in library.features
+    assert library.versions["apache-tvm"].startswith("0.27")
     assert library.kernels and all(v in ("x86_avx512", "x86_avx2") for v in library.kernels.values())
 
 

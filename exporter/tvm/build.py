@@ -54,6 +54,31 @@ class LibraryInfo:
     mcpu: str
     mattr: tuple[str, ...]
     kernels: dict[str, str] = field(default_factory=dict)   # binary kernel -> variant
+    features: tuple[str, ...] = ()                  # CPU features the code relies on
+    versions: dict[str, str] = field(default_factory=dict)   # apache-tvm, apache-tvm-ffi
+
+
+# The CPU features worth recording in a manifest (what the schedules select on / LLVM uses for
+# the vector code); the full LLVM list is long and mostly irrelevant.
+_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vpopcntdq", "popcnt",
+             "neon", "dotprod", "fp-armv8")
+
+
+def target_features(target: tvm.target.Target) -> tuple[str, ...]:
+    """The relevant CPU features of ``target`` (sorted), for the manifest and host checks."""
+    return tuple(sorted(f for f in _FEATURES
+                        if tvm.target.codegen.target_has_features(f, target)))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for dist in ("apache-tvm", "apache-tvm-ffi"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
 
 
 def check_cross_compiler(spec: TargetSpec) -> str | None:
@@ -159,4 +184,5 @@ def build_library(onnx_model_paths: dict[int, str | os.PathLike], target: Target
             os.unlink(tmp)
     return LibraryInfo(path=out, functions={k: group_function(k) for k in sorted(onnx_model_paths)},
                        inputs=inputs, outputs=outputs, triple=str(tgt.attrs["mtriple"]),
-                       mcpu=str(tgt.attrs["mcpu"]), mattr=tuple(target.mattr), kernels=kernels)
+                       mcpu=str(tgt.attrs["mcpu"]), mattr=tuple(target.mattr), kernels=kernels,
+                       features=target_features(tgt), versions=_versions())
