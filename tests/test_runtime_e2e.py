@@ -142,16 +142,19 @@ def test_tvm_matches_pytorch_step_by_step(exported, tmp_path: Path) -> None:
 PSNR_DUMP = """
 import sys, numpy as np
 from bidiff import runtime
-up = runtime.load(sys.argv[1], backend=sys.argv[2])
-img = np.load(sys.argv[3])
-np.save(sys.argv[4], up.upscale(img.astype(np.float32), steps=50, seed=0))
+img = np.load(sys.argv[2]).astype(np.float32)
+for i, backend in enumerate(sys.argv[3].split(",")):
+    up = runtime.load(sys.argv[1], backend=backend)
+    np.save(f"{sys.argv[4]}_{backend}.npy", up.upscale(img, steps=50, seed=0))
 """
 
 
 @pytest.mark.slow
 def test_shipped_model_psnr_vs_pytorch(tmp_path: Path) -> None:
-    """The shipped model on a real photo (the bundled sample, 64x64 centre crop -> one 128 tile):
-    runtime output vs the PyTorch reference sampler on the same noise, PSNR >= 35 dB."""
+    """The shipped model on a real photo (the bundled sample, 32x32 crop around the eyes -> one
+    64 tile), 50 steps: each backend's output vs the PyTorch reference sampler on the same
+    noise, PSNR >= 35 dB (measured here: TVM x86_64 35.9 dB; binary sign flips between float
+    kernels compound over the 50 steps, so this is far from bit-exact by nature)."""
     import subprocess
     import sys
     from PIL import Image
@@ -160,25 +163,28 @@ def test_shipped_model_psnr_vs_pytorch(tmp_path: Path) -> None:
     if not Path(SHIPPED_CHECKPOINT).is_file():
         pytest.skip("the shipped checkpoint is not installed")
     sample_png = Path(runtime.__file__).parent / "samples" / "astronaut_128.png"
-    photo = np.asarray(Image.open(sample_png).convert("RGB"))[32:96, 32:96] / np.float32(255)
+    photo = np.asarray(Image.open(sample_png).convert("RGB"))[40:72, 48:80] / np.float32(255)
     np.save(tmp_path / "photo.npy", photo)
     native = {"x86_64": "x86_64", "aarch64": "arm64"}.get(host_info().arch)
     has_tvm = native is not None and __import__("importlib.util").util.find_spec("tvm") is not None
-    target, backend = (native, "tvm") if has_tvm else ("onnx", "onnxruntime")
-    art = exporter.export_artifact(None, target=target, out=tmp_path / "shipped", tile=128,
+    target, backends = (native, ["tvm", "onnxruntime"]) if has_tvm else ("onnx", ["onnxruntime"])
+    art = exporter.export_artifact(None, target=target, out=tmp_path / "shipped", tile=64,
                                    progress=False, measure_float=False).path
-    r = subprocess.run([sys.executable, "-c", PSNR_DUMP, str(art), backend, str(tmp_path / "photo.npy"),
-                        str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([sys.executable, "-c", PSNR_DUMP, str(art), str(tmp_path / "photo.npy"),
+                        ",".join(backends), str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = np.load(tmp_path / "out.npy")
     model, cfg = load_checkpoint(SHIPPED_CHECKPOINT)
     set_deploy(model, True)
     model.eval()
     lr = np.ascontiguousarray(np.moveaxis(photo, -1, 0), dtype=np.float32)
-    noise = np.random.default_rng(0).standard_normal((3, 128, 128), dtype=np.float32)
+    noise = np.random.default_rng(0).standard_normal((3, 64, 64), dtype=np.float32)
     ref = torch_sample(model, torch.from_numpy(upscale_condition(lr, cfg.scale))[None], steps=50,
                        noise=torch.from_numpy(noise)[None], formulation=cfg.formulation)
-    ref_img = np.moveaxis(ref.image[0].numpy(), 0, -1)
-    mse = float(np.mean((got.astype(np.float64) - ref_img) ** 2))
-    psnr = 10 * np.log10(1 / max(mse, 1e-20))
-    assert psnr >= 35, f"{backend}: PSNR {psnr:.2f} dB vs PyTorch"
+    ref_img = np.moveaxis(ref.image[0].numpy(), 0, -1).astype(np.float64)
+    psnr = {}
+    for backend in backends:
+        got = np.load(tmp_path / f"out_{backend}.npy").astype(np.float64)
+        psnr[backend] = 10 * np.log10(1 / max(float(np.mean((got - ref_img) ** 2)), 1e-20))
+    print("PSNR vs PyTorch (dB):", {k: round(v, 2) for k, v in psnr.items()})
+    assert all(v >= 35 for v in psnr.values()), psnr
