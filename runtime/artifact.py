@@ -46,7 +46,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -3,12 +3,10 @@ output file created, no existing file touched). Uses the fake ONNX artifact of
 test_runtime_artifact (a pointwise stand-in network), so runs take milliseconds."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 

@@ -108,7 +108,7 @@ def test_tvm_matches_pytorch_step_by_step(exported, tmp_path: Path) -> None:
     import subprocess
     import sys
     pytest.importorskip("tvm")
-    build = pytest.importorskip("bidiff.exporter.tvm.build")
+    pytest.importorskip("bidiff.exporter.tvm.build")
     from bidiff.runtime.artifact import host_info
     _, model, cfg = exported
     target = {"x86_64": "x86_64", "aarch64": "arm64"}.get(host_info().arch)
