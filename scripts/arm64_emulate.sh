@@ -6,6 +6,8 @@
 #   scripts/arm64_emulate.sh run -- python3 -c 'import numpy; print(numpy.__version__)'
 #   scripts/arm64_emulate.sh footprint          MB installed on the device side, per component
 #   scripts/arm64_emulate.sh paths              print SYSROOT=, SITE=, TVM_RUNTIME= (for scripts)
+#   scripts/arm64_emulate.sh pi-venv            README's Pi commands literally: venv + emulated pip
+#   scripts/arm64_emulate.sh pi-run -- bidiff upscale ...      (slow; optional, needs PyPI)
 #
 # Everything comes from Debian and PyPI packages and is cached under $BIDIFF_ARM64_CACHE
 # (default .cache/arm64, git-ignored):
@@ -39,7 +41,8 @@ PIP_PLATFORM=(--only-binary=:all: --platform manylinux_2_28_aarch64 --python-ver
 # libssl3 for hashlib's OpenSSL backend (the runtime sha256-checks every artifact file).
 DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1
       libexpat1 zlib1g libffi8 libbz2-1.0 liblzma5 libuuid1 libcrypt1 libsqlite3-0 libncursesw6
-      libtinfo6 libreadline8 libssl3)
+      libtinfo6 libreadline8 libssl3
+      python3.11-venv python3-pip-whl:all python3-setuptools-whl:all)   # venv + pip: `pi-venv`
 
 die() { echo "arm64_emulate: $*" >&2; exit 1; }
 say() { echo "arm64_emulate: $*" >&2; }
@@ -94,7 +97,7 @@ ensure_sysroot() {
     fi
     local debs="$CACHE/debs" pkgs=() p
     mkdir -p "$debs"
-    for p in "${DEBS[@]}"; do pkgs+=("$p:arm64"); done
+    for p in "${DEBS[@]}"; do case "$p" in *:*) pkgs+=("$p") ;; *) pkgs+=("$p:arm64") ;; esac; done
     say "downloading ${#pkgs[@]} arm64 Debian packages for the sysroot"
     # apt-get download needs the arm64 package lists: update once if they are missing/stale.
     if ! (cd "$debs" && apt-get download -qq "${pkgs[@]}" >"$CACHE/apt-download.log" 2>&1); then
@@ -106,7 +109,7 @@ ensure_sysroot() {
     mkdir -p "$SYSROOT.tmp"
     for p in "${DEBS[@]}"; do
         local f
-        f=$(ls -t "$debs/${p}_"*_arm64.deb 2>/dev/null | head -1)
+        f=$(ls -t "$debs/${p%%:*}_"*_arm64.deb "$debs/${p%%:*}_"*_all.deb 2>/dev/null | head -1 || true)
         [ -n "$f" ] || die "package $p:arm64 was not downloaded: see $CACHE/apt-download.log"
         dpkg -x "$f" "$SYSROOT.tmp"
     done
@@ -244,6 +247,56 @@ write_cpuinfo() {
     fi
 }
 
+# The README's commands on the Pi, literally, in a venv under qemu: pip runs emulated and
+# fetches the aarch64 wheels from PyPI itself (slow: a few minutes). One difference: the venv's
+# ensurepip step re-executes the venv's python, which qemu-user cannot do without binfmt_misc,
+# so the venv is made --without-pip and pip runs from the wheel ensurepip would install (the
+# same pip); --no-compile skips the bytecode that is slow to write under emulation.
+pi_venv() {
+    check_ready
+    write_cpuinfo
+    local home="$CACHE/pi-home" whl pipwhl lines tvm_pin
+    mapfile -t lines < <(pins)
+    tvm_pin="${lines[2]}"
+    whl=$(ls "$DIST"/bidiff-*.whl | head -1)
+    pipwhl=$(ls "$SYSROOT"/usr/share/python-wheels/pip-*.whl | head -1)
+    [ -n "$pipwhl" ] || die "no pip wheel in the sysroot: run scripts/arm64_emulate.sh setup"
+    rm -rf "$home"
+    mkdir -p "$home"
+    cp "$whl" "$home/"
+    local Q=(env -u PYTHONHOME -u PYTHONPATH HOME="$home" qemu-aarch64 -L "$SYSROOT") V="$home/bidiff-env"
+    local PIP=("${Q[@]}" "$V/bin/python" "$pipwhl/pip")
+    local t0=$SECONDS
+    say "python3 -m venv ~/bidiff-env"
+    "${Q[@]}" "$SYSROOT/usr/bin/python3.11" -m venv --without-pip "$V"
+    say "pip install \"bidiff[tvm] @ file://\$HOME/$(basename "$whl")\" (emulated pip, from PyPI)"
+    "${PIP[@]}" install -q --disable-pip-version-check --no-compile "bidiff[tvm] @ file://$home/$(basename "$whl")" ||
+        die "emulated pip install failed (no network to PyPI?)"
+    say "pip download --no-deps --only-binary=:all: -d /tmp/tvm-wheel $tvm_pin (emulated pip)"
+    "${PIP[@]}" download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$home/tvm-wheel" "$tvm_pin" ||
+        die "emulated pip download of $tvm_pin failed (no network to PyPI?)"
+    "${Q[@]}" "$V/bin/python" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("tvm/lib/libtvm_runtime.so"))' \
+        "$home"/tvm-wheel/apache_tvm-*.whl "$V/lib/libtvm_runtime.so"
+    rm -r "$home/tvm-wheel"
+    say "venv ready in $((SECONDS - t0)) s: $V ($(du -sm "$V" | cut -f1) MB; run: scripts/arm64_emulate.sh pi-run -- bidiff ...)"
+}
+
+pi_run() {
+    local V="$CACHE/pi-home/bidiff-env"
+    [ -x "$V/bin/python" ] && [ -f "$V/bin/bidiff" ] || die "no emulated Pi venv: run scripts/arm64_emulate.sh pi-venv first"
+    write_cpuinfo
+    [ "${1:-}" = "--" ] && shift
+    local pre=()
+    case "${1:-}" in
+        bidiff) shift; pre=("$V/bin/bidiff") ;;
+        python|python3|python3.11) shift ;;
+        *) die "usage: scripts/arm64_emulate.sh pi-run -- bidiff ARGS... | python3 ARGS..." ;;
+    esac
+    # `. ~/bidiff-env/bin/activate` with the README's BIDIFF_TVM_RUNTIME line
+    exec env -u PYTHONHOME -u PYTHONPATH BIDIFF_TVM_RUNTIME="$V/lib/libtvm_runtime.so" VIRTUAL_ENV="$V" \
+        qemu-aarch64 -L "$SYSROOT" "$V/bin/python" "${pre[@]}" "$@"
+}
+
 setup() {
     mkdir -p "$CACHE"
     local t0=$SECONDS
@@ -286,8 +339,10 @@ run() {
 case "${1:-setup}" in
     setup) shift || true; setup "$@" ;;
     run) shift; run "$@" ;;
+    pi-venv) pi_venv ;;
+    pi-run) shift; pi_run "$@" ;;
     footprint) check_ready; "$PY" "$REPO/scripts/footprint.py" --device "$DEVICE" --sysroot "$SYSROOT" "${@:2}" ;;
     paths) echo "CACHE=$CACHE"; echo "SYSROOT=$SYSROOT"; echo "SITE=$SITE"; echo "TVM_RUNTIME=$TVM_RUNTIME" ;;
-    -h|--help|help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown command $1 (setup, run, footprint, paths)" ;;
+    -h|--help|help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command $1 (setup, run, footprint, paths, pi-venv, pi-run)" ;;
 esac

@@ -133,6 +133,21 @@ def test_bidiff_upscale_under_qemu_equals_x86(target, artifacts, image, x86_png,
                              f"max {int(diff.max())} levels")
 
 
+@pytest.mark.skipif(os.environ.get("BIDIFF_ARM64_PI_VENV") != "1",
+                    reason="set BIDIFF_ARM64_PI_VENV=1: README's Pi commands with pip itself emulated "
+                           "(downloads from PyPI under qemu, ~5 min)")
+def test_readme_pi_commands_in_a_venv(artifacts, image, x86_png, tmp_path):
+    """README's commands on the Pi, literally (venv, pip install, pip download + extraction of
+    libtvm_runtime.so, BIDIFF_TVM_RUNTIME, bidiff info, bidiff upscale), under qemu."""
+    from PIL import Image
+    _run(["bash", EMU, "pi-venv"], "emulated Pi venv (README commands)", 1800)
+    pi = ["bash", EMU, "pi-run", "--", "bidiff"]
+    r = _run([*pi, "info", artifacts["rpi4"]], "venv: bidiff info (rpi4)", 300)
+    assert "target fits this machine" in r.stdout
+    _run([*pi, *_upscale_args(image, tmp_path, artifacts["rpi4"])], "venv: bidiff upscale (rpi4)", 600)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_x2.png")), x86_png)
+
+
 def test_bidiff_info_under_qemu(artifacts):
     """README's check on the Pi: checksums intact and the target fits (the emulated Pi 4)."""
     r = emu("bidiff", "info", str(artifacts["rpi4"]), what="emulated bidiff info (rpi4)")
