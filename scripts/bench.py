@@ -5,7 +5,9 @@ same thread count, reported as ratios (markdown table on stdout, JSON with --jso
 Parts (issue 5):
   a  one binary conv layer (default 64 -> 64, 3x3, 64x64 input): the bit-serial TVM kernel vs
      onnxruntime's fp32 Conv of the same shape (and torch.conv2d);
-  b, c  (not yet here) float op classes; one denoising step.
+  b  each float op class (conv 3x3, conv 1x1, GroupNorm + Swish, add, attention core, pixel
+     shuffle) compiled by TVM with bidiff's schedules vs onnxruntime on the same one-op ONNX;
+  c  (not yet here) one denoising step.
 
 Example:  python scripts/bench.py --part a --threads 2 --json bench_a.json
 
@@ -25,7 +27,7 @@ import time
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["a"], default="a", help="which benchmark (default a)")
+    p.add_argument("--part", choices=["a", "b"], default="a", help="which benchmark (default a)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--size", type=int, default=64, help="input height = width (default 64)")
@@ -121,6 +123,88 @@ def part_a(args):
             "threads": args.threads, "rows": rows}
 
 
+def _float_cases():
+    """(name, nodes, inputs {name: shape}, initializers {name: array}, output shape)."""
+    import numpy as np
+    from onnx import helper
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    return [
+        ("conv 3x3 1x64x64x64", [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 4)],
+         {"x": (1, 64, 64, 64)}, {"w": (0.05 * rng.standard_normal((64, 64, 3, 3))).astype(f32),
+                                  "b": rng.standard_normal(64).astype(f32)}, (1, 64, 64, 64)),
+        ("conv 1x1 1x128x64x64", [helper.make_node("Conv", ["x", "w"], ["y"])],
+         {"x": (1, 128, 64, 64)}, {"w": (0.05 * rng.standard_normal((128, 128, 1, 1))).astype(f32)},
+         (1, 128, 64, 64)),
+        ("GroupNorm(8) + Swish 1x64x128x128",
+         [helper.make_node("GroupNormalization", ["x", "g", "b"], ["n"], num_groups=8,
+                           epsilon=1e-5),
+          helper.make_node("Sigmoid", ["n"], ["s"]), helper.make_node("Mul", ["n", "s"], ["y"])],
+         {"x": (1, 64, 128, 128)}, {"g": (rng.random(64) + 0.5).astype(f32),
+                                    "b": rng.standard_normal(64).astype(f32)}, (1, 64, 128, 128)),
+        ("add 1x64x128x128", [helper.make_node("Add", ["x", "z"], ["y"])],
+         {"x": (1, 64, 128, 128), "z": (1, 64, 128, 128)}, {}, (1, 64, 128, 128)),
+        ("attention core 256x64 (QK^T, softmax, V)",
+         [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+          helper.make_node("MatMul", ["q", "kt"], ["a"]),
+          helper.make_node("Softmax", ["a"], ["p"], axis=-1),
+          helper.make_node("MatMul", ["p", "v"], ["y"])],
+         {"q": (1, 256, 64), "k": (1, 256, 64), "v": (1, 256, 64)}, {}, (1, 256, 64)),
+        ("pixel shuffle 1x256x32x32 -> 1x64x64x64",
+         [helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode="CRD")],
+         {"x": (1, 256, 32, 32)}, {}, (1, 64, 64, 64)),
+    ]
+
+
+def part_b(args):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.relax.frontend import onnx as relax_onnx
+
+    from bidiff.exporter.tvm.float_schedules import relax_pipeline
+    from bidiff.exporter.tvm.target import host_target
+
+    target = host_target()
+    rows = []
+    for name, nodes, inputs, inits, out_shape in _float_cases():
+        graph = helper.make_graph(
+            nodes, "op", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                          for n, s in inputs.items()],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+            [numpy_helper.from_array(a, n) for n, a in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        rng = np.random.default_rng(1)
+        feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs.items()}
+        ex = tvm.compile(relax_onnx.from_onnx(model), target,
+                         relax_pipeline=relax_pipeline(target))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        targs = [tvm.runtime.tensor(feeds[n]) for n in inputs]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        got = vm["main"](*targs).numpy()
+        ref = sess.run(None, feeds)[0]
+        err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+        contenders = {"tvm": lambda: vm["main"](*targs), "ort": lambda: sess.run(None, feeds)}
+        samples = {k: [] for k in contenders}
+        for _ in range(args.rounds):
+            for k, fn in contenders.items():
+                time.sleep(0.05)
+                fn()
+                samples[k].append(_timer(fn, args.repeat))
+        tvm_ms, ort_ms = (float(np.median(samples[k])) for k in ("tvm", "ort"))
+        rows.append({"op": name, "tvm_ms": tvm_ms, "onnxruntime_ms": ort_ms,
+                     "tvm_over_onnxruntime": tvm_ms / ort_ms, "max_rel_err": err})
+    return {"part": "b", "threads": args.threads, "rows": rows}
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     # the TVM thread pool reads TVM_NUM_THREADS once, when libtvm_runtime loads
@@ -129,16 +213,24 @@ def main(argv=None) -> int:
         print("warning: tvm already imported; TVM_NUM_THREADS may not apply", file=sys.stderr)
     import tvm
 
-    result = part_a(args)
+    result = part_a(args) if args.part == "a" else part_b(args)
     result["machine"] = {"cpu": tvm.target.codegen.llvm_get_system_cpu(),
                          "platform": platform.platform(), "python": platform.python_version(),
                          "tvm": tvm.__version__}
-    print(f"### Part {result['part']}: {result['layer']}, {result['threads']} threads "
-          f"({result['machine']['cpu']})\n")
-    print("| kernel | median ms | speed-up vs onnxruntime |")
-    print("|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['kernel']} | {r['median_ms']:.3f} | {r['speedup_vs_onnxruntime']:.2f}x |")
+    cpu = result["machine"]["cpu"]
+    if args.part == "a":
+        print(f"### Part a: {result['layer']}, {result['threads']} threads ({cpu})\n")
+        print("| kernel | median ms | speed-up vs onnxruntime |")
+        print("|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['kernel']} | {r['median_ms']:.3f} | {r['speedup_vs_onnxruntime']:.2f}x |")
+    else:
+        print(f"### Part b: float op classes, {result['threads']} threads ({cpu})\n")
+        print("| op | TVM ms | onnxruntime ms | TVM / onnxruntime | max rel err |")
+        print("|---|---|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['op']} | {r['tvm_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
+                  f"{r['tvm_over_onnxruntime']:.2f} | {r['max_rel_err']:.1e} |")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)

@@ -59,6 +59,18 @@ def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Exp
     return bb.call_te(_fast_sigmoid_te, x, primfunc_name_hint="fast_sigmoid")
 
 
+def legalize_fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """LegalizeOps rule for ``relax.nn.softmax`` on float32: topi's fast_softmax (fast_exp)."""
+    x = call.args[0]
+    axis = int(call.attrs.axis)
+    if x.ty.dtype != "float32":
+        return bb.call_te(topi.nn.softmax, x, axis)
+    return bb.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="fast_softmax")
+
+
+LEGALIZE = {"relax.sigmoid": legalize_fast_sigmoid, "relax.nn.softmax": legalize_fast_softmax}
+
+
 # ---------------------------------------------------------------------------------- helpers
 def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars)
@@ -148,6 +160,31 @@ def _parallel_reduction(sch: s_tir.Schedule, blk) -> None:
         sch.parallel(fused)
 
 
+def _block_exists(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _inline_epilogue(sch: s_tir.Schedule, after: list[str]) -> None:
+    """Fold the blocks after a cache_write into its write-back: first inline the intermediate
+    ones into their consumers (a value read twice, e.g. x in x * sigmoid(x), must not be
+    reverse-inlined: TVM 0.27 then leaves a dangling buffer), then reverse-inline what is left,
+    which must be a single output block. Raises if that is not possible."""
+    for name in after[:-1]:
+        try:
+            sch.compute_inline(sch.get_sblock(name))
+        except Exception:  # noqa: BLE001 - checked below
+            pass
+    left = [n for n in after if _block_exists(sch, n)]
+    if len(left) > 1:
+        raise ValueError(f"epilogue blocks {left} do not fold into one")
+    for name in left:
+        sch.reverse_compute_inline(sch.get_sblock(name))
+
+
 # ---------------------------------------------------------------------------------- rules
 def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     conv = sch.get_sblock("conv2d_nchw")
@@ -189,12 +226,7 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
         sch.parallel(wl[0])
 
     wb = sch.cache_write(conv, 0, "local")
-    for name in after:
-        try:
-            sch.reverse_compute_inline(sch.get_sblock(name))
-        except Exception:  # noqa: BLE001 - left as a separate (elementwise) block
-            blk = sch.get_sblock(name)
-            _parallel_vectorize(sch, blk, _LANES[variant])
+    _inline_epilogue(sch, after)
 
     nn, ff, yy, xx, rc, ry, rx = sch.get_loops(conv)
     fo, fi = sch.split(ff, [None, ob])
@@ -215,6 +247,50 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     sch.decompose_reduction(conv, rc)
 
 
+def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    """``matmul`` (A[..., i, k] x B[..., k, j], B contiguous along j): register tile of
+    ``ib`` rows x (nvec x lanes) columns, accumulation in ``local``, epilogue inlined into the
+    write-back, parallel over (batch, row tiles)."""
+    mm = sch.get_sblock("matmul")
+    block = sch.get(mm)
+    n_sp = sum(1 for iv in block.iter_vars if int(iv.iter_type) == 0)
+    n_red = len(block.iter_vars) - n_sp
+    if n_sp < 2 or n_red != 1:
+        raise ValueError("matmul rule: expected [..., i, j] x k")
+    loops = sch.get_loops(mm)
+    i_ext = int(block.iter_vars[n_sp - 2].dom.extent)
+    j_ext = int(block.iter_vars[n_sp - 1].dom.extent)
+    lanes = _pick(j_ext, [d for d in (_LANES[variant], 8, 4) if d <= _LANES[variant]])
+    nvec = _pick(j_ext // lanes, (2, 1))
+    ib = _pick(i_ext, (4, 2, 1))
+    root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    after = root_names[root_names.index("matmul") + 1:]
+    for name in root_names[:root_names.index("matmul")]:
+        try:
+            sch.compute_inline(sch.get_sblock(name))
+        except Exception:  # noqa: BLE001
+            _parallel_vectorize(sch, sch.get_sblock(name), _LANES[variant])
+    wb = sch.cache_write(mm, 0, "local")
+    _inline_epilogue(sch, after)     # all of it, or the generic rule takes over
+    batch, (i, j, k) = loops[:n_sp - 2], loops[n_sp - 2:]
+    io, ii = sch.split(i, [None, ib])
+    jo, jn, jv = sch.split(j, [None, nvec, lanes])
+    sch.reorder(*batch, io, jo, k, ii, jn, jv)
+    outer = sch.fuse(*batch, io) if batch else io
+    work = _work(sch, sch.get_loops(mm))
+    if work is None or work >= MIN_PARALLEL_ELEMENTS:
+        sch.parallel(outer)
+    sch.reverse_compute_at(wb, jo)
+    sch.unroll(ii)
+    sch.unroll(jn)
+    sch.vectorize(jv)
+    wl = sch.get_loops(wb)
+    wxo, wxv = sch.split(wl[-1], [None, lanes])
+    sch.vectorize(wxv)
+    sch.unroll(wxo)
+    sch.decompose_reduction(mm, k)
+
+
 def schedule_with_reduction(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     _inline_spatial_producers(sch)
     for blk in _root_blocks(sch):
@@ -230,7 +306,8 @@ def schedule_elementwise(sch: s_tir.Schedule, variant: KernelVariant) -> None:
         _parallel_vectorize(sch, blk, _LANES[variant])
 
 
-def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant) -> tuple[tirx.PrimFunc, str]:
+def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant,
+                      target: tvm.target.Target | None = None) -> tuple[tirx.PrimFunc, str]:
     """Schedule one legalized PrimFunc; returns (function, rule name). Falls back rule by rule
     (conv -> reduction -> elementwise -> unscheduled) if a schedule primitive refuses."""
     sch0 = s_tir.Schedule(func)
@@ -239,6 +316,8 @@ def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant) -> tuple[tirx
     rules = []
     if "conv2d_nchw" in names:
         rules.append(("conv2d_nchw", schedule_conv2d_nchw))
+    if "matmul" in names:
+        rules.append(("matmul", schedule_matmul))
     if has_red:
         rules.append(("reduction", schedule_with_reduction))
     else:
@@ -247,11 +326,30 @@ def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant) -> tuple[tirx
         sch = s_tir.Schedule(func)
         try:
             rule(sch, variant)
+            _check_lowers(sch.mod["main"], target)
         except Exception as e:  # noqa: BLE001 - try the next, more generic rule
             _log.debug("schedule rule %s failed: %s", rule_name, e)
             continue
         return sch.mod["main"], rule_name
     return func, "unscheduled"
+
+
+def _check_lowers(func: tirx.PrimFunc, target) -> None:
+    """Run the buffer-lowering part of TVM's s_tir pipeline (no code generation) on a scheduled
+    function, so a schedule that TVM accepts but cannot lower (e.g. a dangling buffer after an
+    inline) falls back to the next rule instead of failing the whole build."""
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    st = s_tir.transform
+    seq = tvm.transform.Sequential([
+        st.CanonicalizeLoop(), st.LowerInitBlock(), st.PlanAndUpdateBufferAllocationLocation(),
+        st.ConvertBlocksToOpaque(), st.CompactBufferAllocation(), st.LowerMatchBuffer(),
+        st.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+        tirx.transform.VectorizeLoop(True)])
+    if target is not None:
+        with target:
+            seq(mod)
+    else:
+        seq(mod)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
@@ -268,6 +366,7 @@ class ScheduleFloatOps:
 
     def __init__(self, target: tvm.target.Target):
         self.variant = select_variant(target)
+        self.target = target
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
@@ -276,7 +375,7 @@ class ScheduleFloatOps:
                 continue
             if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
                 continue
-            new, rule = schedule_primfunc(func, self.variant)
+            new, rule = schedule_primfunc(func, self.variant, self.target)
             updates[gv] = new.with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, rule)
         for gv, func in updates.items():
             mod[gv] = func
@@ -292,7 +391,7 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             seq = tvm.transform.Sequential(
                 cpu_pipeline.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps({"relax.sigmoid": legalize_fast_sigmoid}),
+                + [relax.transform.LegalizeOps(LEGALIZE),
                    relax.transform.AnnotateTIROpPattern(),
                    # no FoldConstant: it JIT-compiles every constant subexpression one by one
                    # (18 s of a 30 s build for the tiny config); what it would fold here are
