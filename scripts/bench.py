@@ -7,7 +7,9 @@ Parts (issue 5):
      onnxruntime's fp32 Conv of the same shape (and torch.conv2d);
   b  each float op class (conv 3x3, conv 1x1, GroupNorm + Swish, add, attention core, pixel
      shuffle) compiled by TVM with bidiff's schedules vs onnxruntime on the same one-op ONNX;
-  c  (not yet here) one denoising step.
+  c  one denoising step (group 0) of a model config at one tile: the compiled library vs
+     onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network,
+     and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``).
 
 Example:  python scripts/bench.py --part a --threads 2 --json bench_a.json
 
@@ -27,7 +29,11 @@ import time
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["a", "b"], default="a", help="which benchmark (default a)")
+    p.add_argument("--part", choices=["a", "b", "c"], default="a",
+                   help="which benchmark (default a)")
+    p.add_argument("--config", default="official-x2", help="part c: model config name")
+    p.add_argument("--checkpoint", help="part c: checkpoint to load (default: random weights)")
+    p.add_argument("--tile", type=int, default=128, help="part c: HR tile (default 128)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--size", type=int, default=64, help="input height = width (default 64)")
@@ -205,6 +211,70 @@ def part_b(args):
     return {"part": "b", "threads": args.threads, "rows": rows}
 
 
+def part_c(args):
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import tvm
+    from tvm import relax
+
+    from bidiff.exporter.onnx_export import write_onnx_graphs
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.build import build_library
+    from bidiff.models import create_model, load_checkpoint
+
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint, args.config)
+    else:
+        torch.manual_seed(0)
+        model = create_model(args.config)
+    model.eval()
+    s = args.tile
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        binary = write_onnx_graphs(model, tmp / "bin", tile=s, groups=[0])
+        plain = write_onnx_graphs(model, tmp / "float", tile=s, groups=[0], binary=False)
+        info = build_library(binary, get_target("x86_64"), tmp / "model.so")
+        build_s = time.perf_counter() - t0
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(info.path)), tvm.cpu())
+        rng = np.random.default_rng(0)
+        x, cond = (rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2))
+        t = np.array([[100]], np.int64)
+        targs = [tvm.runtime.tensor(a) for a in (x, cond, t)]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        feeds = {"x_t": x, "cond": cond, "t": t}
+        s_bin = ort.InferenceSession(str(binary[0]), so, providers=["CPUExecutionProvider"])
+        s_flt = ort.InferenceSession(str(plain[0]), so, providers=["CPUExecutionProvider"])
+        torch.set_num_threads(args.threads)
+        tx, tc, tt = torch.from_numpy(x), torch.from_numpy(cond), torch.from_numpy(t)
+
+        def torch_step():
+            with torch.no_grad():
+                model(tx, tc, tt)
+        contenders = {"TVM (bidiff library)": lambda: vm["group_0"](*targs),
+                      "onnxruntime, binary ONNX": lambda: s_bin.run(None, feeds),
+                      "onnxruntime, float ONNX": lambda: s_flt.run(None, feeds),
+                      "PyTorch fp32": torch_step}
+        samples = {k: [] for k in contenders}
+        for _ in range(args.rounds):
+            for k, fn in contenders.items():
+                time.sleep(0.05)
+                fn()
+                samples[k].append(_timer(fn, args.repeat))
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    base = med["onnxruntime, float ONNX"]
+    rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}
+            for k, v in med.items()]
+    return {"part": "c", "config": args.config, "tile": s, "threads": args.threads,
+            "build_s": build_s, "rows": rows}
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     # the TVM thread pool reads TVM_NUM_THREADS once, when libtvm_runtime loads
@@ -213,7 +283,7 @@ def main(argv=None) -> int:
         print("warning: tvm already imported; TVM_NUM_THREADS may not apply", file=sys.stderr)
     import tvm
 
-    result = part_a(args) if args.part == "a" else part_b(args)
+    result = {"a": part_a, "b": part_b, "c": part_c}[args.part](args)
     result["machine"] = {"cpu": tvm.target.codegen.llvm_get_system_cpu(),
                          "platform": platform.platform(), "python": platform.python_version(),
                          "tvm": tvm.__version__}
@@ -224,6 +294,14 @@ def main(argv=None) -> int:
         print("|---|---|---|")
         for r in result["rows"]:
             print(f"| {r['kernel']} | {r['median_ms']:.3f} | {r['speedup_vs_onnxruntime']:.2f}x |")
+    elif args.part == "c":
+        print(f"### Part c: one denoising step, {result['config']} at {result['tile']}x"
+              f"{result['tile']}, {result['threads']} threads ({cpu})\n")
+        print("| runtime | median ms | speed-up vs onnxruntime float |")
+        print("|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['runtime']} | {r['median_ms']:.2f} | "
+                  f"{r['speedup_vs_onnxruntime_float']:.2f}x |")
     else:
         print(f"### Part b: float op classes, {result['threads']} threads ({cpu})\n")
         print("| op | TVM ms | onnxruntime ms | TVM / onnxruntime | max rel err |")
