@@ -118,3 +118,16 @@ def test_golden_small_matches_onnxruntime(golden_small_model, tmp_path):
         ref = sess.run(None, {"x_t": x, "cond": cond, "t": t})[0]
         matches += bool(np.abs(got - ref).max() <= 1e-4 + 1e-4 * np.abs(ref).max())
     assert matches >= 3
+
+
+def test_other_op_version_is_refused(graphs, tmp_path):
+    import onnx
+    model = onnx.load(str(graphs[GROUPS[0]]), load_external_data=False)
+    for o in model.opset_import:
+        if o.domain == "bidiff":
+            o.version = 99
+    bad = graphs[GROUPS[0]].parent / "group_bad.onnx"
+    bad.write_bytes(model.SerializeToString())
+    with pytest.raises(BuildError, match="op version 99"):
+        build_library({0: bad}, get_target("x86_64"), tmp_path / "model.so")
+    assert not (tmp_path / "model.so").exists()

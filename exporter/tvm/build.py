@@ -30,6 +30,7 @@ import tvm_ffi
 from tvm import relax
 
 from bidiff.exporter.targets import TargetSpec
+from bidiff.runtime.binary_op import OP_DOMAIN, OP_VERSION
 from bidiff.exporter.tvm.float_schedules import relax_pipeline
 from bidiff.exporter.tvm.frontend import from_onnx
 from bidiff.exporter.tvm.target import tvm_target
@@ -113,6 +114,18 @@ class _ShareGlobals(relax.PyExprMutator):
         return self.consts[key]
 
 
+def _check_op_version(model, path) -> None:
+    """Refuse graphs written for another version of the bidiff custom op."""
+    for o in model.opset_import:
+        if o.domain == OP_DOMAIN and int(o.version) != OP_VERSION:
+            raise BuildError(f"{path} uses {OP_DOMAIN} op version {o.version}; this bidiff "
+                             f"compiles version {OP_VERSION}: re-export the graphs")
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "op_version" in meta and meta["op_version"] != str(OP_VERSION):
+        raise BuildError(f"{path} was exported for {OP_DOMAIN} op version {meta['op_version']}; "
+                         f"this bidiff compiles version {OP_VERSION}: re-export the graphs")
+
+
 def import_groups(onnx_model_paths: dict[int, str | os.PathLike], target: tvm.target.Target
                   ) -> tuple[tvm.IRModule, dict[str, str], tuple[str, ...], tuple[str, ...]]:
     """One IRModule with ``group_<k>`` per graph; returns (module, kernels, inputs, outputs)."""
@@ -126,6 +139,7 @@ def import_groups(onnx_model_paths: dict[int, str | os.PathLike], target: tvm.ta
         if not path.is_file():
             raise BuildError(f"ONNX graph for group {k} not found: {path}")
         model = onnx.load(str(path))            # external weights resolve relative to path
+        _check_op_version(model, path)
         ins = tuple(i.name for i in model.graph.input)
         outs = tuple(o.name for o in model.graph.output)
         if io is None:
