@@ -97,6 +97,7 @@ ensure_sysroot() {
     fi
     local debs="$CACHE/debs" pkgs=() p
     mkdir -p "$debs"
+    rm -f "$debs"/*.deb                  # one version of each package: the current one
     for p in "${DEBS[@]}"; do case "$p" in *:*) pkgs+=("$p") ;; *) pkgs+=("$p:arm64") ;; esac; done
     say "downloading ${#pkgs[@]} arm64 Debian packages for the sysroot"
     # apt-get download needs the arm64 package lists: update once if they are missing/stale.
@@ -109,7 +110,7 @@ ensure_sysroot() {
     mkdir -p "$SYSROOT.tmp"
     for p in "${DEBS[@]}"; do
         local f
-        f=$(ls -t "$debs/${p%%:*}_"*_arm64.deb "$debs/${p%%:*}_"*_all.deb 2>/dev/null | head -1 || true)
+        f=$(ls "$debs/${p%%:*}_"*_arm64.deb "$debs/${p%%:*}_"*_all.deb 2>/dev/null | head -1 || true)
         [ -n "$f" ] || die "package $p:arm64 was not downloaded: see $CACHE/apt-download.log"
         dpkg -x "$f" "$SYSROOT.tmp"
     done
