@@ -169,3 +169,40 @@ def test_arm64_cross_build_has_neon_cnt(c, tmp_path):
         seg.group(1) for seg in re.finditer(rf"^[0-9a-f]+ <{FN}[^>]*>:\n(.*?)(?:\n\n|\Z)", dis,
                                             re.S | re.M))
     assert re.search(r"\bcnt\s+v\d+\.(8b|16b)", body), "no NEON cnt in the binary conv kernel"
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_schedule_on_host(shape: BinaryConvShape, variant: KernelVariant):
+    """A variant's schedule (tiling, padding, epilogue) compiled for this CPU: LLVM splits the
+    wide vectors, so the loop structure of the AVX-512 / NEON schedules is checked numerically
+    here even where their instructions cannot run."""
+    func = binary_conv_primfunc(shape, variant, name=FN)
+    return tvm.compile(tvm.IRModule({FN: func}), target=host_target()).jit()
+
+
+@pytest.mark.parametrize("variant,c,f,h,w,k,epi,res", [
+    (KernelVariant.X86_AVX512, 33, 24, 17, 31, 3, "none", False),
+    (KernelVariant.X86_AVX512, 64, 64, 7, 9, 3, "rprelu", True),
+    (KernelVariant.ARM_NEON, 64, 64, 7, 9, 3, "rprelu", True),
+    (KernelVariant.ARM_NEON, 96, 48, 16, 16, 1, "none", False),
+], ids=lambda v: v.value if isinstance(v, KernelVariant) else str(v))
+def test_every_schedule_matches_reference_on_host(variant, c, f, h, w, k, epi, res):
+    shape = BinaryConvShape(c, f, h, w, kernel=k, epilogue=epi, residual=res)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wp = pack_weights(rng.standard_normal((f, c, k, k)).astype(np.float32))
+    sc = (rng.random(f) + 0.5).astype(np.float32)
+    ref = binary_conv2d_reference(x, wp, sc, channels=c, kernel=k, threshold=thr)
+    args = [x, wp, sc, thr]
+    if epi == "rprelu":
+        b0, slope, b1 = (rng.standard_normal(f).astype(np.float32) for _ in range(3))
+        args += [b0, slope, b1]
+        z = ref + b0[None, :, None, None]
+        ref = np.where(z >= 0, z, slope[None, :, None, None] * z) + b1[None, :, None, None]
+    if res:
+        ref = ref + x
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, f, h, w), "float32", dev)
+    _jitted_schedule_on_host(shape, variant)[FN](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
