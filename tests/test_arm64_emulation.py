@@ -148,6 +148,19 @@ def test_readme_pi_commands_in_a_venv(artifacts, image, x86_png, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_x2.png")), x86_png)
 
 
+@pytest.mark.skipif(os.environ.get("BIDIFF_ARM64_ORT") != "1",
+                    reason="set BIDIFF_ARM64_ORT=1: the onnxruntime backend under qemu (+140 MB, ~1 min)")
+def test_onnxruntime_backend_under_qemu(artifacts, image, x86_png, tmp_path):
+    """The other backend on the same arm64 artifact (its portable ONNX graphs), aarch64 onnxruntime."""
+    from PIL import Image
+    _run(["bash", EMU, "setup", "--onnxruntime"], "setup --onnxruntime", 1800)
+    _run(["bash", EMU, "run", "--", "bidiff", *_upscale_args(image, tmp_path, artifacts["rpi4"]),
+          "--backend", "onnxruntime"], "emulated bidiff upscale (rpi4, onnxruntime)", 900,
+         env=_env(ARM64_ONNXRUNTIME="1"))
+    got = np.asarray(Image.open(tmp_path / "photo_x2.png")).astype(int)
+    assert np.abs(got - x86_png.astype(int)).max() <= 1      # another backend: ±1 level allowed
+
+
 def test_bidiff_info_under_qemu(artifacts):
     """README's check on the Pi: checksums intact and the target fits (the emulated Pi 4)."""
     r = emu("bidiff", "info", str(artifacts["rpi4"]), what="emulated bidiff info (rpi4)")
