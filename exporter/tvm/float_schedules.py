@@ -120,6 +120,26 @@ def _work(sch: s_tir.Schedule, loops) -> int | None:
     return total
 
 
+def _inner_contiguous(sch: s_tir.Schedule, blk) -> bool:
+    """Whether every buffer the block reads is indexed by its innermost iteration variable in
+    the last dimension (else vectorising the inner loop turns loads into gathers)."""
+    block = sch.get(blk)
+    if not block.iter_vars:
+        return True
+    last = block.iter_vars[-1].var.name
+    for r in block.reads:
+        if not r.region:
+            continue
+        idx = str(r.region[-1].min)
+        if last not in idx or int(r.region[-1].extent) != 1:
+            if len(r.region) == 1 and str(r.region[0].extent) != "1":
+                continue                 # a whole small vector (per-channel params)
+            if all(str(d.extent) == "1" and last not in str(d.min) for d in r.region):
+                continue                 # a broadcast scalar
+            return False
+    return True
+
+
 def _parallel_vectorize(sch: s_tir.Schedule, blk, lanes: int) -> None:
     """Spatial block: fuse the outer loops in parallel, vectorise the innermost by ``lanes``."""
     loops = sch.get_loops(blk)
@@ -127,6 +147,8 @@ def _parallel_vectorize(sch: s_tir.Schedule, blk, lanes: int) -> None:
         return
     work = _work(sch, loops)
     serial = work is not None and work < MIN_PARALLEL_ELEMENTS
+    if not _inner_contiguous(sch, blk):
+        lanes = 1 << 30                  # a transpose-like read: gathers cost more than scalars
     inner = loops[-1]
     ext = _extent(sch, inner)
     outer = loops[:-1]
