@@ -53,7 +53,6 @@ def _timer(fn, repeat):
 
 def part_a(args):
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import torch
     import tvm
@@ -164,7 +163,6 @@ def _float_cases():
 
 def part_b(args):
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import tvm
     from onnx import TensorProto, helper, numpy_helper
