@@ -146,3 +146,20 @@ def test_converter_needs_target():
     frontend.install()
     with pytest.raises(Exception, match="needs a compile target"):
         tvm.relax.frontend.onnx.from_onnx(_model())
+
+
+def test_epilogue_fusion_only_for_private_chains():
+    from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
+    model = _model()
+    fused, n = fuse_binary_epilogues(model)
+    assert n == 1                                   # bconv3's chain; bconv1 has no TaA after it
+    ops = [nd.op_type for nd in fused.graph.node]
+    assert ops.count(FUSED_OP) == 1 and "PRelu" not in ops
+    node = next(nd for nd in fused.graph.node if nd.op_type == FUSED_OP)
+    assert node.output[0] == "h4" and list(node.input[4:]) == ["b", "slope", "b1"]
+    assert {a.name: a.i for a in node.attribute}["residual"] == 1
+    assert [nd.op_type for nd in model.graph.node].count("PRelu") == 1   # input untouched
+    # an intermediate result read elsewhere (here: a second graph output) blocks the fusion
+    model.graph.output.append(helper.make_tensor_value_info("h2", TensorProto.FLOAT,
+                                                            [1, C, H, W]))
+    assert fuse_binary_epilogues(model)[1] == 0
