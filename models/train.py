@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bidiff.models import ModelConfig, create_model, get_config, save_checkpoint
+from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
+from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import load_images, sample_batch
 from bidiff.runtime.schedule import alphas_cumprod
 
@@ -181,6 +182,23 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
     return run
 
 
+def _init_from(run: _Run, path: Path) -> None:
+    """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
+    the model and the EMA, its ``steps`` / ``train_seconds`` metadata carry on; the optimizer
+    moments start afresh and the data/noise streams are reseeded with the step, so a run that
+    lost its ``state.pt`` is not thrown back to a random init."""
+    model, cfg = load_checkpoint(path)
+    if cfg.name != run.model_config.name:
+        raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")
+    run.model.load_state_dict(model.state_dict())
+    run.ema.load_state_dict(model.state_dict())
+    meta = read_metadata(path)
+    run.step = int(meta.get("steps", 0))
+    run.train_seconds = float(meta.get("train_seconds", 0.0))
+    run.data_rng = np.random.default_rng([run.config.seed, run.step])
+    run.noise_gen.manual_seed(run.config.seed * 1_000_003 + run.step)
+
+
 def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
     _atomic_save(_state(run), run_dir / STATE_FILE)
     meta = {"steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
@@ -195,12 +213,14 @@ def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           overrides: dict[str, Any] | None = None, device: str = "cpu",
           images: Sequence[np.ndarray] | None = None, model_config: ModelConfig | None = None,
-          until: int | None = None, progress: bool = True) -> _Run:
+          until: int | None = None, progress: bool = True,
+          init: str | Path | None = None) -> _Run:
     """Train (or continue) a run in ``run_dir`` up to ``cfg.steps`` (or ``until``, if sooner).
 
     With ``resume`` the saved TrainConfig is used, updated by ``overrides`` (the flags a user
     gave explicitly). ``images`` (HWC uint8) replaces ``cfg.data`` and ``model_config``
-    replaces the registry config ``cfg.model`` (both for tests).
+    replaces the registry config ``cfg.model`` (both for tests). ``init`` starts a new run
+    from a weights-only checkpoint (see ``_init_from``).
     """
     from tqdm import tqdm
 
@@ -215,6 +235,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         if state_path.exists():
             raise SystemExit(f"{state_path} exists; pass --resume to continue it or choose another --name")
         run = _new_run(cfg, model_config or get_config(cfg.model), dev)
+        if init is not None:
+            _init_from(run, Path(init))
     cfg = run.config
     run_dir.mkdir(parents=True, exist_ok=True)
     if images is None:

@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder (default: runs)")
     parser.add_argument("--resume", action="store_true", help="continue runs/<name>/state.pt")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start a new run from these weights (e.g. models/weights/bidiff-s-x2.safetensors)")
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -56,7 +58,10 @@ def main() -> None:
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
     cfg = TrainConfig(**given)
     run_dir = args.runs / (args.name or cfg.model)
-    train(cfg, run_dir, resume=args.resume, overrides=given, device=args.device, until=args.until)
+    if args.init and args.resume:
+        raise SystemExit("--init starts a new run; --resume continues one: pass only one of them")
+    train(cfg, run_dir, resume=args.resume, overrides=given, device=args.device, until=args.until,
+          init=args.init)
 
 
 if __name__ == "__main__":

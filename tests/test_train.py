@@ -78,6 +78,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(x, y)
 
 
+def test_init_from_weights_continues_the_step_count(tmp_path):
+    images = _images()
+    first = train(_cfg(steps=3), tmp_path / "a", images=images, model_config=TINY, progress=False)
+    again = train(_cfg(steps=3), tmp_path / "b", images=images, model_config=TINY, progress=False,
+                  init=tmp_path / "a" / "latest_raw.safetensors", until=3)
+    assert again.step == 3                                   # nothing left to do: weights as given
+    for x, y, z in zip(first.model.state_dict().values(), again.model.state_dict().values(),
+                       again.ema.state_dict().values()):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    more = train(_cfg(steps=5), tmp_path / "c", images=images, model_config=TINY, progress=False,
+                 init=tmp_path / "a" / "latest_raw.safetensors")
+    assert more.step == 5
+    with pytest.raises(SystemExit, match="holds 'tiny-binary', not 'bidiff-s-x2'"):
+        train(_cfg(model="bidiff-s-x2"), tmp_path / "d", images=images, progress=False,
+              init=tmp_path / "a" / "latest_raw.safetensors")
+
+
 def test_resume_without_state_and_restart_over_state_are_user_errors(tmp_path):
     with pytest.raises(SystemExit, match="nothing to resume"):
         train(_cfg(), tmp_path, resume=True, images=_images(), progress=False)
