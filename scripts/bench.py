@@ -51,6 +51,17 @@ def _timer(fn, repeat):
     return (time.perf_counter() - t0) / repeat * 1e3
 
 
+def _interleaved(contenders: dict, rounds: int, repeat: int) -> dict[str, list[float]]:
+    """Time every contender once per round, in turn, so machine load hits them all alike."""
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for k, fn in contenders.items():
+            time.sleep(0.05)     # let the previous contender's spinning pool threads go idle
+            fn()
+            samples[k].append(_timer(fn, repeat))
+    return samples
+
+
 def part_a(args):
     import numpy as np
     import onnxruntime as ort
@@ -114,12 +125,7 @@ def part_a(args):
     for fn in contenders.values():          # warm-up
         for _ in range(3):
             fn()
-    samples = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            time.sleep(0.05)     # let the previous contender's spinning pool threads go idle
-            fn()
-            samples[name].append(_timer(fn, args.repeat))
+    samples = _interleaved(contenders, args.rounds, args.repeat)
     med = {name: float(np.median(v)) for name, v in samples.items()}
     base = med["onnxruntime fp32 Conv"]
     rows = [{"kernel": name, "median_ms": med[name], "speedup_vs_onnxruntime": base / med[name]}
@@ -197,12 +203,7 @@ def part_b(args):
         ref = sess.run(None, feeds)[0]
         err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
         contenders = {"tvm": lambda: vm["main"](*targs), "ort": lambda: sess.run(None, feeds)}
-        samples = {k: [] for k in contenders}
-        for _ in range(args.rounds):
-            for k, fn in contenders.items():
-                time.sleep(0.05)
-                fn()
-                samples[k].append(_timer(fn, args.repeat))
+        samples = _interleaved(contenders, args.rounds, args.repeat)
         tvm_ms, ort_ms = (float(np.median(samples[k])) for k in ("tvm", "ort"))
         rows.append({"op": name, "tvm_ms": tvm_ms, "onnxruntime_ms": ort_ms,
                      "tvm_over_onnxruntime": tvm_ms / ort_ms, "max_rel_err": err})
@@ -259,12 +260,7 @@ def part_c(args):
                       "onnxruntime, binary ONNX": lambda: s_bin.run(None, feeds),
                       "onnxruntime, float ONNX": lambda: s_flt.run(None, feeds),
                       "PyTorch fp32": torch_step}
-        samples = {k: [] for k in contenders}
-        for _ in range(args.rounds):
-            for k, fn in contenders.items():
-                time.sleep(0.05)
-                fn()
-                samples[k].append(_timer(fn, args.repeat))
+        samples = _interleaved(contenders, args.rounds, args.repeat)
     med = {k: float(np.median(v)) for k, v in samples.items()}
     base = med["onnxruntime, float ONNX"]
     rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}

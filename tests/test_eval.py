@@ -13,13 +13,6 @@ from bidiff.models.metrics import psnr_y, ssim_y
 TINY = get_config("tiny-binary")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def photos(tmp_path):

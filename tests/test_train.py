@@ -16,14 +16,6 @@ from bidiff.runtime.schedule import alphas_cumprod
 TINY = get_config("tiny-binary")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: extra OpenMP threads under load make a 3 s test take minutes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _images(n: int = 3, size: int = 48) -> list[np.ndarray]:
     """Smooth random colour fields: structured enough to have learnable detail."""
