@@ -95,3 +95,20 @@ def test_tvm_backend_refusals(tvm_art: Path, tmp_path: Path) -> None:
     with pytest.raises(runtime.BackendError, match="no native library"):
         resolve_backend(onnx_only, "tvm")
     assert resolve_backend(onnx_only, "auto") == "onnxruntime"
+
+
+def test_libtvm_runtime_found_in_the_venv_lib(tmp_path, monkeypatch):
+    """The Pi install copies libtvm_runtime.so to <venv>/lib: found without BIDIFF_TVM_RUNTIME."""
+    import importlib.util
+    import sys
+
+    from bidiff.runtime.backends import tvm as tvm_backend
+    lib = tmp_path / "lib" / "libtvm_runtime.so"
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.delenv("BIDIFF_TVM_RUNTIME", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)   # no apache-tvm installed
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert tvm_backend.find_libtvm_runtime() == lib
+    lib.unlink()
+    assert tvm_backend.find_libtvm_runtime() is None

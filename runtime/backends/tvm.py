@@ -41,7 +41,9 @@ _loaded: dict[str, object] = {}     # "ffi": the tvm_ffi module, "threads": pool
 
 
 def find_libtvm_runtime() -> Path | None:
-    """``$BIDIFF_TVM_RUNTIME`` or ``<site-packages>/tvm/lib/libtvm_runtime.so`` (not imported)."""
+    """``$BIDIFF_TVM_RUNTIME``, else ``<site-packages>/tvm/lib/`` of an installed apache-tvm (not
+    imported), else ``<sys.prefix>/lib/`` — where the Raspberry Pi instructions put the one file
+    taken from the apache-tvm wheel, so a venv needs no environment variable."""
     env = os.environ.get(RUNTIME_ENV)
     if env:
         p = Path(env).expanduser()
@@ -57,6 +59,10 @@ def find_libtvm_runtime() -> Path | None:
                 p = Path(base) / sub / n
                 if p.is_file():
                     return p
+    for n in names:
+        p = Path(sys.prefix) / "lib" / n
+        if p.is_file():
+            return p
     return None
 
 
