@@ -263,7 +263,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 bar.set_postfix_str("float ONNX for comparison")
                 tmp = Path(tempfile.mkdtemp(prefix=".float-onnx-", dir=writer.staging.parent))
                 try:
-                    fpaths = export_float_onnx(model, tmp, tile=tile, metadata=meta)
+                    export_float_onnx(model, tmp, tile=tile, metadata=meta)
                     float_bytes = sum(p.stat().st_size for p in tmp.iterdir())
                     if float_onnx is not None:
                         float_path = Path(float_onnx)

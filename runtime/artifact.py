@@ -181,11 +181,11 @@ class Manifest:
             f"{self.model.formulation.get('type', 'official')}",
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
             f"steps       {self.default_steps} by default",
-            f"groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
+            "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
             f"target      {tgt}",
             f"library     {self.library or '-'}",
             f"backends    {', '.join(self.backends)}",
-            f"versions    " + ", ".join(f"{k} {v}" for k, v in self.versions.items() if v),
+            "versions    " + ", ".join(f"{k} {v}" for k, v in self.versions.items() if v),
         ]
         return "\n".join(lines)
 

@@ -16,8 +16,8 @@ from bidiff.exporter import export_artifact
 from bidiff.exporter.cli import main
 from bidiff.models import create_model, get_config, save_checkpoint, set_deploy
 from bidiff.runtime.artifact import read_artifact
+from conftest import GOLDEN   # the one definition of where the golden data lives
 
-GOLDEN = Path(os.environ.get("BIDIFF_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 
 @pytest.fixture(scope="module")

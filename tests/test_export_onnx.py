@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,8 +30,8 @@ from bidiff.exporter.onnx_export import WEIGHTS_FILE, write_onnx_graphs
 from bidiff.exporter.unroll import fold_biconv
 from bidiff.models import create_model, load_checkpoint, set_deploy
 from bidiff.runtime.binary_op import unpack_weights
+from conftest import GOLDEN   # the one definition of where the golden data lives
 
-GOLDEN = Path(os.environ.get("BIDIFF_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 TILE = 32
 TOL = 1e-4
 
@@ -185,6 +184,8 @@ def test_reexport_is_byte_identical_and_float_export_matches(tmp_path) -> None:
     model = _model("tiny-binary")
     a = write_onnx_graphs(model, tmp_path / "a", tile=16, metadata={"x": "1"})
     b = write_onnx_graphs(_model("tiny-binary"), tmp_path / "b", tile=16, metadata={"x": "1"})
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+    assert [p.name for p in a.values()] == [p.name for p in b.values()]
     for name in sorted(os.listdir(tmp_path / "a")):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     fl = write_onnx_graphs(model, tmp_path / "float", tile=16, binary=False, groups=[2])
