@@ -7,9 +7,12 @@ uint8 arrays because decoding PNGs every step would cost more than the patch its
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+import multiprocessing
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -85,3 +88,69 @@ def sample_batch(images: Sequence[np.ndarray], n: int, *, patch: int, scale: int
     lr = np.moveaxis(lr, -1, 1).astype(np.float32) / 255
     return Batch(hr=np.moveaxis(hr, -1, 1).astype(np.float32) / 255, lr=lr,
                  cond=upscale_condition(lr, scale))
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The data RNG of optimizer step ``step``: a pure function of (seed, step), so batches can
+    be made ahead in other processes and a resumed run sees the same batches."""
+    return np.random.default_rng([seed, step])
+
+
+_WORKER_IMAGES: Sequence[np.ndarray] = ()
+
+
+def _set_worker_images(images: Sequence[np.ndarray]) -> None:
+    global _WORKER_IMAGES
+    _WORKER_IMAGES = images
+
+
+def _worker_batch(n: int, patch: int, scale: int, seed: int, step: int) -> Batch:
+    return sample_batch(_WORKER_IMAGES, n, patch=patch, scale=scale, rng=step_rng(seed, step))
+
+
+class BatchStream:
+    """Training batches for steps ``start, start + 1, ...``, made ``workers`` processes ahead.
+
+    Why: on a GPU the bicubic pair-making on the CPU (about 20 ms for 16 patches of 64 px)
+    costs more than the optimizer step. ``workers=0`` makes each batch inline; any worker count
+    yields the same batches, since each is a function of (seed, step) alone. Workers are
+    spawned (not forked) because the trainer may already hold CUDA and OpenMP threads.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
+                 seed: int, start: int, workers: int = 0) -> None:
+        self._args = (n, patch, scale, seed)
+        self._images = images
+        self._next = start  # step of the batch __next__ returns
+        self._ahead = start  # step of the next batch handed to a worker
+        self._pool: ProcessPoolExecutor | None = None
+        self._queue: deque[Future[Batch]] = deque()
+        if workers > 0:
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_set_worker_images, initargs=(images,))
+            for _ in range(2 * workers):
+                self._submit()
+
+    def _submit(self) -> None:
+        assert self._pool is not None
+        self._queue.append(self._pool.submit(_worker_batch, *self._args, self._ahead))
+        self._ahead += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._pool is None:
+            n, patch, scale, seed = self._args
+            batch = sample_batch(self._images, n, patch=patch, scale=scale,
+                                 rng=step_rng(seed, self._next))
+        else:
+            batch = self._queue.popleft().result()
+            self._submit()
+        self._next += 1
+        return batch
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

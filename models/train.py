@@ -37,7 +37,7 @@ from torch import nn
 
 from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import read_metadata
-from bidiff.models.data import load_images, sample_batch
+from bidiff.models.data import BatchStream, load_images
 from bidiff.runtime.schedule import alphas_cumprod
 
 STATE_FILE = "state.pt"
@@ -141,7 +141,6 @@ class _Run:
     optimizer: torch.optim.Optimizer
     step: int
     train_seconds: float
-    data_rng: np.random.Generator
     noise_gen: torch.Generator
 
 
@@ -151,8 +150,7 @@ def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) 
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
-    return _Run(cfg, model_config, model, ema, opt, 0, 0.0,
-                np.random.default_rng(cfg.seed), gen)
+    return _Run(cfg, model_config, model, ema, opt, 0, 0.0, gen)
 
 
 def _state(run: _Run) -> dict[str, Any]:
@@ -160,8 +158,7 @@ def _state(run: _Run) -> dict[str, Any]:
             "model": run.model.state_dict(), "ema": run.ema.state_dict(),
             "optimizer": run.optimizer.state_dict(), "step": run.step,
             "train_seconds": run.train_seconds,
-            "rng": {"data": json.dumps(run.data_rng.bit_generator.state),
-                    "noise": run.noise_gen.get_state(), "torch": torch.get_rng_state()}}
+            "rng": {"noise": run.noise_gen.get_state(), "torch": torch.get_rng_state()}}
 
 
 def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Run:
@@ -176,7 +173,6 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
     run.ema.load_state_dict(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.step, run.train_seconds = state["step"], state["train_seconds"]
-    run.data_rng.bit_generator.state = json.loads(state["rng"]["data"])
     run.noise_gen.set_state(state["rng"]["noise"])
     torch.set_rng_state(state["rng"]["torch"])
     return run
@@ -185,8 +181,8 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
 def _init_from(run: _Run, path: Path) -> None:
     """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
     the model and the EMA, its ``steps`` / ``train_seconds`` metadata carry on; the optimizer
-    moments start afresh and the data/noise streams are reseeded with the step, so a run that
-    lost its ``state.pt`` is not thrown back to a random init."""
+    moments start afresh and the noise stream is reseeded with the step (the data stream is
+    per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init."""
     model, cfg = load_checkpoint(path)
     if cfg.name != run.model_config.name:
         raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")
@@ -195,7 +191,6 @@ def _init_from(run: _Run, path: Path) -> None:
     meta = read_metadata(path)
     run.step = int(meta.get("steps", 0))
     run.train_seconds = float(meta.get("train_seconds", 0.0))
-    run.data_rng = np.random.default_rng([run.config.seed, run.step])
     run.noise_gen.manual_seed(run.config.seed * 1_000_003 + run.step)
 
 
@@ -214,18 +209,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           overrides: dict[str, Any] | None = None, device: str = "cpu",
           images: Sequence[np.ndarray] | None = None, model_config: ModelConfig | None = None,
           until: int | None = None, progress: bool = True,
-          init: str | Path | None = None) -> _Run:
+          init: str | Path | None = None, workers: int = 0) -> _Run:
     """Train (or continue) a run in ``run_dir`` up to ``cfg.steps`` (or ``until``, if sooner).
 
     With ``resume`` the saved TrainConfig is used, updated by ``overrides`` (the flags a user
     gave explicitly). ``images`` (HWC uint8) replaces ``cfg.data`` and ``model_config``
     replaces the registry config ``cfg.model`` (both for tests). ``init`` starts a new run
-    from a weights-only checkpoint (see ``_init_from``).
+    from a weights-only checkpoint (see ``_init_from``). ``workers`` processes make batches
+    ahead (the batches do not depend on it).
     """
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     state_path = run_dir / STATE_FILE
     if resume:
         if not state_path.exists():
@@ -254,13 +252,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     losses: list[float] = []
     t_ckpt = t_log = time.monotonic()
     run.model.train()
+    batches = BatchStream(images, cfg.batch, patch=cfg.patch, scale=scale, seed=cfg.seed,
+                          start=run.step, workers=workers)
     stop: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while run.step < last and not stop:
             t0 = time.monotonic()
-            batch = sample_batch(images, cfg.batch, patch=cfg.patch, scale=scale, rng=run.data_rng)
+            batch = next(batches)
             t = int(torch.randint(0, len(abar), (1,), generator=run.noise_gen))
             noise = torch.randn(batch.hr.shape, generator=run.noise_gen).to(dev)
             for group in run.optimizer.param_groups:
@@ -298,6 +298,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        batches.close()
         bar.close()
         log.close()
     return run

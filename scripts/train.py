@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes making batches ahead, for GPUs (default: 0, inline)")
     args = parser.parse_args()
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -61,7 +63,7 @@ def main() -> None:
     if args.init and args.resume:
         raise SystemExit("--init starts a new run; --resume continues one: pass only one of them")
     train(cfg, run_dir, resume=args.resume, overrides=given, device=args.device, until=args.until,
-          init=args.init)
+          init=args.init, workers=args.workers)
 
 
 if __name__ == "__main__":

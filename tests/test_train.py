@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bidiff.models import create_model, get_config, load_checkpoint
-from bidiff.models.data import sample_batch
+from bidiff.models.data import BatchStream, sample_batch, step_rng
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
 from bidiff.runtime.formulation import Formulation
@@ -51,6 +51,25 @@ def test_loss_goes_down_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_batch_stream_is_the_same_with_worker_processes():
+    """Batches are a function of (seed, step): workers and the start step change nothing."""
+    images = _images()
+    inline = BatchStream(images, 3, patch=16, scale=2, seed=5, start=7)
+    ahead = BatchStream(images, 3, patch=16, scale=2, seed=5, start=8, workers=2)
+    try:
+        first = next(inline)
+        expect = sample_batch(images, 3, patch=16, scale=2, rng=step_rng(5, 7))
+        np.testing.assert_array_equal(first.hr, expect.hr)
+        for _ in range(5):
+            a, b = next(inline), next(ahead)
+            for x, y in [(a.hr, b.hr), (a.lr, b.lr), (a.cond, b.cond)]:
+                np.testing.assert_array_equal(x, y)
+        assert not np.array_equal(first.hr, a.hr)
+    finally:
+        inline.close()
+        ahead.close()
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

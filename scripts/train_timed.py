@@ -1,0 +1,64 @@
+"""Train within a wall-clock budget, ending on a full cosine anneal: `python scripts/train_timed.py
+--minutes 8 --device cuda --workers 12 ...` (how the shipped model was trained on a lent GPU).
+
+Why: a lent accelerator comes for minutes, and the cosine schedule needs its end step up front.
+Phase 1 trains at the constant peak LR (after the warm-up) for ``--probe-steps`` and measures
+the step rate; phase 2 resumes the same run with a cosine decay from there to the step the
+remaining budget reaches. Everything else is ``bidiff.models.train`` (same run directory,
+checkpoint format and log), so the run can still be resumed or annealed further by
+scripts/train.py.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bidiff.models.train import TrainConfig, train
+
+_RESTART_SECONDS = 20.0  # phase 2 loads the state and spawns its workers again
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="bidiff-s-x2", help="model config name")
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of both phases")
+    parser.add_argument("--probe-steps", type=int, default=600,
+                        help="constant-LR steps (warm-up included) that measure the rate")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--min-lr", type=float, default=1e-6)
+    parser.add_argument("--warmup-steps", type=int, default=500)
+    parser.add_argument("--data", default="data/train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None, help="run name (default: the config name)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes making batches ahead")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
+
+    deadline = time.monotonic() + args.minutes * 60
+    cfg = TrainConfig(model=args.config, data=args.data, steps=10**9, batch=args.batch,
+                      patch=args.patch, lr=args.lr, lr_schedule="constant",
+                      warmup_steps=args.warmup_steps, min_lr=args.min_lr, seed=args.seed,
+                      checkpoint_minutes=1e9)
+    run_dir = args.runs / (args.name or args.config)
+    common = dict(device=args.device, workers=args.workers)
+    run = train(cfg, run_dir, until=args.probe_steps, **common)
+    rate = run.step / max(run.train_seconds, 1e-9)  # loop time: start-up costs are not per step
+    extra = int(0.95 * rate * max(0.0, deadline - time.monotonic() - _RESTART_SECONDS))
+    print(f"phase 1: {run.step} steps at {rate:.2f} steps/s; cosine over {extra} more steps", flush=True)
+    train(cfg, run_dir, resume=True, overrides={"lr_schedule": "cosine", "decay_start": run.step,
+                                                "steps": run.step + extra}, **common)
+
+
+if __name__ == "__main__":
+    main()
