@@ -14,7 +14,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm.relax.frontend import onnx as relax_onnx  # noqa: E402
 
-from bidiff.exporter.tvm.float_schedules import (SCHEDULE_ATTR, ScheduleFloatOps,  # noqa: E402
+from bidiff.exporter.tvm.float_schedules import (LEGALIZE, SCHEDULE_ATTR, ScheduleFloatOps,  # noqa: E402
                                                  legalize_fast_sigmoid, relax_pipeline)
 from bidiff.exporter.tvm.target import host_target  # noqa: E402
 
@@ -87,3 +87,55 @@ def test_scheduled_graph_matches_onnxruntime(model):
     # float32 with different summation orders and the fast exp in Swish (max rel err ~4e-6,
     # TVM_NOTES); outputs are O(1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _attention_model(tokens: int = 64, c: int = 32):
+    """The bottleneck attention core as the exporter writes it: (q^T k) / sqrt(c), softmax over
+    keys, the probabilities transposed, v @ p^T."""
+    nodes = [
+        helper.make_node("MatMul", ["qt", "k"], ["s"]),
+        helper.make_node("Div", ["s", "scale"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["v", "pt"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+              [("qt", [1, tokens, c]), ("k", [1, c, tokens]), ("v", [1, c, tokens])]]
+    graph = helper.make_graph(
+        nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, tokens])],
+        [numpy_helper.from_array(np.array(np.sqrt(c), np.float32), "scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_attention_core_is_scheduled_and_matches_onnxruntime():
+    """Panel-packed matmuls, the tiled transpose and the vector softmax reductions (each a
+    schedule of its own) against onnxruntime, at a size where every one of them applies."""
+    target = host_target()
+    model = _attention_model()
+    mod = relax_onnx.from_onnx(model)
+    with target:
+        scheduled = tvm.transform.Sequential(
+            cpu_pipeline.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(LEGALIZE), relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FuseOps(), relax.transform.FuseTIR(), ScheduleFloatOps(target)])(mod)
+    funcs = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    rules = {n: f.attrs[SCHEDULE_ATTR] for n, f in funcs.items()}
+    assert sorted(r for n, r in rules.items() if "matmul" in n) == ["matmul", "matmul"], rules
+    scripts = {n: f.script() for n, f in funcs.items()}
+    assert sum("_global" in s for n, s in scripts.items() if "matmul" in n) == 2   # packed panels
+    softmax = next(s for n, s in scripts.items() if "softmax" in n)
+    assert "_rf_local" in softmax and "T.vectorized" in softmax
+    transpose = next(s for n, s in scripts.items() if n.startswith("transpose"))
+    assert "T.int64(16)" in transpose
+
+    ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(3)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]
+                                         ).astype(np.float32) for i in model.graph.input}
+    got = vm["main"](*(tvm.runtime.tensor(feeds[i.name], tvm.cpu()) for i in model.graph.input)).numpy()
+    ref = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
