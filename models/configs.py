@@ -95,7 +95,7 @@ def bidiff_s_x2() -> ModelConfig:
     return ModelConfig("bidiff-s-x2", _net(inner_channel=32, norm_groups=8, channel_mults=[1, 2, 4],
                                            dropout=0.0, image_size=64, fp_res=[]),
                        2, Formulation("residual", 4.0),
-                       "the shipped x2 model: all-binary, 3 levels, trained on CPU (residual target)")
+                       "the shipped x2 model: all-binary, 3 levels, residual target")
 
 
 @register_config

@@ -72,6 +72,8 @@ def test_every_primfunc_gets_a_rule(model):
     conv_rules = [r for n, r in rules.items() if "conv2d" in n]
     assert conv_rules and set(conv_rules) == {"conv2d_nchw"}, rules
     assert any("group_norm" in n and r == "reduction" for n, r in rules.items()), rules
+    gn = [f.script() for gv, f in mod.functions.items() if "group_norm" in gv.name_hint]
+    assert gn and all("_rf_local" in s and "T.vectorized" in s for s in gn)   # vector sums
     assert all(f.attrs["tirx.is_scheduled"] for f in mod.functions.values()
                if isinstance(f, tvm.tirx.PrimFunc))
 

@@ -216,20 +216,23 @@ def _vectorize_inner_reduction(sch: s_tir.Schedule, blk, lanes: int) -> None:
     accumulates ``lanes`` partial results in a vector (``rfactor``), then folds them: the
     scalar loop ran ~7 ns per element for the 1024 x 1024 attention softmax."""
     block = sch.get(blk)
-    red = [iv for iv in block.iter_vars if int(iv.iter_type) == 2]
+    n_red = sum(1 for iv in block.iter_vars if int(iv.iter_type) == 2)
     loops = sch.get_loops(blk)
-    ext = _extent(sch, loops[-1])
-    if len(red) != 1 or ext is None or ext % lanes or ext < 4 * lanes:
+    if any(int(iv.iter_type) != 2 for iv in block.iter_vars[len(block.iter_vars) - n_red:]) \
+            or len(loops) < n_red or not _inner_contiguous(sch, blk):
         return
-    if not _inner_contiguous(sch, blk):
+    inner = sch.fuse(*loops[-n_red:]) if n_red > 1 else loops[-1]   # GroupNorm: (c, y, x)
+    ext = _extent(sch, inner)
+    if ext is None or ext % lanes or ext < 4 * lanes:
         return
-    _, ki = sch.split(loops[-1], [None, lanes])
-    rf = sch.rfactor(ki, factor_axis=len(block.iter_vars) - 1)   # partials [..., lanes]
+    _, ki = sch.split(inner, [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=len(block.iter_vars) - n_red)   # partials [..., lanes]
     rf_loops = sch.get_loops(rf)
     sch.vectorize(rf_loops[-1])
     if len(rf_loops) > 2:                       # fold each row's partials right after its loop,
         sch.reverse_compute_at(blk, rf_loops[-3])   # so they can stay in a register
-        sch.set_scope(rf, 0, "local")
+        for i in range(len(sch.get(rf).writes)):   # GroupNorm: sum and sum of squares
+            sch.set_scope(rf, i, "local")
 
 
 def _block_exists(sch: s_tir.Schedule, name: str) -> bool:
@@ -391,11 +394,12 @@ def _pack_matmul_rhs(sch: s_tir.Schedule, mm, n_sp: int, width: int, row_tiles: 
             return
 
 
-def schedule_with_reduction(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+def schedule_with_reduction(sch: s_tir.Schedule, variant: KernelVariant, *,
+                            vector_reductions: bool = True) -> None:
     _inline_spatial_producers(sch)
     for blk in _root_blocks(sch):
         if _is_reduction(sch, blk):
-            _parallel_reduction(sch, blk, _LANES[variant])
+            _parallel_reduction(sch, blk, _LANES[variant] if vector_reductions else 1)
         else:
             _parallel_vectorize(sch, blk, _LANES[variant])
 
@@ -420,6 +424,7 @@ def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant,
         rules.append(("matmul", schedule_matmul))
     if has_red:
         rules.append(("reduction", schedule_with_reduction))
+        rules.append(("reduction", lambda s, v: schedule_with_reduction(s, v, vector_reductions=False)))
     else:
         rules.append(("elementwise", schedule_elementwise))
     for rule_name, rule in rules:
