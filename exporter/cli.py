@@ -56,11 +56,14 @@ def summary(r: ExportResult) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--float-onnx", type=click.Path(), default=None,
               help="Also keep the plain float ONNX export (for benchmarks) in this directory.")
+@click.option("--steps", default=None, type=int,
+              help="DDIM steps the artifact runs when the caller gives none, 1..1000. Default: "
+                   "the checkpoint's recommendation (20 for the shipped model), else 50.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def cli(checkpoint, out, target, config, tile, force, float_onnx, progress) -> None:
+def cli(checkpoint, out, target, config, tile, force, float_onnx, steps, progress) -> None:
     """Export a BI-DiffSR checkpoint (default: the shipped model) to a bidiff artifact."""
     result = export_artifact(checkpoint, config=config, target=target, out=out, tile=tile,
-                             force=force, progress=progress, float_onnx=float_onnx)
+                             force=force, progress=progress, float_onnx=float_onnx, steps=steps)
     click.echo(summary(result))
 
 

@@ -40,6 +40,7 @@ __all__ = ["ExportError", "ExportResult", "export_artifact", "export_float_onnx"
            "DEFAULT_TILE", "ONNX_DIR"]
 
 DEFAULT_TILE = 128
+DEFAULT_STEPS = 50       # the official sampler's; a checkpoint may recommend another
 ONNX_DIR = "onnx"
 LIBRARY_FILE = "model.so"
 _MIN_TILE_MULTIPLE = 8
@@ -108,6 +109,25 @@ def _load(checkpoint, config):
         msg = " ".join(str(e).split())[:200]
         raise ExportError(f"cannot read checkpoint {path} ({type(e).__name__}: {msg})") from None
     return model, cfg, path
+
+
+def _check_steps(steps, what: str) -> int:
+    from bidiff.runtime.api import MAX_STEPS
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ExportError(f"{what} must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
+    return steps
+
+
+def _recommended_steps(ckpt_path: Path) -> int:
+    """The checkpoint's ``default_steps`` metadata (bidiff safetensors only), else 50."""
+    if ckpt_path.suffix != ".safetensors":
+        return DEFAULT_STEPS
+    from bidiff.models.checkpoint import read_metadata
+    value = read_metadata(ckpt_path).get("default_steps")
+    if value is None:
+        return DEFAULT_STEPS
+    return _check_steps(int(value) if value.isdigit() else value,
+                        f"{ckpt_path.name}: metadata default_steps")
 
 
 def _graph_metadata(cfg, ckpt_sha: str) -> dict[str, str]:
@@ -182,7 +202,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                     target: str = "onnx", out: str | os.PathLike, tile: int = DEFAULT_TILE,
                     force: bool = False, progress: bool = True,
                     float_onnx: str | os.PathLike | None = None,
-                    measure_float: bool = True) -> ExportResult:
+                    measure_float: bool = True, steps: int | None = None) -> ExportResult:
     """Export a checkpoint to an artifact at ``out`` (a directory, or a ``.bidiff`` zip).
 
     - ``checkpoint``: a bidiff safetensors checkpoint (carries its config) or an official
@@ -198,11 +218,15 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
     - ``float_onnx``: also keep the plain float ONNX export (same graphs, standard Conv with
       alpha*sign(W)) in this directory; default None: it is built in a temp dir only to measure
       its size for the summary (``measure_float=False`` skips even that).
+    - ``steps``: the DDIM steps the runtime uses when a caller gives none; default None = the
+      checkpoint's ``default_steps`` metadata (a trainer's measured recommendation), else 50.
     """
     spec = get_target(target) if isinstance(target, str) else None
     if spec is None:
         raise ExportError(f"target must be a name, got {target!r}")
     check_tile(tile)
+    if steps is not None:
+        _check_steps(steps, "steps")
     if isinstance(config, str):
         from bidiff.models import get_config
         get_config(config)                      # unknown name -> ValueError listing valid ones
@@ -243,6 +267,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 model=ModelInfo(name=cfg.name, network=dict(cfg.network), scale=int(cfg.scale),
                                 formulation=cfg.formulation.to_dict()),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
+                default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
                 versions=_versions())
             if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
                 bar.set_postfix_str(f"compiling for {spec.name}")

@@ -61,7 +61,7 @@ class Upscaler:
         image: a PIL image, a path, or an H x W (x 3 | x 4) uint8 / uint16 / float numpy array.
         The result has the same kind (PIL in -> PIL out, path in -> PIL out, uint8 in -> uint8
         out); alpha is upscaled with plain bicubic and reattached (``images`` module docstring).
-        steps: DDIM steps, 1..1000; None = the artifact's ``default_steps`` (50 for the shipped
+        steps: DDIM steps, 1..1000; None = the artifact's ``default_steps`` (20 for the shipped
         model). seed: seeds x_T; the same seed, image and backend give identical bytes.
         progress: ``progress(done, total)`` after every network evaluation (tiles x steps).
         overlap: HR pixels shared by neighbouring tiles (default: a quarter of the tile).

@@ -93,7 +93,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Artifact folder or .bidiff file. Default: the one for this host in "
                    "$BIDIFF_CACHE or ~/.cache/bidiff.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help="DDIM steps, 1..1000. Default: the artifact's (50 for the shipped model).")
+              help="DDIM steps, 1..1000. Default: the artifact's (20 for the shipped model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS or all cores.")

@@ -69,6 +69,33 @@ def test_export_artifact_roundtrip(tiny_ckpt, tmp_path) -> None:
         assert (out / rel).read_bytes() == (tmp_path / "art2" / rel).read_bytes(), rel
 
 
+def test_default_steps_come_from_the_checkpoint_or_the_flag(tmp_path) -> None:
+    """A checkpoint's ``default_steps`` metadata becomes the artifact's default; --steps wins;
+    without either it is 50; a damaged value is a one-line error."""
+    model = create_model("tiny-binary")
+    plain, tuned, bad = (tmp_path / f"{n}.safetensors" for n in ("plain", "tuned", "bad"))
+    save_checkpoint(plain, model, get_config("tiny-binary"))
+    save_checkpoint(tuned, model, get_config("tiny-binary"), extra_metadata={"default_steps": "12"})
+    save_checkpoint(bad, model, get_config("tiny-binary"), extra_metadata={"default_steps": "x"})
+    kw = dict(tile=16, progress=False, measure_float=False)
+    for ckpt, steps, want in [(plain, None, 50), (tuned, None, 12), (tuned, 7, 7)]:
+        out = tmp_path / f"{ckpt.stem}-{steps}"
+        export_artifact(ckpt, out=out, steps=steps, **kw)
+        assert read_artifact(out).manifest.default_steps == want
+    with pytest.raises(ValueError, match="bad.safetensors: metadata default_steps must be an integer"):
+        export_artifact(bad, out=tmp_path / "bad-art", **kw)
+    assert not (tmp_path / "bad-art").exists()
+
+
+def test_shipped_checkpoint_recommends_20_steps() -> None:
+    """The shipped model's measured best step count (README table) travels in its metadata."""
+    from bidiff.models import SHIPPED_CHECKPOINT
+    from bidiff.models.checkpoint import read_metadata
+    if not Path(SHIPPED_CHECKPOINT).is_file():
+        pytest.skip("the shipped checkpoint is not installed")
+    assert read_metadata(SHIPPED_CHECKPOINT)["default_steps"] == "20"
+
+
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:
     out = tmp_path / "a.bidiff"
     proc = subprocess.run([sys.executable, "-m", "bidiff.exporter.cli", str(tiny_ckpt), "--out", str(out),
@@ -95,6 +122,8 @@ def test_cli_bad_input_battery(tiny_ckpt, tmp_path, capsys) -> None:
     _bad([str(tiny_ckpt), *base, "--target", "riscv"], capsys, "valid targets: onnx, x86_64")
     _bad([str(tiny_ckpt), "--out", str(out), "--tile", "20"], capsys, "multiple of 8")
     _bad([str(tiny_ckpt), "--out", str(out), "--tile", "abc"], capsys, "abc")
+    _bad([str(tiny_ckpt), *base, "--steps", "0"], capsys,
+         "steps must be an integer between 1 and 1000, got 0")
     _bad([str(tmp_path / "missing.safetensors"), *base], capsys, "does not exist")
     golden = GOLDEN / "small" / "net_g.pth"
     _bad([str(golden), *base, "--config", "tiny-binary"], capsys, "does not fit config 'tiny-binary'")
