@@ -271,8 +271,11 @@ def part_c(args):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    # the TVM thread pool reads TVM_NUM_THREADS once, when libtvm_runtime loads
+    # the TVM thread pool reads TVM_NUM_THREADS once, when libtvm_runtime loads; its core
+    # binding is switched off as the runtime does: bound, it slowed the other contenders'
+    # pools in this process (onnxruntime's conv 8.0 ms instead of 4.2), inflating the ratios
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ["TVM_BIND_THREADS"] = "0"
     if "tvm" in sys.modules:
         print("warning: tvm already imported; TVM_NUM_THREADS may not apply", file=sys.stderr)
     import tvm

@@ -4,6 +4,7 @@ as the fake ONNX graphs of test_runtime_artifact, so both backends must agree.""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,17 +73,20 @@ heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 't
 ort = runtime.load(sys.argv[1], backend="onnxruntime", threads=1).upscale(img, steps=4, seed=3)
 import os
 print("threads", os.environ.get("TVM_NUM_THREADS"), "heavy", heavy,
+      "bind", os.environ.get("TVM_BIND_THREADS"),
       "maxdiff", int(np.abs(a.astype(int) - ort.astype(int)).max()))
 """
 
 
 def test_tvm_backend_matches_onnxruntime_and_stays_light(tvm_art: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tvm_art)], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     words = r.stdout.split()
     assert words[:2] == ["threads", "2"] and r.stdout.split("heavy ")[1].startswith("[]"), r.stdout
     assert int(words[-1]) <= 1, r.stdout          # float32 on both sides; uint8 rounding may differ by 1
+    assert words[words.index("bind") + 1] == "0", r.stdout    # TVM's core binding off by default
 
 
 def test_tvm_backend_refusals(tvm_art: Path, tmp_path: Path) -> None:

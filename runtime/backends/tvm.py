@@ -9,6 +9,9 @@ No ``import tvm`` (that is the 240 MB compiler): ``libtvm_runtime.so`` is loaded
 
 - Threads: the TVM pool size is read from ``TVM_NUM_THREADS`` when libtvm_runtime loads, so it
   is set first; a later request for another count cannot take effect (a warning says so).
+  ``TVM_BIND_THREADS`` defaults to 0 here (unless the caller set it): with TVM's core binding,
+  other thread pools of the same process suffered (onnxruntime's 64->64 conv 8.0 ms vs 4.2 ms
+  unbound, 2 threads) and TVM's own step was slower too (96-102 ms vs 80 ms for bidiff-s-x2).
 - Inputs are copied into 64-byte-aligned buffers before they are handed over zero-copy: a
   misaligned buffer crashes inside the compiled kernels with no error.
 - libtvm_runtime is looked up in ``$BIDIFF_TVM_RUNTIME`` (a file), else in the installed
@@ -97,6 +100,7 @@ def load_tvm_runtime(threads: int | None = None):
                                f"{RUNTIME_ENV} to its path")
         if threads is not None:
             os.environ["TVM_NUM_THREADS"] = str(threads)
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
         try:
             tvm_ffi = _import_tvm_ffi_without_torch()
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
