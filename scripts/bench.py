@@ -271,11 +271,14 @@ def part_c(args):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    # the TVM thread pool reads TVM_NUM_THREADS once, when libtvm_runtime loads; its core
-    # binding is switched off as the runtime does: bound, it slowed the other contenders'
-    # pools in this process (onnxruntime's conv 8.0 ms instead of 4.2), inflating the ratios
+    # the TVM thread pool reads its settings once, when libtvm_runtime loads; the runtime's
+    # (bidiff.runtime.backends.tvm): by default a TVM worker busy-waits ~240 ms after every
+    # call, so the next contender ran against a spinning core (onnxruntime's conv measured
+    # 8 ms instead of 2.5 ms: the ratios flattered TVM)
+    from bidiff.runtime.backends.tvm import SPIN_COUNT
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ["TVM_BIND_THREADS"] = "0"
+    os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = str(SPIN_COUNT)
     if "tvm" in sys.modules:
         print("warning: tvm already imported; TVM_NUM_THREADS may not apply", file=sys.stderr)
     import tvm

@@ -73,13 +73,14 @@ heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 't
 ort = runtime.load(sys.argv[1], backend="onnxruntime", threads=1).upscale(img, steps=4, seed=3)
 import os
 print("threads", os.environ.get("TVM_NUM_THREADS"), "heavy", heavy,
-      "bind", os.environ.get("TVM_BIND_THREADS"),
+      "bind", os.environ.get("TVM_BIND_THREADS"), "spin", os.environ.get("TVM_THREAD_POOL_SPIN_COUNT"),
       "maxdiff", int(np.abs(a.astype(int) - ort.astype(int)).max()))
 """
 
 
 def test_tvm_backend_matches_onnxruntime_and_stays_light(tvm_art: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tvm_art)], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -87,6 +88,7 @@ def test_tvm_backend_matches_onnxruntime_and_stays_light(tvm_art: Path) -> None:
     assert words[:2] == ["threads", "2"] and r.stdout.split("heavy ")[1].startswith("[]"), r.stdout
     assert int(words[-1]) <= 1, r.stdout          # float32 on both sides; uint8 rounding may differ by 1
     assert words[words.index("bind") + 1] == "0", r.stdout    # TVM's core binding off by default
+    assert words[words.index("spin") + 1] == "10000", r.stdout  # no 240 ms busy-wait per call
 
 
 def test_tvm_backend_refusals(tvm_art: Path, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ No ``import tvm`` (that is the 240 MB compiler): ``libtvm_runtime.so`` is loaded
 
 - Threads: the TVM pool size is read from ``TVM_NUM_THREADS`` when libtvm_runtime loads, so it
   is set first; a later request for another count cannot take effect (a warning says so).
-  ``TVM_BIND_THREADS`` defaults to 0 here (unless the caller set it): with TVM's core binding,
-  other thread pools of the same process suffered (onnxruntime's 64->64 conv 8.0 ms vs 4.2 ms
-  unbound, 2 threads) and TVM's own step was slower too (96-102 ms vs 80 ms for bidiff-s-x2).
+  Two more pool settings default here unless the caller set them: ``TVM_BIND_THREADS=0``
+  (with TVM's core binding the shipped model's step was slower: 96-102 vs 80 ms) and
+  ``TVM_THREAD_POOL_SPIN_COUNT=10000``: by default a worker busy-waits ~240 ms at 100% of a
+  core after every call, which on a Pi burns power and steals a core from whatever runs next
+  (onnxruntime in the same process measured 3x slower); the step time did not change.
 - Inputs are copied into 64-byte-aligned buffers before they are handed over zero-copy: a
   misaligned buffer crashes inside the compiled kernels with no error.
 - libtvm_runtime is looked up in ``$BIDIFF_TVM_RUNTIME`` (a file), else in the installed
@@ -101,6 +103,7 @@ def load_tvm_runtime(threads: int | None = None):
         if threads is not None:
             os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ.setdefault("TVM_BIND_THREADS", "0")
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
         try:
             tvm_ffi = _import_tvm_ffi_without_torch()
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
@@ -112,6 +115,9 @@ def load_tvm_runtime(threads: int | None = None):
             int(os.environ.get("TVM_NUM_THREADS", "0") or 0) or None
         _loaded["lib"] = str(lib)
         return tvm_ffi
+
+
+SPIN_COUNT = 10_000   # TVM's worker spin before it sleeps (its default spins ~240 ms)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype, align: int = ALIGN) -> np.ndarray:
