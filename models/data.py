@@ -7,11 +7,11 @@ uint8 arrays because decoding PNGs every step would cost more than the patch its
 """
 from __future__ import annotations
 
+import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-import multiprocessing
 from typing import Iterator, Sequence
 
 import numpy as np
