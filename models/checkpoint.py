@@ -93,3 +93,15 @@ def load_checkpoint(path: str | os.PathLike | None = None,
     check_state_dict(model, state, cfg.name)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.eval(), cfg
+
+
+def load_or_random(checkpoint: str | os.PathLike | None, config: str | None = None, *,
+                   seed: int = 0) -> BIDiffSRUNet:
+    """A checkpoint's model, or (no checkpoint) ``config`` with a seeded random init; eval mode.
+    For benchmarks and profiles, where speed does not depend on the weights."""
+    if checkpoint:
+        model, _ = load_checkpoint(checkpoint, config)
+    else:
+        torch.manual_seed(seed)
+        model = create_model(config)
+    return model.eval()

@@ -223,14 +223,9 @@ def part_c(args):
     from bidiff.exporter.onnx_export import write_onnx_graphs
     from bidiff.exporter.targets import get_target
     from bidiff.exporter.tvm.build import build_library
-    from bidiff.models import create_model, load_checkpoint
+    from bidiff.models import load_or_random
 
-    if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint, args.config)
-    else:
-        torch.manual_seed(0)
-        model = create_model(args.config)
-    model.eval()
+    model = load_or_random(args.checkpoint, args.config)
     s = args.tile
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

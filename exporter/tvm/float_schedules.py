@@ -136,7 +136,7 @@ def _inner_contiguous(sch: s_tir.Schedule, blk) -> bool:
             continue
         idx = str(r.region[-1].min)
         if last not in idx or int(r.region[-1].extent) != 1:
-            if len(r.region) == 1 and str(r.region[0].extent) != "1":
+            if len(r.region) == 1 and not _is_one(r.region[0].extent):
                 continue                 # a whole small vector (per-channel params)
             if all(_is_one(d.extent) and last not in str(d.min) for d in r.region):
                 continue                 # a broadcast scalar

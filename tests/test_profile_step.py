@@ -1,0 +1,26 @@
+"""scripts/profile_step.py: a per-kernel table of one TVM step that accounts for the step."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tvm")
+
+
+def test_profile_table_lists_the_binary_kernels(capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", Path(__file__).parents[1] / "scripts" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--config", "tiny-binary", "--tile", "16", "--top", "1000"]) == 0
+    out = capsys.readouterr().out
+    step = float(re.search(r"thread\(s\): ([0-9.]+) ms", out).group(1))
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    names = [r[0].strip() for r in rows]
+    assert any(n.startswith("bidiff_bconv_") for n in names), names
+    ms = [float(r[2]) for r in rows]
+    assert ms == sorted(ms, reverse=True)
+    assert 0.3 * step < sum(ms) <= step * 1.01            # the calls account for the step
