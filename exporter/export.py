@@ -130,6 +130,17 @@ def _recommended_steps(ckpt_path: Path) -> int:
                         f"{ckpt_path.name}: metadata default_steps")
 
 
+def _tuned_time_shift(ckpt_path: Path) -> int:
+    """The checkpoint's sampler ``time_shift`` metadata (bidiff safetensors only), else 0."""
+    if ckpt_path.suffix != ".safetensors":
+        return 0
+    from bidiff.models.checkpoint import checkpoint_time_shift, read_metadata
+    try:
+        return checkpoint_time_shift(read_metadata(ckpt_path), ckpt_path.name)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
 def _graph_metadata(cfg, ckpt_sha: str) -> dict[str, str]:
     from bidiff.runtime.artifact import _bidiff_version
     return {"config": cfg.to_json(), "config_name": cfg.name, "scale": str(cfg.scale),
@@ -268,6 +279,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                                 formulation=cfg.formulation.to_dict()),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
+                time_shift=_tuned_time_shift(ckpt_path),
                 versions=_versions())
             if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
                 bar.set_postfix_str(f"compiling for {spec.name}")

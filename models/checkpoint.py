@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bidiff.runtime.schedule import check_time_shift
+
 from .configs import ModelConfig, get_config
 from .unet import BIDiffSRUNet
 
@@ -37,6 +39,17 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def checkpoint_time_shift(meta: Mapping[str, str], source: str) -> int:
+    """The sampler time shift a checkpoint was tuned with (metadata ``time_shift``), else 0."""
+    value = meta.get("time_shift")
+    if value is None:
+        return 0
+    try:
+        return check_time_shift(int(value) if value.isdigit() else value)
+    except ValueError as e:
+        raise ValueError(f"{source}: metadata {e}") from None
 
 
 def _read_state_dict(path: Path, config: ModelConfig | None) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from bidiff.models import ModelConfig
-from bidiff.models.checkpoint import read_metadata
+from bidiff.models.checkpoint import checkpoint_time_shift, read_metadata
 from bidiff.models.data import list_images, load_rgb, make_pair
 from bidiff.models.layers import HardBinaryConv
 from bidiff.models.metrics import psnr_y, ssim_y
@@ -59,7 +59,8 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
 
 def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple[str, np.ndarray]],
              *, steps: Sequence[int] = (50, 20, 10), seed: int = 0,
-             max_side: int | None = None) -> tuple[EvalResult, dict[str, np.ndarray]]:
+             max_side: int | None = None, time_shift: int = 0,
+             ) -> tuple[EvalResult, dict[str, np.ndarray]]:
     """Score bicubic and the model on HWC uint8 HR ``images``; also return the images made.
 
     Crops of one size are sampled as one batch (the same noise seed per batch), so a folder
@@ -83,7 +84,7 @@ def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple
                 made = cond
             else:
                 made = sample(model, torch.from_numpy(cond), steps=n, seed=seed,
-                              formulation=config.formulation).image.numpy()
+                              formulation=config.formulation, time_shift=time_shift).image.numpy()
             for k, img in zip(names, made):
                 out, hr = to_uint8(img), to_uint8(pairs[k].hr[0])
                 outputs[f"{k}/{method}"] = out
@@ -131,21 +132,26 @@ def comparison_picture(outputs: dict[str, np.ndarray], names: Sequence[str], sr_
 
 def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | Path, *,
              steps: Sequence[int] = (50, 20, 10), seed: int = 0, max_side: int | None = None,
-             limit: int | None = None, picture_crop: int = 128) -> EvalResult:
+             limit: int | None = None, picture_crop: int = 128,
+             time_shift: int | None = None) -> EvalResult:
     """Evaluate a checkpoint (None: the shipped one) on a folder; write results.md/.json and
-    comparison.png into ``out_dir``."""
+    comparison.png into ``out_dir``. ``time_shift``: None = the checkpoint's (metadata
+    ``time_shift``, else 0), as an artifact exported from it would sample."""
     from bidiff.models import SHIPPED_CHECKPOINT, load_checkpoint
 
     path = Path(checkpoint) if checkpoint else SHIPPED_CHECKPOINT
     model, config = load_checkpoint(path)
     files = list_images(folder)[:limit]
     images = [(p.stem, load_rgb(p)) for p in files]
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if time_shift is None:
+        time_shift = checkpoint_time_shift(meta, path.name)
     t0 = time.monotonic()
-    result, outputs = evaluate(model, config, images, steps=steps, seed=seed, max_side=max_side)
-    meta = read_metadata(path)
+    result, outputs = evaluate(model, config, images, steps=steps, seed=seed, max_side=max_side,
+                               time_shift=time_shift)
     result.info = {"checkpoint": str(path), "config": config.name,
                    "formulation": config.formulation.type, "folder": str(folder),
-                   "max_side": str(max_side), "seed": str(seed),
+                   "max_side": str(max_side), "seed": str(seed), "time_shift": str(time_shift),
                    "eval_seconds": f"{time.monotonic() - t0:.0f}",
                    **{k: meta[k] for k in ("steps", "train_seconds", "hardware", "weights") if k in meta},
                    **{k: str(v) for k, v in model_size(model).items()}}

@@ -28,12 +28,12 @@ class SampleResult:
 def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
            noise: torch.Tensor | None = None, seed: int = 0,
            formulation: Formulation | None = None, dtype: torch.dtype = torch.float32,
-           record: bool = False) -> SampleResult:
+           time_shift: int = 0, record: bool = False) -> SampleResult:
     """DDIM (eta = 0) from x_T to x0 for a condition [B, 3, H, W] (any H, W).
 
     The condition is reflect-padded (bottom/right) to the model's input multiple, x_T is
     ``noise`` (padded size) or N(0, 1) from ``torch.Generator().manual_seed(seed)``; the result
-    is cropped back and clamped to [0, 1].
+    is cropped back and clamped to [0, 1]. ``time_shift``: see ``DDIMScheduler`` (0 = official).
     """
     form = formulation or Formulation()
     model = model.to(dtype)
@@ -45,12 +45,12 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
         noise = torch.randn(cond_p.shape, generator=torch.Generator().manual_seed(seed))
     if tuple(noise.shape) != tuple(cond_p.shape):
         raise ValueError(f"noise must have the padded shape {tuple(cond_p.shape)}, got {tuple(noise.shape)}")
-    sched = DDIMScheduler()
+    sched = DDIMScheduler(time_shift=time_shift)
     timesteps = sched.set_timesteps(steps)
     x = noise.to(dtype)
     result = SampleResult(image=x, raw=x)
-    for i, t in enumerate(timesteps):
-        tt = torch.full((b, 1), int(t), dtype=torch.int64)
+    for i in range(len(timesteps)):
+        tt = torch.full((b, 1), int(sched.model_timesteps[i]), dtype=torch.int64)
         eps = model(x, cond_p, tt)
         if record:
             result.x_t.append(x.clone())

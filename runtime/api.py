@@ -55,22 +55,27 @@ class Upscaler:
                 f"artifact={str(self.artifact.source)!r})")
 
     def upscale(self, image: Any, *, steps: int | None = None, seed: int = 0,
-                progress: Progress | None = None, overlap: int | None = None) -> Any:
+                progress: Progress | None = None, overlap: int | None = None,
+                time_shift: int | None = None) -> Any:
         """Super-resolve ``image`` by the artifact's scale.
 
         image: a PIL image, a path, or an H x W (x 3 | x 4) uint8 / uint16 / float numpy array.
         The result has the same kind (PIL in -> PIL out, path in -> PIL out, uint8 in -> uint8
         out); alpha is upscaled with plain bicubic and reattached (``images`` module docstring).
-        steps: DDIM steps, 1..1000; None = the artifact's ``default_steps`` (20 for the shipped
+        steps: DDIM steps, 1..1000; None = the artifact's ``default_steps`` (50 for the shipped
         model). seed: seeds x_T; the same seed, image and backend give identical bytes.
         progress: ``progress(done, total)`` after every network evaluation (tiles x steps).
         overlap: HR pixels shared by neighbouring tiles (default: a quarter of the tile).
+        time_shift: the network is asked for eps at max(0, t - time_shift) (``DDIMScheduler``);
+        None = the artifact's, which was measured at its default steps.
         """
         steps = check_steps(self.manifest.default_steps if steps is None else steps)
         inp = images.load_input(image)
         with self._lock:
             rgb = sample(self.backend, inp.rgb, scale=self.scale, formulation=self.formulation,
-                         steps=steps, seed=int(seed), overlap=overlap, progress=progress)
+                         steps=steps, seed=int(seed), overlap=overlap,
+                         time_shift=self.manifest.time_shift if time_shift is None else time_shift,
+                         progress=progress)
         alpha = images.upscale_alpha(inp.alpha, self.scale) if inp.alpha is not None else None
         return images.to_output(rgb, alpha, inp)
 

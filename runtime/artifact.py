@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .schedule import check_time_shift
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".bidiff"
@@ -94,6 +96,7 @@ class Manifest:
     tile: int
     input_multiple: int = 1
     default_steps: int = 50
+    time_shift: int = 0         # sampler: eps at max(0, t - time_shift) (schedule.DDIMScheduler)
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     target: TargetInfo | None = None
     library: str | None = None
@@ -116,7 +119,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         order = ["format_version", "bidiff_version", "model", "groups", "tile", "input_multiple",
-                 "default_steps", "value_range", "target", "library", "backends", "versions",
+                 "default_steps", "time_shift", "value_range", "target", "library", "backends", "versions",
                  "files"]
         return {k: d[k] for k in order}
 
@@ -147,6 +150,10 @@ class Manifest:
             raise bad(f"scale {self.model.scale!r} must be a positive int")
         if self.tile % self.model.scale:
             raise bad(f"tile {self.tile} is not a multiple of the scale {self.model.scale}")
+        try:
+            check_time_shift(self.time_shift)
+        except ValueError as e:
+            raise bad(str(e)) from None
         if not self.groups:
             raise bad("no groups")
         if [g.index for g in self.groups] != list(range(len(self.groups))):
@@ -180,7 +187,8 @@ class Manifest:
             f"model       {self.model.name}  x{self.model.scale}  formulation "
             f"{self.model.formulation.get('type', 'official')}",
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
-            f"steps       {self.default_steps} by default",
+            f"steps       {self.default_steps} by default"
+            + (f", time shift {self.time_shift}" if self.time_shift else ""),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
             f"target      {tgt}",
             f"library     {self.library or '-'}",

@@ -93,7 +93,10 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Artifact folder or .bidiff file. Default: the one for this host in "
                    "$BIDIFF_CACHE or ~/.cache/bidiff.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help="DDIM steps, 1..1000. Default: the artifact's (20 for the shipped model).")
+              help="DDIM steps, 1..1000. Default: the artifact's (50 for the shipped model).")
+@click.option("--time-shift", type=click.IntRange(0, 1999), default=None,
+              help="Ask the network for eps this many timesteps earlier (see docs/TRAINING.md). "
+                   "Default: the artifact's (tuned for its default steps; 0 for official models).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
@@ -106,7 +109,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            seed: int, threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str,
+            time_shift: int | None, seed: int, threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str,
             quiet: bool) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
@@ -148,14 +151,14 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
     for n, f in enumerate(files, 1):
         label = f"[{n}/{len(files)}] {f.name}"
         if quiet:
-            result = up.upscale(f, steps=steps, seed=seed, overlap=overlap)
+            result = up.upscale(f, steps=steps, seed=seed, overlap=overlap, time_shift=time_shift)
         else:
             with click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True) as bar:
                 def progress(done: int, total: int, bar=bar) -> None:
                     bar.length = total
                     bar.update(done - bar.pos)
                 result = up.upscale(f, steps=steps, seed=seed, overlap=overlap,
-                                    progress=progress)
+                                    time_shift=time_shift, progress=progress)
         images.save_image(result, targets[f])
         if not quiet:
             click.echo(f"{targets[f]}", err=False)

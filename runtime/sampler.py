@@ -3,8 +3,9 @@
 1. cond = bicubic x scale of the LR image (``bicubic.upscale_condition``), reflect-padded up to
    one tile where the image is smaller than a tile.
 2. x_T ~ N(0, 1), float32, of the padded HR size, from ``np.random.default_rng(seed)``.
-3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0), the group k = timestep_group(t):
-   run the network on every tile (one at a time), blend the ε estimates in the overlaps with
+3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0), the network timestep
+   t' = max(0, t - time_shift) (0 unless the model was tuned with one) and its group
+   k = timestep_group(t'): run the network on every tile (one at a time), blend the ε estimates in the overlaps with
    the tile windows (``tiling``), then take one DDIM step on the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size and clamped to [0, 1].
 
@@ -52,7 +53,7 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 
 
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
-           steps: int = 50, seed: int = 0, overlap: int | None = None,
+           steps: int = 50, seed: int = 0, overlap: int | None = None, time_shift: int = 0,
            progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
@@ -63,7 +64,7 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     if lr.ndim != 3 or lr.shape[0] != 3:
         raise ValueError(f"lr must be [3, h, w], got {lr.shape}")
     tile = int(model.tile)
-    sched = schedule.DDIMScheduler()
+    sched = schedule.DDIMScheduler(time_shift=time_shift)
     timesteps = sched.set_timesteps(steps)
 
     cond, (hr_h, hr_w) = pad_to_tile(upscale_condition(lr, scale), tile)
@@ -81,8 +82,9 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     band = max(1, BAND_PIXELS // W)          # rows per DDIM-update band
 
     for i, t in enumerate(timesteps):
-        group = schedule.timestep_group(int(t))
-        t_buf[0, 0] = int(t)
+        t_net = int(sched.model_timesteps[i])
+        group = schedule.timestep_group(t_net)
+        t_buf[0, 0] = t_net
         if not single:
             eps.fill(0)
         for tl, w in tiles:

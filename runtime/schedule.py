@@ -74,6 +74,14 @@ def check_timestep(t: int, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
     return int(t)
 
 
+def check_time_shift(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
+    """A sampler time shift: an integer in 0..total_steps-1 (raises ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < total_steps:
+        raise ValueError(f"time_shift must be an integer in 0..{total_steps - 1}, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class DDIMStepOutput:
     prev_sample: np.ndarray
@@ -85,19 +93,28 @@ class DDIMScheduler:
 
     Two phases, as in diffusers: ``set_timesteps(n)`` fills ``timesteps``; ``step`` then
     consumes them in order. With 50 steps: t = 1960, 1920, ..., 40, 0.
+
+    ``time_shift`` (default 0, the official sampler): the network is asked for eps at
+    ``model_timesteps = max(0, t - time_shift)`` while the update uses t. Along a sampling
+    chain x_t is less noisy than the training marginal at t when the network over-estimates the
+    noise (exposure bias); evaluating it at an earlier timestep compensates, as the Time-Shift
+    sampler (Li et al., ICLR 2024) does per step. A model's value is measured on a validation
+    split and travels in its checkpoint and artifact (docs/TRAINING.md).
     """
 
     def __init__(self, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                  beta_start: float = BETA_START, beta_end: float = BETA_END,
                  timestep_spacing: Literal["leading"] = "leading", clip_sample: bool = True,
-                 clip_range: float = 1.0) -> None:
+                 clip_range: float = 1.0, time_shift: int = 0) -> None:
         if timestep_spacing != "leading":
             raise ValueError(f"timestep_spacing {timestep_spacing!r} is not supported; valid: 'leading'")
         self.num_train_timesteps = num_train_timesteps
+        self.time_shift = check_time_shift(time_shift, num_train_timesteps)
         self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end)
         self.clip_sample = clip_sample
         self.clip_range = clip_range
         self.timesteps: np.ndarray | None = None
+        self.model_timesteps: np.ndarray | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         n = int(num_inference_steps)
@@ -105,6 +122,7 @@ class DDIMScheduler:
             raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {num_inference_steps}")
         ratio = self.num_train_timesteps // n
         self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
+        self.model_timesteps = np.maximum(self.timesteps - self.time_shift, 0)
         return self.timesteps
 
     def prev_timestep(self, index: int) -> int:

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--picture-crop", type=int, default=128,
                         help="crop size of each tile in comparison.png (default: 128)")
+    parser.add_argument("--time-shift", type=int, default=None,
+                        help="sampler time shift (default: the checkpoint's metadata, else 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -37,7 +39,8 @@ def main() -> None:
     if any(n < 1 for n in args.steps):
         raise SystemExit(f"--steps must be positive, got {args.steps}")
     result = run_eval(args.checkpoint, args.input, args.output, steps=args.steps, seed=args.seed,
-                      max_side=args.max_side, limit=args.limit, picture_crop=args.picture_crop)
+                      max_side=args.max_side, limit=args.limit, picture_crop=args.picture_crop,
+                      time_shift=args.time_shift)
     print(markdown_table(result), end="")
     print(f"written to {args.output}/")
 

@@ -56,3 +56,18 @@ def test_center_crop():
     assert center_crop(img, max_side=4, multiple=2).shape == (4, 4, 3)
     assert (center_crop(img, max_side=4, multiple=2) == img[3:7, 1:5]).all()
     assert center_crop(img, max_side=None, multiple=4).shape == (8, 4, 3)
+
+
+def test_eval_samples_with_the_checkpoints_time_shift(tmp_path, photos):
+    """run_eval uses the checkpoint's tuned time_shift unless told otherwise, and records it."""
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    plain, tuned = tmp_path / "plain.safetensors", tmp_path / "tuned.safetensors"
+    save_checkpoint(plain, model, TINY)
+    save_checkpoint(tuned, model, TINY, {"time_shift": "700"})
+    kw = dict(steps=(3,), max_side=16, picture_crop=16)
+    a = run_eval(plain, photos, tmp_path / "a", **kw)
+    b = run_eval(tuned, photos, tmp_path / "b", **kw)
+    c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, **kw)
+    assert (a.info["time_shift"], b.info["time_shift"], c.info["time_shift"]) == ("0", "700", "0")
+    assert a.scores == c.scores and a.scores["3 steps"] != b.scores["3 steps"]

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from bidiff import runtime
 from bidiff.exporter import export_artifact
 from bidiff.exporter.cli import main
 from bidiff.models import create_model, get_config, save_checkpoint, set_deploy
@@ -87,13 +88,37 @@ def test_default_steps_come_from_the_checkpoint_or_the_flag(tmp_path) -> None:
     assert not (tmp_path / "bad-art").exists()
 
 
-def test_shipped_checkpoint_recommends_20_steps() -> None:
-    """The shipped model's measured best step count (README table) travels in its metadata."""
+def test_time_shift_comes_from_the_checkpoint(tmp_path) -> None:
+    """A checkpoint's tuned sampler ``time_shift`` reaches the manifest (0 without one), the
+    runtime samples with it; a damaged value is a one-line error and no artifact."""
+    model = create_model("tiny-binary")
+    plain, tuned, bad = (tmp_path / f"{n}.safetensors" for n in ("plain", "tuned", "bad"))
+    save_checkpoint(plain, model, get_config("tiny-binary"))
+    save_checkpoint(tuned, model, get_config("tiny-binary"), extra_metadata={"time_shift": "160"})
+    save_checkpoint(bad, model, get_config("tiny-binary"), extra_metadata={"time_shift": "2000"})
+    kw = dict(tile=16, progress=False, measure_float=False, steps=3)
+    for ckpt, want in [(plain, 0), (tuned, 160)]:
+        export_artifact(ckpt, out=tmp_path / ckpt.stem, **kw)
+        assert read_artifact(tmp_path / ckpt.stem).manifest.time_shift == want
+    lr = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    with runtime.load(tmp_path / "plain", backend="onnxruntime") as a, \
+            runtime.load(tmp_path / "tuned", backend="onnxruntime") as b:
+        assert not np.array_equal(a.upscale(lr), b.upscale(lr))
+    with pytest.raises(ValueError, match=r"^bad.safetensors: metadata time_shift must be an "
+                                         r"integer in 0\.\.1999, got 2000$"):
+        export_artifact(bad, out=tmp_path / "bad-art", **kw)
+    assert not (tmp_path / "bad-art").exists()
+
+
+def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
+    """The shipped model's measured sampler settings (README table, scripts/tune_sampler.py)
+    travel in its metadata."""
     from bidiff.models import SHIPPED_CHECKPOINT
     from bidiff.models.checkpoint import read_metadata
     if not Path(SHIPPED_CHECKPOINT).is_file():
         pytest.skip("the shipped checkpoint is not installed")
-    assert read_metadata(SHIPPED_CHECKPOINT)["default_steps"] == "20"
+    meta = read_metadata(SHIPPED_CHECKPOINT)
+    assert (meta["default_steps"], meta["time_shift"]) == ("50", "160")
 
 
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:

@@ -54,14 +54,17 @@ def lr_image(h: int, w: int, seed: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).random((3, h, w), dtype=np.float32)
 
 
-def reference_ddim(model, lr: np.ndarray, *, scale: int, steps: int, seed: int) -> np.ndarray:
-    """Untiled DDIM written out from the paper's formulas, float32, one network call per step."""
+def reference_ddim(model, lr: np.ndarray, *, scale: int, steps: int, seed: int,
+                   time_shift: int = 0) -> np.ndarray:
+    """Untiled DDIM written out from the paper's formulas, float32, one network call per step
+    (at t - time_shift, floored at 0; the update itself uses t)."""
     cond = upscale_condition(lr, scale).astype(np.float32)
     x = np.random.default_rng(seed).standard_normal(cond.shape, dtype=np.float32)
     ratio = 2000 // steps
     ts = [i * ratio for i in range(steps)][::-1]
     for i, t in enumerate(ts):
-        eps = model.run(min(t * 5 // 2000, 4), x[None], cond[None], np.array([[t]], np.int64))[0]
+        tn = max(t - time_shift, 0)
+        eps = model.run(min(tn * 5 // 2000, 4), x[None], cond[None], np.array([[tn]], np.int64))[0]
         a_t = np.float32(AC[t])
         a_p = np.float32(AC[ts[i + 1]]) if i + 1 < len(ts) else np.float32(1)
         x0 = np.clip((x - np.sqrt(np.float32(1) - a_t) * eps) / np.sqrt(a_t), -1, 1)
@@ -100,6 +103,19 @@ def test_single_tile_equals_untiled_loop_bitwise() -> None:
     assert np.array_equal(got, np.clip(out.pred_original_sample, 0, 1))
     # and every step called the group its t falls in
     assert [g for g, t in m.calls[:steps]] == [min(t * 5 // 2000, 4) for _, t in m.calls[:steps]]
+
+
+@pytest.mark.parametrize("steps,shift", [(50, 160), (7, 400), (3, 1999)])
+def test_time_shift_asks_the_network_at_an_earlier_timestep(steps: int, shift: int) -> None:
+    """time_shift moves only the network's t (and so its expert group), never the update."""
+    lr, m = lr_image(16, 16), PointwiseModel(32)
+    got = sample(m, lr, scale=2, formulation=OFFICIAL, steps=steps, seed=1, time_shift=shift)
+    ts = [i * (2000 // steps) for i in range(steps)][::-1]
+    assert m.calls == [(min(max(t - shift, 0) * 5 // 2000, 4), max(t - shift, 0)) for t in ts]
+    ref = reference_ddim(PointwiseModel(32), lr, scale=2, steps=steps, seed=1, time_shift=shift)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+    plain = sample(PointwiseModel(32), lr, scale=2, formulation=OFFICIAL, steps=steps, seed=1)
+    assert np.abs(got - plain).max() > 1e-3
 
 
 @pytest.mark.parametrize("steps", [1, 3, 50])

@@ -67,3 +67,22 @@ def test_bicubic_matches_opencv(shape, out):
     x = np.random.default_rng(1).random(shape + (3,)).astype(np.float32)
     ref = cv2.resize(x, out[::-1], interpolation=cv2.INTER_CUBIC)
     np.testing.assert_allclose(resize_bicubic(x, out), ref, rtol=0, atol=1e-6)
+
+
+def test_time_shift_moves_only_the_network_timesteps():
+    sched = schedule.DDIMScheduler(time_shift=160)
+    ts = sched.set_timesteps(50)
+    np.testing.assert_array_equal(ts, schedule.DDIMScheduler().set_timesteps(50))
+    np.testing.assert_array_equal(sched.model_timesteps, np.maximum(ts - 160, 0))
+    assert list(sched.model_timesteps[-5:]) == [0, 0, 0, 0, 0]
+    # the update is the unshifted one
+    x, e = np.linspace(-1, 1, 7, dtype=np.float32), np.linspace(1, -1, 7, dtype=np.float32)
+    plain = schedule.DDIMScheduler()
+    plain.set_timesteps(50)
+    assert np.array_equal(sched.step(e, 3, x).prev_sample, plain.step(e, 3, x).prev_sample)
+
+
+@pytest.mark.parametrize("bad", [-1, 2000, 1.5, True, "160"])
+def test_time_shift_out_of_range_refuses(bad):
+    with pytest.raises(ValueError, match=r"time_shift must be an integer in 0\.\.1999, got "):
+        schedule.DDIMScheduler(time_shift=bad)

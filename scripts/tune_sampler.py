@@ -1,0 +1,107 @@
+"""Measure the sampler's time shift for a checkpoint on a validation folder (never the held-out one).
+
+    python scripts/tune_sampler.py -c runs/x/latest_ema.safetensors -i data/train --shifts 0 120 160 200
+
+Exports the checkpoint once (TVM for this host when the compiler is installed, else ONNX), then
+samples every validation crop through the device runtime at each shift and prints mean Y
+PSNR/SSIM against bicubic. ``--write`` stores the best shift (by PSNR) in the checkpoint's
+metadata, from where exports and ``scripts/eval.py`` take it (``DDIMScheduler`` says why).
+
+Validation crops: every ``--stride``-th photo of the folder, one ``--crop`` px square centred in
+its top-left quadrant (away from the centre crops that reports use).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bidiff import runtime
+from bidiff.exporter import export_artifact
+from bidiff.models import SHIPPED_CHECKPOINT
+from bidiff.models.checkpoint import read_metadata
+from bidiff.models.data import list_images, load_rgb, make_pair
+from bidiff.models.evaluate import to_uint8
+from bidiff.models.metrics import psnr_y, ssim_y
+from bidiff.runtime.sampler import sample
+
+
+def validation_pairs(folder: Path, *, crop: int, stride: int, scale: int) -> list:
+    pairs = []
+    for path in list_images(folder)[::stride]:
+        hr = load_rgb(path)
+        h, w = hr.shape[:2]
+        y, x = max(0, h // 4 - crop // 2), max(0, w // 4 - crop // 2)
+        hr = hr[y:y + crop, x:x + crop]
+        pairs.append(make_pair(hr[:hr.shape[0] // scale * scale, :hr.shape[1] // scale * scale], scale))
+    return pairs
+
+
+def score(pairs: list, images: list[np.ndarray], scale: int) -> tuple[float, float]:
+    ps, ss = [], []
+    for pair, img in zip(pairs, images):
+        out, hr = to_uint8(img) / 255, to_uint8(pair.hr[0]) / 255
+        ps.append(psnr_y(out, hr, border=scale))
+        ss.append(ssim_y(out, hr, border=scale))
+    return float(np.mean(ps)), float(np.mean(ss))
+
+
+def write_time_shift(path: Path, shift: int) -> None:
+    """Rewrite ``path`` with metadata ``time_shift`` set (tensors untouched), atomically."""
+    with safe_open(str(path), framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {**read_metadata(path), "time_shift": str(shift)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--checkpoint", type=Path, default=SHIPPED_CHECKPOINT)
+    parser.add_argument("-i", "--input", type=Path, default=Path("data/train"),
+                        help="validation photos (default: data/train)")
+    parser.add_argument("--shifts", type=int, nargs="+", default=[0, 80, 120, 160, 200, 300])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=2, help="every N-th photo (default: 2)")
+    parser.add_argument("--target", default="x86_64", help="export target (default: x86_64; onnx "
+                        "when the TVM compiler is missing)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--write", action="store_true",
+                        help="store the best shift in the checkpoint's metadata")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_artifact(args.checkpoint, target=args.target, out=Path(tmp) / "a",
+                            progress=False, measure_float=False)
+        except ImportError:
+            export_artifact(args.checkpoint, target="onnx", out=Path(tmp) / "a",
+                            progress=False, measure_float=False)
+        with runtime.load(Path(tmp) / "a", threads=args.threads) as up:
+            scale = up.scale
+            pairs = validation_pairs(args.input, crop=args.crop, stride=args.stride, scale=scale)
+            rows = {"bicubic": score(pairs, [p.cond[0] for p in pairs], scale)}
+            for shift in args.shifts:
+                made = [sample(up.backend, p.lr[0], scale=scale, formulation=up.formulation,
+                               steps=args.steps, seed=0, time_shift=shift) for p in pairs]
+                rows[shift] = score(pairs, made, scale)
+                print(f"time_shift {shift:4d}: {rows[shift][0]:.2f} dB / {rows[shift][1]:.4f}", flush=True)
+    print(f"\n{len(pairs)} crops of {args.crop} px from {args.input}, {args.steps} steps, "
+          f"backend {up.backend_name}\n\n| time shift | PSNR (dB, Y) | SSIM (Y) |\n|---|---|---|")
+    for key, (p, s) in rows.items():
+        print(f"| {key} | {p:.2f} | {s:.4f} |")
+    best = max(args.shifts, key=lambda k: rows[k][0])
+    print(f"\nbest: time_shift {best}")
+    if args.write:
+        write_time_shift(args.checkpoint, best)
+        print(f"written to {args.checkpoint} metadata")
+
+
+if __name__ == "__main__":
+    main()
