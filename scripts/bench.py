@@ -70,7 +70,7 @@ def part_a(args):
     from onnx import TensorProto, helper, numpy_helper
 
     from bidiff.exporter.tvm.binary_conv import (BinaryConvShape, KernelVariant,
-                                                 binary_conv_primfunc, kernel_args, select_variant)
+                                                 binary_conv_primfunc, select_variant)
     from bidiff.exporter.tvm.target import host_target
     from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights
 
@@ -94,7 +94,7 @@ def part_a(args):
         shape = BinaryConvShape(c, c, s, s, kernel=k)
         fn = tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
                          target=target).jit()["k"]
-        targs = [tvm.runtime.tensor(a, dev) for a in kernel_args(x, wp, scale, thr)]
+        targs = [tvm.runtime.tensor(a, dev) for a in (x, wp, scale, thr)]
         out = tvm.runtime.empty((1, c, s, s), "float32", dev)
         fn(*targs, out)
         err = float(np.abs(out.numpy() - ref).max())

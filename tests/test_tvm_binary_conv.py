@@ -19,7 +19,7 @@ tvm = pytest.importorskip("tvm")
 
 from bidiff.exporter.targets import get_target  # noqa: E402
 from bidiff.exporter.tvm.binary_conv import (  # noqa: E402
-    BinaryConvShape, KernelVariant, binary_conv_primfunc, kernel_args, select_variant)
+    BinaryConvShape, KernelVariant, binary_conv_primfunc, select_variant)
 from bidiff.exporter.tvm.target import host_target, tvm_target  # noqa: E402
 from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
 
@@ -57,7 +57,7 @@ def _run(shape: BinaryConvShape, target, seed: int = 0):
     wp = pack_weights(wt)
     sc = (rng.random(f) + 0.5).astype(np.float32)
     ref = binary_conv2d_reference(x, wp, sc, channels=c, kernel=k, threshold=thr)
-    args = kernel_args(x, wp, sc, thr)
+    args = [x, wp, sc, thr]
     if shape.epilogue == "rprelu":
         b0, slope, b1 = (rng.standard_normal(f).astype(np.float32) for _ in range(3))
         args += [b0, slope, b1]
@@ -194,7 +194,7 @@ def test_every_schedule_matches_reference_on_host(variant, c, f, h, w, k, epi, r
     wp = pack_weights(rng.standard_normal((f, c, k, k)).astype(np.float32))
     sc = (rng.random(f) + 0.5).astype(np.float32)
     ref = binary_conv2d_reference(x, wp, sc, channels=c, kernel=k, threshold=thr)
-    args = kernel_args(x, wp, sc, thr)
+    args = [x, wp, sc, thr]
     if epi == "rprelu":
         b0, slope, b1 = (rng.standard_normal(f).astype(np.float32) for _ in range(3))
         args += [b0, slope, b1]

@@ -26,7 +26,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from bidiff.exporter.tvm.binary_conv import BinaryConvShape, KernelVariant, binary_conv_primfunc, \
-    select_variant, tap_popcounts
+    select_variant
 from bidiff.runtime.binary_op import OP_NAME, num_words
 
 _TARGET: contextvars.ContextVar[tvm.target.Target | None] = contextvars.ContextVar(
@@ -95,12 +95,9 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
                          f"{kernel} and {c} channels (batch {n})")
     if w.ty.dtype != "uint32":
         raise ValueError(f"BinaryConv2d: W_packed must be uint32, got {w.ty.dtype}")
-    if not isinstance(w, tvm.ir.expr.Constant):
-        raise ValueError("BinaryConv2d: W_packed must be an initializer (the kernel's padding "
-                         "correction is computed from it at import)")
     if thr is None:
         thr = relax.const(np.zeros((c,), np.float32))
-    args = [x, w, relax.const(tap_popcounts(w.value.numpy())), scale, thr]
+    args = [x, w, scale, thr]
     if epilogue == "rprelu":
         args += [_flat_param(e, f, nm) for e, nm in zip(inputs[4:7], ("bias0", "slope", "bias1"))]
     shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel,
