@@ -58,7 +58,7 @@ def summary(r: ExportResult) -> str:
               help="Also keep the plain float ONNX export (for benchmarks) in this directory.")
 @click.option("--steps", default=None, type=int,
               help="DDIM steps the artifact runs when the caller gives none, 1..1000. Default: "
-                   "the checkpoint's recommendation (20 for the shipped model), else 50.")
+                   "the checkpoint's recommendation (50 for the shipped model), else 50.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cli(checkpoint, out, target, config, tile, force, float_onnx, steps, progress) -> None:
     """Export a BI-DiffSR checkpoint (default: the shipped model) to a bidiff artifact."""
