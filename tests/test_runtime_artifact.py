@@ -111,6 +111,21 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
         A.read_artifact(tmp_path)
 
 
+def test_time_shift_field(tmp_path: Path) -> None:
+    """Optional: absent (older artifacts) means 0, the official sampler; out of range is a
+    one-line 'malformed' error."""
+    root = make_fake_artifact(tmp_path / "a")
+    d = json.loads((root / A.MANIFEST).read_text())
+    assert d["time_shift"] == 0
+    del d["time_shift"]
+    (root / A.MANIFEST).write_text(json.dumps(d))
+    assert A.read_artifact(root).manifest.time_shift == 0
+    edit_manifest(root, time_shift=-5)
+    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(time_shift must be an integer "
+                                              r"in 0\.\.1999, got -5\): re-export the artifact$"):
+        A.read_artifact(root)
+
+
 def test_target_checks() -> None:
     x86 = A.TargetInfo(name="x86_64", arch="x86_64", features=["avx2", "+avx512vpopcntdq"])
     m = tiny_manifest(target=x86, library="model.so")
