@@ -109,8 +109,8 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            time_shift: int | None, seed: int, threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str,
-            quiet: bool) -> None:
+            time_shift: int | None, seed: int, threads: int | None, backend: str, overlap: int | None,
+            suffix: str | None, ext: str, quiet: bool) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
 
