@@ -174,14 +174,14 @@ def _tvm_versions() -> dict[str, str | None]:
 
 
 def _tvm_backend(spec: TargetSpec):
-    """``bidiff.exporter.tvm.build`` (the TVM engineer's), or a one-line ExportError."""
+    """``bidiff.exporter.tvm.build``, or a one-line ExportError when TVM is not installed."""
     try:
         mod = importlib.import_module("bidiff.exporter.tvm.build")
     except ImportError:
         mod = None
     if mod is None or not hasattr(mod, "build_library"):
-        raise ExportError(f"target {spec.name} needs the TVM backend, not yet available "
-                          "(use --target onnx)")
+        raise ExportError(f"target {spec.name} needs the TVM compiler, which is not installed: "
+                          "pip install 'bidiff[export]' (apache-tvm 0.27.0.post1), or use --target onnx")
     return mod
 
 

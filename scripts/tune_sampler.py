@@ -13,6 +13,7 @@ its top-left quadrant (away from the centre crops that reports use).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -77,12 +78,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            export_artifact(args.checkpoint, target=args.target, out=Path(tmp) / "a",
-                            progress=False, measure_float=False)
-        except ImportError:
-            export_artifact(args.checkpoint, target="onnx", out=Path(tmp) / "a",
-                            progress=False, measure_float=False)
+        target = args.target if importlib.util.find_spec("tvm") is not None else "onnx"
+        export_artifact(args.checkpoint, target=target, out=Path(tmp) / "a", progress=False,
+                        measure_float=False)
         with runtime.load(Path(tmp) / "a", threads=args.threads) as up:
             scale = up.scale
             pairs = validation_pairs(args.input, crop=args.crop, stride=args.stride, scale=scale)

@@ -167,7 +167,8 @@ def test_cli_bad_input_battery(tiny_ckpt, tmp_path, capsys) -> None:
 def test_native_target_without_tvm_backend(tiny_ckpt, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bidiff.exporter.tvm.build", None)     # import -> ImportError
     _bad([str(tiny_ckpt), "--out", str(tmp_path / "o"), "--target", "x86_64", "--no-progress"],
-         capsys, "target x86_64 needs the TVM backend, not yet available")
+         capsys, "target x86_64 needs the TVM compiler, which is not installed: pip install "
+                 "'bidiff[export]' (apache-tvm 0.27.0.post1), or use --target onnx")
     assert os.listdir(tmp_path) == []
 
 
