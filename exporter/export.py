@@ -130,13 +130,14 @@ def _recommended_steps(ckpt_path: Path) -> int:
                         f"{ckpt_path.name}: metadata default_steps")
 
 
-def _tuned_time_shift(ckpt_path: Path) -> int:
-    """The checkpoint's sampler ``time_shift`` metadata (bidiff safetensors only), else 0."""
+def _tuned_sampler(ckpt_path: Path) -> dict[str, int]:
+    """The checkpoint's sampler settings (``time_shift``, ``back_projection`` metadata of bidiff
+    safetensors; 0 otherwise), which the manifest carries to the device."""
+    from bidiff.models.checkpoint import SAMPLER_METADATA, checkpoint_sampler, read_metadata
     if ckpt_path.suffix != ".safetensors":
-        return 0
-    from bidiff.models.checkpoint import checkpoint_time_shift, read_metadata
+        return dict.fromkeys(SAMPLER_METADATA, 0)
     try:
-        return checkpoint_time_shift(read_metadata(ckpt_path), ckpt_path.name)
+        return checkpoint_sampler(read_metadata(ckpt_path), ckpt_path.name)
     except ValueError as e:
         raise ExportError(str(e)) from None
 
@@ -279,7 +280,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                                 formulation=cfg.formulation.to_dict()),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
-                time_shift=_tuned_time_shift(ckpt_path),
+                **_tuned_sampler(ckpt_path),
                 versions=_versions())
             if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
                 bar.set_postfix_str(f"compiling for {spec.name}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import check_time_shift
 
 from .configs import ModelConfig, get_config
@@ -41,15 +42,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def checkpoint_time_shift(meta: Mapping[str, str], source: str) -> int:
-    """The sampler time shift a checkpoint was tuned with (metadata ``time_shift``), else 0."""
-    value = meta.get("time_shift")
-    if value is None:
-        return 0
-    try:
-        return check_time_shift(int(value) if value.isdigit() else value)
-    except ValueError as e:
-        raise ValueError(f"{source}: metadata {e}") from None
+SAMPLER_METADATA: dict[str, Callable[[object], int]] = {
+    "time_shift": check_time_shift,            # schedule.DDIMScheduler
+    "back_projection": check_back_projection,  # consistency.back_project
+}
+"""Sampler settings measured for a checkpoint (scripts/tune_sampler.py) and stored in its
+metadata; exports copy them into the manifest. 0 (the official sampler) where absent."""
+
+
+def checkpoint_sampler(meta: Mapping[str, str], source: str) -> dict[str, int]:
+    """The checkpoint's tuned sampler settings, one int per ``SAMPLER_METADATA`` key."""
+    settings = {}
+    for key, check in SAMPLER_METADATA.items():
+        value = meta.get(key, "0")
+        try:
+            settings[key] = check(int(value) if value.isdigit() else value)
+        except ValueError as e:
+            raise ValueError(f"{source}: metadata {e}") from None
+    return settings
 
 
 def _read_state_dict(path: Path, config: ModelConfig | None) -> tuple[dict[str, torch.Tensor], ModelConfig]:

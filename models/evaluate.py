@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from bidiff.models import ModelConfig
-from bidiff.models.checkpoint import checkpoint_time_shift, read_metadata
+from bidiff.models.checkpoint import checkpoint_sampler, read_metadata
 from bidiff.models.data import list_images, load_rgb, make_pair
 from bidiff.models.layers import HardBinaryConv
 from bidiff.models.metrics import psnr_y, ssim_y
 from bidiff.models.sampler import sample
+from bidiff.runtime.consistency import back_project
 
 
 @dataclass
@@ -59,11 +60,12 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
 
 def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple[str, np.ndarray]],
              *, steps: Sequence[int] = (50, 20, 10), seed: int = 0,
-             max_side: int | None = None, time_shift: int = 0,
+             max_side: int | None = None, time_shift: int = 0, back_projection: int = 0,
              ) -> tuple[EvalResult, dict[str, np.ndarray]]:
     """Score bicubic and the model on HWC uint8 HR ``images``; also return the images made.
 
-    Crops of one size are sampled as one batch (the same noise seed per batch), so a folder
+    With ``back_projection`` the table also scores bicubic back-projected the same way: the
+    honest baseline for what the model itself adds. Crops of one size are sampled as one batch (the same noise seed per batch), so a folder
     of equal crops costs one sampler run per step count.
     """
     scale = config.scale
@@ -74,17 +76,24 @@ def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, pair in pairs.items():
         by_shape.setdefault(pair.hr.shape, []).append(name)
-    methods: list[tuple[str, int | None]] = [("bicubic", None)] + [(f"{n} steps", n) for n in steps]
+    methods: list[tuple[str, int | None]] = [("bicubic", None)]
+    if back_projection:
+        methods.append((f"bicubic + back-projection x{back_projection}", 0))
+    methods += [(f"{n} steps", n) for n in steps]
     model.eval()
     for method, n in methods:
         result.scores[method] = {}
         for names in by_shape.values():
             cond = np.concatenate([pairs[k].cond for k in names])
+            lr = np.concatenate([pairs[k].lr for k in names])
             if n is None:
                 made = cond
+            elif n == 0:                     # bicubic + back-projection
+                made = np.clip([back_project(c, low, scale, back_projection) for c, low in zip(cond, lr)], 0, 1)
             else:
                 made = sample(model, torch.from_numpy(cond), steps=n, seed=seed,
-                              formulation=config.formulation, time_shift=time_shift).image.numpy()
+                              formulation=config.formulation, time_shift=time_shift, lr=lr,
+                              back_projection=back_projection).image.numpy()
             for k, img in zip(names, made):
                 out, hr = to_uint8(img), to_uint8(pairs[k].hr[0])
                 outputs[f"{k}/{method}"] = out
@@ -133,10 +142,10 @@ def comparison_picture(outputs: dict[str, np.ndarray], names: Sequence[str], sr_
 def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | Path, *,
              steps: Sequence[int] = (50, 20, 10), seed: int = 0, max_side: int | None = None,
              limit: int | None = None, picture_crop: int = 128,
-             time_shift: int | None = None) -> EvalResult:
+             time_shift: int | None = None, back_projection: int | None = None) -> EvalResult:
     """Evaluate a checkpoint (None: the shipped one) on a folder; write results.md/.json and
-    comparison.png into ``out_dir``. ``time_shift``: None = the checkpoint's (metadata
-    ``time_shift``, else 0), as an artifact exported from it would sample."""
+    comparison.png into ``out_dir``. ``time_shift``, ``back_projection``: None = the
+    checkpoint's (``checkpoint_sampler``), as an artifact exported from it would sample."""
     from bidiff.models import SHIPPED_CHECKPOINT, load_checkpoint
 
     path = Path(checkpoint) if checkpoint else SHIPPED_CHECKPOINT
@@ -144,14 +153,16 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
     files = list_images(folder)[:limit]
     images = [(p.stem, load_rgb(p)) for p in files]
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    if time_shift is None:
-        time_shift = checkpoint_time_shift(meta, path.name)
+    tuned = checkpoint_sampler(meta, path.name)
+    time_shift = tuned["time_shift"] if time_shift is None else time_shift
+    back_projection = tuned["back_projection"] if back_projection is None else back_projection
     t0 = time.monotonic()
     result, outputs = evaluate(model, config, images, steps=steps, seed=seed, max_side=max_side,
-                               time_shift=time_shift)
+                               time_shift=time_shift, back_projection=back_projection)
     result.info = {"checkpoint": str(path), "config": config.name,
                    "formulation": config.formulation.type, "folder": str(folder),
                    "max_side": str(max_side), "seed": str(seed), "time_shift": str(time_shift),
+                   "back_projection": str(back_projection),
                    "eval_seconds": f"{time.monotonic() - t0:.0f}",
                    **{k: meta[k] for k in ("steps", "train_seconds", "hardware", "weights") if k in meta},
                    **{k: str(v) for k, v in model_size(model).items()}}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bidiff.runtime.bicubic import upscale_condition
+from bidiff.runtime.consistency import back_project
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import DDIMScheduler
 
@@ -28,14 +29,19 @@ class SampleResult:
 def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
            noise: torch.Tensor | None = None, seed: int = 0,
            formulation: Formulation | None = None, dtype: torch.dtype = torch.float32,
-           time_shift: int = 0, record: bool = False) -> SampleResult:
+           time_shift: int = 0, lr: np.ndarray | None = None, back_projection: int = 0,
+           record: bool = False) -> SampleResult:
     """DDIM (eta = 0) from x_T to x0 for a condition [B, 3, H, W] (any H, W).
 
     The condition is reflect-padded (bottom/right) to the model's input multiple, x_T is
     ``noise`` (padded size) or N(0, 1) from ``torch.Generator().manual_seed(seed)``; the result
     is cropped back and clamped to [0, 1]. ``time_shift``: see ``DDIMScheduler`` (0 = official).
+    ``back_projection``: rounds of ``consistency.back_project`` onto ``lr`` [B, 3, h, w] (the
+    LR image the condition was upscaled from) before clamping, as the device sampler does.
     """
     form = formulation or Formulation()
+    if back_projection and lr is None:
+        raise ValueError("back_projection needs the LR image (lr=)")
     model = model.to(dtype)
     mult = getattr(model, "input_multiple", 8)
     b, _, h, w = cond.shape
@@ -59,11 +65,17 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
         x = torch.from_numpy(np.ascontiguousarray(out.prev_sample))
     raw = x[:, :, :h, :w]
     result.raw = raw
-    result.image = form.to_image(raw, cond.to(dtype)).clamp(0, 1)
+    image = form.to_image(raw, cond.to(dtype))
+    if back_projection:
+        lr = np.asarray(lr, np.float32)
+        scale = w // lr.shape[-1]
+        image = torch.from_numpy(np.stack([back_project(im, low, scale, back_projection)
+                                           for im, low in zip(image.float().numpy(), lr)])).to(dtype)
+    result.image = image.clamp(0, 1)
     return result
 
 
 def super_resolve(model: torch.nn.Module, lr: np.ndarray, *, scale: int, **kw) -> SampleResult:
     """Upscale an LR image [B, 3, h, w] (float in [0, 1]) with the shared bicubic condition."""
-    cond = torch.from_numpy(upscale_condition(np.asarray(lr, np.float32), scale))
-    return sample(model, cond, **kw)
+    lr = np.asarray(lr, np.float32)
+    return sample(model, torch.from_numpy(upscale_condition(lr, scale)), lr=lr, **kw)

@@ -56,7 +56,7 @@ class Upscaler:
 
     def upscale(self, image: Any, *, steps: int | None = None, seed: int = 0,
                 progress: Progress | None = None, overlap: int | None = None,
-                time_shift: int | None = None) -> Any:
+                time_shift: int | None = None, back_projection: int | None = None) -> Any:
         """Super-resolve ``image`` by the artifact's scale.
 
         image: a PIL image, a path, or an H x W (x 3 | x 4) uint8 / uint16 / float numpy array.
@@ -68,6 +68,8 @@ class Upscaler:
         overlap: HR pixels shared by neighbouring tiles (default: a quarter of the tile).
         time_shift: the network is asked for eps at max(0, t - time_shift) (``DDIMScheduler``);
         None = the artifact's, which was measured at its default steps.
+        back_projection: rounds of LR-consistency correction of the result
+        (``consistency.back_project``); None = the artifact's, 0 = none.
         """
         steps = check_steps(self.manifest.default_steps if steps is None else steps)
         inp = images.load_input(image)
@@ -75,6 +77,8 @@ class Upscaler:
             rgb = sample(self.backend, inp.rgb, scale=self.scale, formulation=self.formulation,
                          steps=steps, seed=int(seed), overlap=overlap,
                          time_shift=self.manifest.time_shift if time_shift is None else time_shift,
+                         back_projection=(self.manifest.back_projection if back_projection is None
+                                          else back_projection),
                          progress=progress)
         alpha = images.upscale_alpha(inp.alpha, self.scale) if inp.alpha is not None else None
         return images.to_output(rgb, alpha, inp)

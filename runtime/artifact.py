@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .consistency import check_back_projection
 from .schedule import check_time_shift
 
 FORMAT_VERSION = 1
@@ -97,6 +98,7 @@ class Manifest:
     input_multiple: int = 1
     default_steps: int = 50
     time_shift: int = 0         # sampler: eps at max(0, t - time_shift) (schedule.DDIMScheduler)
+    back_projection: int = 0    # sampler: LR-consistency iterations (consistency.back_project)
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     target: TargetInfo | None = None
     library: str | None = None
@@ -119,7 +121,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         order = ["format_version", "bidiff_version", "model", "groups", "tile", "input_multiple",
-                 "default_steps", "time_shift", "value_range", "target", "library", "backends", "versions",
+                 "default_steps", "time_shift", "back_projection", "value_range", "target", "library", "backends", "versions",
                  "files"]
         return {k: d[k] for k in order}
 
@@ -152,6 +154,7 @@ class Manifest:
             raise bad(f"tile {self.tile} is not a multiple of the scale {self.model.scale}")
         try:
             check_time_shift(self.time_shift)
+            check_back_projection(self.back_projection)
         except ValueError as e:
             raise bad(str(e)) from None
         if not self.groups:
@@ -188,7 +191,8 @@ class Manifest:
             f"{self.model.formulation.get('type', 'official')}",
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
             f"steps       {self.default_steps} by default"
-            + (f", time shift {self.time_shift}" if self.time_shift else ""),
+            + (f", time shift {self.time_shift}" if self.time_shift else "")
+            + (f", back-projection x{self.back_projection}" if self.back_projection else ""),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
             f"target      {tgt}",
             f"library     {self.library or '-'}",

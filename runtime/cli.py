@@ -21,6 +21,7 @@ import click
 from . import images
 from .artifact import ArtifactError, file_status, read_artifact, target_mismatch
 from .backends import BACKENDS, BackendError
+from .consistency import MAX_ITERATIONS as MAX_BACK_PROJECTION
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 USER_ERRORS = (ArtifactError, images.ImageError, BackendError)
@@ -97,6 +98,9 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--time-shift", type=click.IntRange(0, 1999), default=None,
               help="Ask the network for eps this many timesteps earlier (see docs/TRAINING.md). "
                    "Default: the artifact's (tuned for its default steps; 0 for official models).")
+@click.option("--back-projection", type=click.IntRange(0, MAX_BACK_PROJECTION), default=None,
+              help="Rounds of correction that make the result downscale back to the input "
+                   "(0 = off). Default: the artifact's (measured with the model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
@@ -109,7 +113,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            time_shift: int | None, seed: int, threads: int | None, backend: str, overlap: int | None,
+            time_shift: int | None, back_projection: int | None, seed: int, threads: int | None, backend: str, overlap: int | None,
             suffix: str | None, ext: str, quiet: bool) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
@@ -144,6 +148,7 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
         targets[f] = dst
 
     # 2. Upscale, one image at a time, each written atomically.
+    sampler = {"time_shift": time_shift, "back_projection": back_projection}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -151,14 +156,14 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
     for n, f in enumerate(files, 1):
         label = f"[{n}/{len(files)}] {f.name}"
         if quiet:
-            result = up.upscale(f, steps=steps, seed=seed, overlap=overlap, time_shift=time_shift)
+            result = up.upscale(f, steps=steps, seed=seed, overlap=overlap, **sampler)
         else:
             with click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True) as bar:
                 def progress(done: int, total: int, bar=bar) -> None:
                     bar.length = total
                     bar.update(done - bar.pos)
-                result = up.upscale(f, steps=steps, seed=seed, overlap=overlap,
-                                    time_shift=time_shift, progress=progress)
+                result = up.upscale(f, steps=steps, seed=seed, overlap=overlap, progress=progress,
+                                    **sampler)
         images.save_image(result, targets[f])
         if not quiet:
             click.echo(f"{targets[f]}", err=False)

@@ -7,7 +7,9 @@
    t' = max(0, t - time_shift) (0 unless the model was tuned with one) and its group
    k = timestep_group(t'): run the network on every tile (one at a time), blend the ε estimates in the overlaps with
    the tile windows (``tiling``), then take one DDIM step on the whole image.
-4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size and clamped to [0, 1].
+4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size, back-projected onto the
+   LR image ``back_projection`` times (``consistency``; 0 unless the model was tuned with it)
+   and clamped to [0, 1].
 
 Memory: the whole-image buffers are x_t, cond, the ε accumulator and the inverse weight sum
 (3.33 arrays of 3 x H x W float32); tiles are processed one at a time and the DDIM update runs in
@@ -21,6 +23,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from . import schedule
+from .consistency import back_project, check_back_projection
 from .bicubic import upscale_condition
 from .formulation import Formulation
 from .tiling import TileGrid, default_overlap
@@ -54,7 +57,8 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
            steps: int = 50, seed: int = 0, overlap: int | None = None, time_shift: int = 0,
-           progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
+           back_projection: int = 0, progress: Progress | None = None,
+           on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
     ``overlap`` (HR pixels between neighbouring tiles) defaults to a quarter of the tile.
@@ -64,6 +68,7 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     if lr.ndim != 3 or lr.shape[0] != 3:
         raise ValueError(f"lr must be [3, h, w], got {lr.shape}")
     tile = int(model.tile)
+    back_projection = check_back_projection(back_projection)
     sched = schedule.DDIMScheduler(time_shift=time_shift)
     timesteps = sched.set_timesteps(steps)
 
@@ -114,5 +119,7 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
 
     img = formulation.to_image(x_t[:, :hr_h, :hr_w], cond[:, :hr_h, :hr_w])
     del x_t, cond
+    if back_projection:
+        img = back_project(img, lr, scale, back_projection)
     img = np.clip(img, 0, 1, out=img if img.dtype == np.float32 else None)
     return np.ascontiguousarray(img, dtype=np.float32)      # a copy only when it was cropped

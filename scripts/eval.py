@@ -32,6 +32,8 @@ def main() -> None:
                         help="crop size of each tile in comparison.png (default: 128)")
     parser.add_argument("--time-shift", type=int, default=None,
                         help="sampler time shift (default: the checkpoint's metadata, else 0)")
+    parser.add_argument("--back-projection", type=int, default=None,
+                        help="LR-consistency rounds (default: the checkpoint's metadata, else 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -40,7 +42,7 @@ def main() -> None:
         raise SystemExit(f"--steps must be positive, got {args.steps}")
     result = run_eval(args.checkpoint, args.input, args.output, steps=args.steps, seed=args.seed,
                       max_side=args.max_side, limit=args.limit, picture_crop=args.picture_crop,
-                      time_shift=args.time_shift)
+                      time_shift=args.time_shift, back_projection=args.back_projection)
     print(markdown_table(result), end="")
     print(f"written to {args.output}/")
 

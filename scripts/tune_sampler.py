@@ -1,11 +1,12 @@
-"""Measure the sampler's time shift for a checkpoint on a validation folder (never the held-out one).
+"""Measure the sampler settings of a checkpoint on a validation folder (never the held-out one).
 
     python scripts/tune_sampler.py -c runs/x/latest_ema.safetensors -i data/train --shifts 0 120 160 200
 
 Exports the checkpoint once (TVM for this host when the compiler is installed, else ONNX), then
-samples every validation crop through the device runtime at each shift and prints mean Y
-PSNR/SSIM against bicubic. ``--write`` stores the best shift (by PSNR) in the checkpoint's
-metadata, from where exports and ``scripts/eval.py`` take it (``DDIMScheduler`` says why).
+samples every validation crop through the device runtime at each time shift, back-projects each
+result 0..N times, and prints mean Y PSNR/SSIM against bicubic. ``--write`` stores the best pair
+(by PSNR) in the checkpoint's metadata (``time_shift``, ``back_projection``), from where exports
+and ``scripts/eval.py`` take it (``DDIMScheduler`` and ``consistency`` say why).
 
 Validation crops: every ``--stride``-th photo of the folder, one ``--crop`` px square centred in
 its top-left quadrant (away from the centre crops that reports use).
@@ -28,6 +29,7 @@ from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import list_images, load_rgb, make_pair
 from bidiff.models.evaluate import to_uint8
 from bidiff.models.metrics import psnr_y, ssim_y
+from bidiff.runtime.consistency import back_project
 from bidiff.runtime.sampler import sample
 
 
@@ -51,11 +53,11 @@ def score(pairs: list, images: list[np.ndarray], scale: int) -> tuple[float, flo
     return float(np.mean(ps)), float(np.mean(ss))
 
 
-def write_time_shift(path: Path, shift: int) -> None:
-    """Rewrite ``path`` with metadata ``time_shift`` set (tensors untouched), atomically."""
+def write_sampler(path: Path, settings: dict[str, int]) -> None:
+    """Rewrite ``path`` with the sampler settings in its metadata (tensors untouched), atomically."""
     with safe_open(str(path), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = {**read_metadata(path), "time_shift": str(shift)}
+    meta = {**read_metadata(path), **{k: str(v) for k, v in settings.items()}}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -67,6 +69,8 @@ def main() -> None:
     parser.add_argument("-i", "--input", type=Path, default=Path("data/train"),
                         help="validation photos (default: data/train)")
     parser.add_argument("--shifts", type=int, nargs="+", default=[0, 80, 120, 160, 200, 300])
+    parser.add_argument("--back-projections", type=int, nargs="+", default=[0, 1, 2, 4],
+                        help="back-projection rounds to try on every sample (default: 0 1 2 4)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--stride", type=int, default=2, help="every N-th photo (default: 2)")
@@ -88,16 +92,22 @@ def main() -> None:
             for shift in args.shifts:
                 made = [sample(up.backend, p.lr[0], scale=scale, formulation=up.formulation,
                                steps=args.steps, seed=0, time_shift=shift) for p in pairs]
-                rows[shift] = score(pairs, made, scale)
-                print(f"time_shift {shift:4d}: {rows[shift][0]:.2f} dB / {rows[shift][1]:.4f}", flush=True)
+                for n in args.back_projections:
+                    rows[shift, n] = score(pairs, [np.clip(back_project(m, p.lr[0], scale, n), 0, 1)
+                                                   for m, p in zip(made, pairs)], scale)
+                    print(f"time_shift {shift:4d}, back-projection {n:2d}: "
+                          f"{rows[shift, n][0]:.2f} dB / {rows[shift, n][1]:.4f}", flush=True)
     print(f"\n{len(pairs)} crops of {args.crop} px from {args.input}, {args.steps} steps, "
-          f"backend {up.backend_name}\n\n| time shift | PSNR (dB, Y) | SSIM (Y) |\n|---|---|---|")
+          f"backend {up.backend_name}\n\n| time shift | back-projection | PSNR (dB, Y) | SSIM (Y) |"
+          "\n|---|---|---|---|")
     for key, (p, s) in rows.items():
-        print(f"| {key} | {p:.2f} | {s:.4f} |")
-    best = max(args.shifts, key=lambda k: rows[k][0])
-    print(f"\nbest: time_shift {best}")
+        shift, n = key if key != "bicubic" else ("bicubic", "-")
+        print(f"| {shift} | {n} | {p:.2f} | {s:.4f} |")
+    best = max((k for k in rows if k != "bicubic"), key=lambda k: rows[k][0])
+    settings = {"time_shift": best[0], "back_projection": best[1]}
+    print(f"\nbest: time_shift {best[0]}, back_projection {best[1]}")
     if args.write:
-        write_time_shift(args.checkpoint, best)
+        write_sampler(args.checkpoint, settings)
         print(f"written to {args.checkpoint} metadata")
 
 

@@ -58,16 +58,25 @@ def test_center_crop():
     assert center_crop(img, max_side=None, multiple=4).shape == (8, 4, 3)
 
 
-def test_eval_samples_with_the_checkpoints_time_shift(tmp_path, photos):
-    """run_eval uses the checkpoint's tuned time_shift unless told otherwise, and records it."""
+def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
+    """run_eval uses the checkpoint's tuned time_shift and back_projection unless told
+    otherwise, and records them."""
     torch.manual_seed(0)
     model = create_model(TINY)
     plain, tuned = tmp_path / "plain.safetensors", tmp_path / "tuned.safetensors"
     save_checkpoint(plain, model, TINY)
-    save_checkpoint(tuned, model, TINY, {"time_shift": "700"})
+    save_checkpoint(tuned, model, TINY, {"time_shift": "700", "back_projection": "3"})
     kw = dict(steps=(3,), max_side=16, picture_crop=16)
     a = run_eval(plain, photos, tmp_path / "a", **kw)
     b = run_eval(tuned, photos, tmp_path / "b", **kw)
-    c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, **kw)
-    assert (a.info["time_shift"], b.info["time_shift"], c.info["time_shift"]) == ("0", "700", "0")
+    c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, back_projection=0, **kw)
+    d = run_eval(plain, photos, tmp_path / "d", back_projection=3, **kw)
+    info = [(r.info["time_shift"], r.info["back_projection"]) for r in (a, b, c, d)]
+    assert info == [("0", "0"), ("700", "3"), ("0", "0"), ("0", "3")]
     assert a.scores == c.scores and a.scores["3 steps"] != b.scores["3 steps"]
+    assert a.scores["bicubic"] == d.scores["bicubic"] and a.scores["3 steps"] != d.scores["3 steps"]
+    # back-projected runs also score the same correction applied to bicubic (the fair baseline)
+    assert list(a.scores) == ["bicubic", "3 steps"]
+    assert list(d.scores) == ["bicubic", "bicubic + back-projection x3", "3 steps"]
+    assert d.scores["bicubic + back-projection x3"] != d.scores["bicubic"]
+    assert "| bicubic + back-projection x3 |" in (tmp_path / "d" / "results.md").read_text()

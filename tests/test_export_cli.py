@@ -88,26 +88,33 @@ def test_default_steps_come_from_the_checkpoint_or_the_flag(tmp_path) -> None:
     assert not (tmp_path / "bad-art").exists()
 
 
-def test_time_shift_comes_from_the_checkpoint(tmp_path) -> None:
-    """A checkpoint's tuned sampler ``time_shift`` reaches the manifest (0 without one), the
-    runtime samples with it; a damaged value is a one-line error and no artifact."""
+def test_sampler_settings_come_from_the_checkpoint(tmp_path) -> None:
+    """A checkpoint's tuned ``time_shift`` and ``back_projection`` reach the manifest (0 without
+    them), the runtime samples with them; a damaged value is a one-line error and no artifact."""
     model = create_model("tiny-binary")
-    plain, tuned, bad = (tmp_path / f"{n}.safetensors" for n in ("plain", "tuned", "bad"))
-    save_checkpoint(plain, model, get_config("tiny-binary"))
-    save_checkpoint(tuned, model, get_config("tiny-binary"), extra_metadata={"time_shift": "160"})
-    save_checkpoint(bad, model, get_config("tiny-binary"), extra_metadata={"time_shift": "2000"})
+    names = ("plain", "shifted", "projected", "bad_shift", "bad_bp")
+    plain, shifted, projected, bad_shift, bad_bp = (tmp_path / f"{n}.safetensors" for n in names)
+    for ckpt, meta in [(plain, {}), (shifted, {"time_shift": "160"}), (projected, {"back_projection": "2"}),
+                       (bad_shift, {"time_shift": "2000"}), (bad_bp, {"back_projection": "x"})]:
+        save_checkpoint(ckpt, model, get_config("tiny-binary"), extra_metadata=meta)
     kw = dict(tile=16, progress=False, measure_float=False, steps=3)
-    for ckpt, want in [(plain, 0), (tuned, 160)]:
+    for ckpt, want in [(plain, (0, 0)), (shifted, (160, 0)), (projected, (0, 2))]:
         export_artifact(ckpt, out=tmp_path / ckpt.stem, **kw)
-        assert read_artifact(tmp_path / ckpt.stem).manifest.time_shift == want
+        m = read_artifact(tmp_path / ckpt.stem).manifest
+        assert (m.time_shift, m.back_projection) == want
     lr = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
     with runtime.load(tmp_path / "plain", backend="onnxruntime") as a, \
-            runtime.load(tmp_path / "tuned", backend="onnxruntime") as b:
-        assert not np.array_equal(a.upscale(lr), b.upscale(lr))
-    with pytest.raises(ValueError, match=r"^bad.safetensors: metadata time_shift must be an "
-                                         r"integer in 0\.\.1999, got 2000$"):
-        export_artifact(bad, out=tmp_path / "bad-art", **kw)
-    assert not (tmp_path / "bad-art").exists()
+            runtime.load(tmp_path / "shifted", backend="onnxruntime") as b, \
+            runtime.load(tmp_path / "projected", backend="onnxruntime") as c:
+        base = a.upscale(lr)
+        assert not np.array_equal(base, b.upscale(lr)) and not np.array_equal(base, c.upscale(lr))
+        assert np.array_equal(base, c.upscale(lr, back_projection=0))
+        assert np.array_equal(c.upscale(lr), a.upscale(lr, back_projection=2))
+    for ckpt, message in [(bad_shift, "time_shift must be an integer in 0\\.\\.1999, got 2000"),
+                          (bad_bp, "back_projection must be an integer in 0\\.\\.16, got 'x'")]:
+        with pytest.raises(ValueError, match=rf"^{ckpt.name}: metadata {message}$"):
+            export_artifact(ckpt, out=tmp_path / "bad-art", **kw)
+        assert not (tmp_path / "bad-art").exists()
 
 
 def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:

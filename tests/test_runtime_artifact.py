@@ -111,18 +111,21 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
         A.read_artifact(tmp_path)
 
 
-def test_time_shift_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize("field,bad,message", [
+    ("time_shift", -5, r"time_shift must be an integer in 0\.\.1999, got -5"),
+    ("back_projection", 17, r"back_projection must be an integer in 0\.\.16, got 17"),
+])
+def test_sampler_fields(tmp_path: Path, field: str, bad: int, message: str) -> None:
     """Optional: absent (older artifacts) means 0, the official sampler; out of range is a
     one-line 'malformed' error."""
     root = make_fake_artifact(tmp_path / "a")
     d = json.loads((root / A.MANIFEST).read_text())
-    assert d["time_shift"] == 0
-    del d["time_shift"]
+    assert d[field] == 0
+    del d[field]
     (root / A.MANIFEST).write_text(json.dumps(d))
-    assert A.read_artifact(root).manifest.time_shift == 0
-    edit_manifest(root, time_shift=-5)
-    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(time_shift must be an integer "
-                                              r"in 0\.\.1999, got -5\): re-export the artifact$"):
+    assert getattr(A.read_artifact(root).manifest, field) == 0
+    edit_manifest(root, **{field: bad})
+    with pytest.raises(A.ArtifactError, match=rf"^manifest is malformed \({message}\): re-export the artifact$"):
         A.read_artifact(root)
 
 

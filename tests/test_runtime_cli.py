@@ -65,24 +65,25 @@ def test_upscale_file_folder_and_alpha(tmp_path: Path, art: Path, photo: Path, c
     assert code == 0 and Image.open(tmp_path / "single.webp").size == (20, 24)
 
 
-def test_time_shift_flag_overrides_the_artifact(tmp_path: Path, art: Path, photo: Path, capsys,
-                                                monkeypatch) -> None:
-    """--time-shift reaches the sampler; without it the artifact's own shift (0 here) does.
+def test_sampler_flags_override_the_artifact(tmp_path: Path, art: Path, photo: Path, capsys,
+                                             monkeypatch) -> None:
+    """--time-shift and --back-projection reach the sampler; without them the artifact's own
+    settings (0 here) do.
     (The fake network is the ideal one, whose last step is exact whatever the shift, so the
     sampler's call is checked, and its effect in test_runtime_sampler.)"""
     from bidiff.runtime import api
     seen = []
 
     def spy(*a, **kw):
-        seen.append(kw["time_shift"])
+        seen.append((kw["time_shift"], kw["back_projection"]))
         return real(*a, **kw)
     real = api.sample
     monkeypatch.setattr(api, "sample", spy)
-    for extra in ([], ["--time-shift", "900"]):
+    for extra in ([], ["--time-shift", "900"], ["--back-projection", "4"]):
         code, _, err = run(["upscale", photo, "-o", tmp_path / "o.png", "--artifact", art,
                             "--steps", "2", "-q", *extra], capsys)
         assert code == 0, err
-    assert seen == [0, 900]
+    assert seen == [(0, 0), (900, 0), (0, 4)]
 
 
 def test_info(art: Path, tmp_path: Path, capsys) -> None:
@@ -131,6 +132,7 @@ BATTERY = [
     ("steps 1001", lambda d, p, a: [p, "--steps", "1001"], "steps"),
     ("unknown backend", lambda d, p, a: [p, "--backend", "cuda"], "backend"),
     ("time shift 2000", lambda d, p, a: [p, "--time-shift", "2000"], "time-shift"),
+    ("back-projection 17", lambda d, p, a: [p, "--back-projection", "17"], "back-projection"),
     ("modified artifact", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "modified")], "checksum mismatch"),
     ("other arch", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "other-arch")], "this machine is"),
     ("future format", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "future")], "upgrade bidiff"),

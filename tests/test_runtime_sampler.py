@@ -10,6 +10,7 @@ import pytest
 
 from bidiff.runtime import schedule
 from bidiff.runtime.bicubic import upscale_condition
+from bidiff.runtime.consistency import back_project, downscale
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.sampler import sample
 from bidiff.runtime.tiling import TileGrid, axis_starts, axis_windows
@@ -192,3 +193,18 @@ def test_banded_ddim_update_is_bit_identical(monkeypatch) -> None:
     monkeypatch.setattr(S, "BAND_PIXELS", 56 * 7 + 3)          # bands of 7 rows, ragged last band
     banded = S.sample(PointwiseModel(32), lr, scale=2, formulation=Formulation("residual", 4.0), steps=3, seed=4)
     assert banded.tobytes() == whole.tobytes() and banded.flags.c_contiguous
+
+
+def test_back_projection_corrects_the_result_towards_the_lr_image() -> None:
+    """back_projection=n is consistency.back_project(n) of the sampled image before the clamp,
+    and each round brings the result's Pillow-bicubic downscale closer to the LR input."""
+    lr = 0.2 + 0.6 * lr_image(16, 16)              # keeps the blurred x0 inside [0, 1] (no clamp)
+    made = {n: sample(BlurIdealModel(32), lr, scale=2, formulation=OFFICIAL, steps=5, seed=2,
+                      back_projection=n) for n in (0, 1, 3)}
+    for n in (1, 3):
+        np.testing.assert_allclose(made[n], np.clip(back_project(made[0], lr, 2, n), 0, 1),
+                                   rtol=0, atol=1e-6)
+    err = [np.abs(downscale(made[n], (16, 16)) - lr).max() for n in (0, 1, 3)]
+    assert err[0] > 0.05 and err[0] > 2 * err[1] > 4 * err[2]
+    with pytest.raises(ValueError, match=r"^back_projection must be an integer in 0\.\.16, got 17$"):
+        sample(BlurIdealModel(32), lr, scale=2, formulation=OFFICIAL, steps=1, back_projection=17)

@@ -1,5 +1,5 @@
 """scripts/tune_sampler.py on a tiny checkpoint: the sweep prints its table and --write stores
-the best shift in the checkpoint (tensors untouched)."""
+the best (time shift, back-projection) pair in the checkpoint (tensors untouched)."""
 import re
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from bidiff.models.checkpoint import read_metadata
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tune_sampler_sweeps_and_writes_the_best_shift(tmp_path):
+def test_tune_sampler_sweeps_and_writes_the_best_settings(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
     save_checkpoint(ckpt, create_model("tiny-binary"), get_config("tiny-binary"), {"steps": "3"})
@@ -28,14 +28,17 @@ def test_tune_sampler_sweeps_and_writes_the_best_shift(tmp_path):
         Image.fromarray((rng.random((64, 72, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_sampler.py"), "-c", str(ckpt),
                           "-i", str(folder), "--target", "onnx", "--steps", "3", "--crop", "32",
-                          "--stride", "1", "--shifts", "0", "900", "--threads", "1", "--write"],
+                          "--stride", "1", "--shifts", "0", "900", "--back-projections", "0", "2",
+                          "--threads", "1", "--write"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "2 crops of 32 px" in res.stdout and "| bicubic |" in res.stdout
-    rows = dict(re.findall(r"^\| (\d+) \| ([\d.]+) \|", res.stdout, re.M))
-    best = max(rows, key=lambda k: float(rows[k]))
-    assert f"best: time_shift {best}" in res.stdout
+    rows = {(shift, n): float(p) for shift, n, p in
+            re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \|", res.stdout, re.M)}
+    assert set(rows) == {("0", "0"), ("0", "2"), ("900", "0"), ("900", "2")}
+    best = re.search(r"^best: time_shift (\d+), back_projection (\d+)$", res.stdout, re.M).groups()
+    assert rows[best] == max(rows.values())          # the table is rounded: ties are possible
     meta = read_metadata(ckpt)
-    assert meta["time_shift"] == best and meta["steps"] == "3"
+    assert (meta["time_shift"], meta["back_projection"]) == best and meta["steps"] == "3"
     old, new = load(before), load_file(str(ckpt))
     assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
