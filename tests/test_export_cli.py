@@ -125,7 +125,7 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
     if not Path(SHIPPED_CHECKPOINT).is_file():
         pytest.skip("the shipped checkpoint is not installed")
     meta = read_metadata(SHIPPED_CHECKPOINT)
-    assert (meta["default_steps"], meta["time_shift"]) == ("50", "160")
+    assert (meta["default_steps"], meta["time_shift"], meta["back_projection"]) == ("50", "240", "3")
 
 
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:
