@@ -19,8 +19,8 @@ keys that do not fit), which the CLI prints with exit code 2.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from bidiff.runtime.artifact import (FORMAT_VERSION, ArtifactWriter, GroupInfo, Manifest, ModelInfo,
-                                     TargetInfo, host_info)
+                                     TargetInfo, host_info, sha256_file)
 from bidiff.runtime.binary_op import OP_VERSION
 
 from .targets import TargetSpec, get_target
@@ -81,12 +81,19 @@ def check_tile(tile: object, *, multiple: int = _MIN_TILE_MULTIPLE) -> int:
     return tile
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+SHIPPED_CHECKPOINT_NAME = "bidiff-s-x2.safetensors"     # in bidiff/models/weights/ (models.SHIPPED_CHECKPOINT)
+
+
+def default_checkpoint_sha256() -> str | None:
+    """sha256 of the shipped checkpoint (what ``export_artifact(None)`` exports), None when it is
+    not installed. Found without importing torch: the runtime asks this to tell whether its
+    cached default artifact still holds the shipped model."""
+    spec = importlib.util.find_spec("bidiff.models")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "weights" / SHIPPED_CHECKPOINT_NAME
+        if path.is_file():
+            return sha256_file(path)
+    return None
 
 
 def _load(checkpoint, config):
@@ -269,7 +276,8 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 bar.set_postfix_str(msg)
                 bar.update(1)
 
-            meta = _graph_metadata(cfg, _sha256(ckpt_path))
+            ckpt_sha = sha256_file(ckpt_path)
+            meta = _graph_metadata(cfg, ckpt_sha)
             from .onnx_export import write_onnx_graphs
             paths = write_onnx_graphs(model, writer.staging / ONNX_DIR, tile=tile, binary=True,
                                       metadata=meta, progress=lambda m: step(m))
@@ -277,7 +285,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                       for k, lo, hi in group_table(model)]
             manifest = Manifest(
                 model=ModelInfo(name=cfg.name, network=dict(cfg.network), scale=int(cfg.scale),
-                                formulation=cfg.formulation.to_dict()),
+                                formulation=cfg.formulation.to_dict(), checkpoint_sha256=ckpt_sha),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
                 **_tuned_sampler(ckpt_path),

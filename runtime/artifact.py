@@ -70,6 +70,7 @@ class ModelInfo:
     network: dict[str, Any]
     scale: int
     formulation: dict[str, Any] = field(default_factory=lambda: {"type": "official"})
+    checkpoint_sha256: str | None = None     # of the exported checkpoint (older artifacts: absent)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from bidiff import runtime
 from bidiff.exporter import export_artifact
 from bidiff.exporter.cli import main
 from bidiff.models import create_model, get_config, save_checkpoint, set_deploy
-from bidiff.runtime.artifact import read_artifact
+from bidiff.runtime.artifact import read_artifact, sha256_file
 from conftest import GOLDEN   # the one definition of where the golden data lives
 
 
@@ -102,6 +102,7 @@ def test_sampler_settings_come_from_the_checkpoint(tmp_path) -> None:
         export_artifact(ckpt, out=tmp_path / ckpt.stem, **kw)
         m = read_artifact(tmp_path / ckpt.stem).manifest
         assert (m.time_shift, m.back_projection) == want
+        assert m.model.checkpoint_sha256 == sha256_file(ckpt)
     lr = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
     with runtime.load(tmp_path / "plain", backend="onnxruntime") as a, \
             runtime.load(tmp_path / "shifted", backend="onnxruntime") as b, \

@@ -89,7 +89,8 @@ def test_same_seed_same_bytes_and_threads(up: api.Upscaler, art: Path) -> None:
 
 def test_default_artifact_from_cache(art: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(api, "_build_default_artifact", lambda cache: None)   # no exporter
+    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: None)          # no exporter
+    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, sha: None)
     with pytest.raises(runtime.ArtifactError, match="no bidiff artifact in .*pip install 'bidiff\\[export\\]'"):
         api.default_artifact()
     shutil.copytree(art, tmp_path / "cache" / "default-onnx")
@@ -98,6 +99,30 @@ def test_default_artifact_from_cache(art: Path, tmp_path: Path, monkeypatch) -> 
     assert out.shape == (24, 20, 3)
     assert runtime.upscale(rgb(), steps=1).tobytes() == out.tobytes()
     assert len([k for k in api._cache if k[0] is None]) == 1
+
+
+def test_default_artifact_is_keyed_by_the_shipped_checkpoint(art: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """With the exporter installed, plain-named artifacts (built by an older bidiff, or of an
+    older shipped model) are passed over for one named after the shipped checkpoint's hash."""
+    from bidiff.exporter import default_checkpoint_sha256
+    from bidiff.models import SHIPPED_CHECKPOINT
+    from bidiff.runtime.artifact import sha256_file
+    if not Path(SHIPPED_CHECKPOINT).is_file():
+        pytest.skip("the shipped checkpoint is not installed")
+    sha = sha256_file(SHIPPED_CHECKPOINT)
+    assert default_checkpoint_sha256() == api._shipped_checkpoint_sha256() == sha
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BIDIFF_CACHE", str(cache))
+    for name in ("default-onnx", f"default-onnx-{'0' * 12}"):
+        shutil.copytree(art, cache / name)
+    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, sha: None)
+    with pytest.raises(runtime.ArtifactError, match="no bidiff artifact in "):
+        api.default_artifact()
+    shutil.copytree(art, cache / f"default-onnx-{sha[:12]}")
+    assert api.default_artifact() == cache / f"default-onnx-{sha[:12]}"
+    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: None)          # runtime only
+    assert api.default_artifact() == cache / "default-onnx"
 
 
 def test_import_is_light() -> None:
@@ -135,9 +160,15 @@ def test_default_artifact_built_by_exporter(art: Path, tmp_path: Path, monkeypat
     monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(exporter, "export_artifact", fake_export, raising=False)
     monkeypatch.setattr(api, "_default_target", lambda: "x86_64")
-    assert api.default_artifact() == tmp_path / "cache" / "default-onnx"
+    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: "ab" * 32)
+    built = tmp_path / "cache" / "default-onnx-abababababab"
+    assert api.default_artifact() == built
     assert calls == ["x86_64", "onnx"] and "compiler exploded" in capsys.readouterr().err
-    assert api.default_artifact() == tmp_path / "cache" / "default-onnx" and len(calls) == 2   # cached
+    assert api.default_artifact() == built and len(calls) == 2                      # cached
+    # a new shipped checkpoint (weights or sampler settings): the old cache is not used
+    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: "cd" * 32)
+    assert api.default_artifact() == tmp_path / "cache" / "default-onnx-cdcdcdcdcdcd"
+    assert len(calls) == 4 and built.is_dir()
 
     def user_error(checkpoint, **kw):
         raise ValueError("the shipped model is not installed")
