@@ -137,14 +137,13 @@ def _recommended_steps(ckpt_path: Path) -> int:
                         f"{ckpt_path.name}: metadata default_steps")
 
 
-def _tuned_sampler(ckpt_path: Path) -> dict[str, int]:
-    """The checkpoint's sampler settings (``time_shift``, ``back_projection`` metadata of bidiff
-    safetensors; 0 otherwise), which the manifest carries to the device."""
-    from bidiff.models.checkpoint import SAMPLER_METADATA, checkpoint_sampler, read_metadata
-    if ckpt_path.suffix != ".safetensors":
-        return dict.fromkeys(SAMPLER_METADATA, 0)
+def _tuned_sampler(ckpt_path: Path) -> dict:
+    """The checkpoint's sampler settings (``models.checkpoint.SAMPLER_METADATA`` of bidiff
+    safetensors; the paper's sampler otherwise), which the manifest carries to the device."""
+    from bidiff.models.checkpoint import checkpoint_sampler, read_metadata
+    meta = read_metadata(ckpt_path) if ckpt_path.suffix == ".safetensors" else {}
     try:
-        return checkpoint_sampler(read_metadata(ckpt_path), ckpt_path.name)
+        return checkpoint_sampler(meta, ckpt_path.name)
     except ValueError as e:
         raise ExportError(str(e)) from None
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bidiff.runtime.consistency import check_back_projection
-from bidiff.runtime.schedule import check_time_shift
+from bidiff.runtime.schedule import check_time_shift, check_time_shifts
 
 from .configs import ModelConfig, get_config
 from .unet import BIDiffSRUNet
@@ -42,23 +42,26 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-SAMPLER_METADATA: dict[str, Callable[[object], int]] = {
-    "time_shift": check_time_shift,            # schedule.DDIMScheduler
+SAMPLER_METADATA: dict[str, Callable[[object], Any]] = {
+    "time_shift": check_time_shift,            # schedule.DDIMScheduler, at the default steps
+    "time_shifts": check_time_shifts,          # {steps: shift} (schedule.time_shift_for)
     "back_projection": check_back_projection,  # consistency.back_project
 }
 """Sampler settings measured for a checkpoint (scripts/tune_sampler.py) and stored in its
 metadata; exports copy them into the manifest. 0 (the official sampler) where absent."""
 
 
-def checkpoint_sampler(meta: Mapping[str, str], source: str) -> dict[str, int]:
-    """The checkpoint's tuned sampler settings, one int per ``SAMPLER_METADATA`` key."""
-    settings = {}
+def checkpoint_sampler(meta: Mapping[str, str], source: str) -> dict[str, Any]:
+    """The checkpoint's tuned sampler settings, one value per ``SAMPLER_METADATA`` key (ints;
+    the ``time_shifts`` table as {str(steps): shift}, as the manifest stores it)."""
+    settings: dict[str, Any] = {}
     for key, check in SAMPLER_METADATA.items():
-        value = meta.get(key, "0")
+        value = meta.get(key, "{}" if key == "time_shifts" else "0")
         try:
             settings[key] = check(int(value) if value.isdigit() else value)
         except ValueError as e:
             raise ValueError(f"{source}: metadata {e}") from None
+    settings["time_shifts"] = {str(k): v for k, v in settings["time_shifts"].items()}
     return settings
 
 

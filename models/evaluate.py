@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from bidiff.models.layers import HardBinaryConv
 from bidiff.models.metrics import psnr_y, ssim_y
 from bidiff.models.sampler import sample
 from bidiff.runtime.consistency import back_project
+from bidiff.runtime.schedule import check_time_shifts, time_shift_for
 
 
 @dataclass
@@ -60,11 +61,12 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
 
 def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple[str, np.ndarray]],
              *, steps: Sequence[int] = (50, 20, 10), seed: int = 0,
-             max_side: int | None = None, time_shift: int = 0, back_projection: int = 0,
-             ) -> tuple[EvalResult, dict[str, np.ndarray]]:
+             max_side: int | None = None, time_shift: int | Mapping[int, int] = 0,
+             back_projection: int = 0) -> tuple[EvalResult, dict[str, np.ndarray]]:
     """Score bicubic and the model on HWC uint8 HR ``images``; also return the images made.
 
-    With ``back_projection`` the table also scores bicubic back-projected the same way: the
+    ``time_shift``: one shift for every step count, or {steps: shift}. With ``back_projection``
+    the table also scores bicubic back-projected the same way: the
     honest baseline for what the model itself adds. Crops of one size are sampled as one batch (the same noise seed per batch), so a folder
     of equal crops costs one sampler run per step count.
     """
@@ -92,7 +94,8 @@ def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple
                 made = np.clip([back_project(c, low, scale, back_projection) for c, low in zip(cond, lr)], 0, 1)
             else:
                 made = sample(model, torch.from_numpy(cond), steps=n, seed=seed,
-                              formulation=config.formulation, time_shift=time_shift, lr=lr,
+                              formulation=config.formulation, lr=lr,
+                              time_shift=time_shift[n] if isinstance(time_shift, Mapping) else time_shift,
                               back_projection=back_projection).image.numpy()
             for k, img in zip(names, made):
                 out, hr = to_uint8(img), to_uint8(pairs[k].hr[0])
@@ -145,7 +148,8 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
              time_shift: int | None = None, back_projection: int | None = None) -> EvalResult:
     """Evaluate a checkpoint (None: the shipped one) on a folder; write results.md/.json and
     comparison.png into ``out_dir``. ``time_shift``, ``back_projection``: None = the
-    checkpoint's (``checkpoint_sampler``), as an artifact exported from it would sample."""
+    checkpoint's (``checkpoint_sampler``; the shift for each step count as
+    ``Manifest.time_shift_for`` picks it), as an artifact exported from it would sample."""
     from bidiff.models import SHIPPED_CHECKPOINT, load_checkpoint
 
     path = Path(checkpoint) if checkpoint else SHIPPED_CHECKPOINT
@@ -154,14 +158,17 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
     images = [(p.stem, load_rgb(p)) for p in files]
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     tuned = checkpoint_sampler(meta, path.name)
-    time_shift = tuned["time_shift"] if time_shift is None else time_shift
+    table = check_time_shifts(tuned["time_shifts"])
+    shifts = {n: time_shift_for(n, table, tuned["time_shift"]) if time_shift is None else time_shift
+              for n in steps}
     back_projection = tuned["back_projection"] if back_projection is None else back_projection
     t0 = time.monotonic()
     result, outputs = evaluate(model, config, images, steps=steps, seed=seed, max_side=max_side,
-                               time_shift=time_shift, back_projection=back_projection)
+                               time_shift=shifts, back_projection=back_projection)
     result.info = {"checkpoint": str(path), "config": config.name,
                    "formulation": config.formulation.type, "folder": str(folder),
-                   "max_side": str(max_side), "seed": str(seed), "time_shift": str(time_shift),
+                   "max_side": str(max_side), "seed": str(seed),
+                   "time_shift": ", ".join(f"{n} steps: {v}" for n, v in shifts.items()),
                    "back_projection": str(back_projection),
                    "eval_seconds": f"{time.monotonic() - t0:.0f}",
                    **{k: meta[k] for k in ("steps", "train_seconds", "hardware", "weights") if k in meta},

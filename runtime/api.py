@@ -67,7 +67,7 @@ class Upscaler:
         progress: ``progress(done, total)`` after every network evaluation (tiles x steps).
         overlap: HR pixels shared by neighbouring tiles (default: a quarter of the tile).
         time_shift: the network is asked for eps at max(0, t - time_shift) (``DDIMScheduler``);
-        None = the artifact's, which was measured at its default steps.
+        None = the artifact's for this step count (``Manifest.time_shift_for``).
         back_projection: rounds of LR-consistency correction of the result
         (``consistency.back_project``); None = the artifact's, 0 = none.
         """
@@ -76,7 +76,7 @@ class Upscaler:
         with self._lock:
             rgb = sample(self.backend, inp.rgb, scale=self.scale, formulation=self.formulation,
                          steps=steps, seed=int(seed), overlap=overlap,
-                         time_shift=self.manifest.time_shift if time_shift is None else time_shift,
+                         time_shift=self.manifest.time_shift_for(steps) if time_shift is None else time_shift,
                          back_projection=(self.manifest.back_projection if back_projection is None
                                           else back_projection),
                          progress=progress)

@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .consistency import check_back_projection
-from .schedule import check_time_shift
+from .schedule import check_time_shift, check_time_shifts, time_shift_for
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -99,6 +99,7 @@ class Manifest:
     input_multiple: int = 1
     default_steps: int = 50
     time_shift: int = 0         # sampler: eps at max(0, t - time_shift) (schedule.DDIMScheduler)
+    time_shifts: dict[str, int] = field(default_factory=dict)   # per measured step count (JSON keys)
     back_projection: int = 0    # sampler: LR-consistency iterations (consistency.back_project)
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     target: TargetInfo | None = None
@@ -122,7 +123,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         order = ["format_version", "bidiff_version", "model", "groups", "tile", "input_multiple",
-                 "default_steps", "time_shift", "back_projection", "value_range", "target", "library", "backends", "versions",
+                 "default_steps", "time_shift", "time_shifts", "back_projection", "value_range", "target", "library", "backends", "versions",
                  "files"]
         return {k: d[k] for k in order}
 
@@ -155,6 +156,7 @@ class Manifest:
             raise bad(f"tile {self.tile} is not a multiple of the scale {self.model.scale}")
         try:
             check_time_shift(self.time_shift)
+            check_time_shifts(self.time_shifts)
             check_back_projection(self.back_projection)
         except ValueError as e:
             raise bad(str(e)) from None
@@ -176,6 +178,11 @@ class Manifest:
             paths.append(self.library)
         return paths + list(self.files)
 
+    def time_shift_for(self, steps: int) -> int:
+        """The sampler time shift measured for ``steps`` (``schedule.time_shift_for``); artifacts
+        without a table use ``time_shift`` at every step count."""
+        return time_shift_for(steps, check_time_shifts(self.time_shifts), self.time_shift)
+
     def group_for(self, t: int) -> GroupInfo:
         for g in self.groups:
             if g.t_min <= t <= g.t_max:
@@ -193,6 +200,8 @@ class Manifest:
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
             f"steps       {self.default_steps} by default"
             + (f", time shift {self.time_shift}" if self.time_shift else "")
+            + "".join(f", {n} steps: time shift {v}" for n, v in check_time_shifts(self.time_shifts).items()
+                      if n != self.default_steps)
             + (f", back-projection x{self.back_projection}" if self.back_projection else ""),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
             f"target      {tgt}",

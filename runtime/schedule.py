@@ -9,9 +9,10 @@ eps = the network's noise estimate, x0 = the predicted clean sample.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Mapping
 
 import numpy as np
 
@@ -80,6 +81,39 @@ def check_time_shift(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> i
             or not 0 <= value < total_steps:
         raise ValueError(f"time_shift must be an integer in 0..{total_steps - 1}, got {value!r}")
     return int(value)
+
+
+def check_time_shifts(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> dict[int, int]:
+    """A per-step-count shift table ({steps: shift}; JSON text or a mapping with int or digit
+    keys) -> {int: int} sorted by steps (raises ValueError naming the bad entry)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            raise ValueError(f"time_shifts must be a JSON object of steps -> shift, got {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"time_shifts must be a mapping of steps -> shift, got {value!r}")
+    table = {}
+    for k, v in value.items():
+        steps = int(k) if isinstance(k, str) and k.isdigit() else k
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= total_steps:
+            raise ValueError(f"time_shifts has a step count {k!r} outside 1..{total_steps}")
+        table[int(steps)] = check_time_shift(v, total_steps)
+    return dict(sorted(table.items()))
+
+
+def time_shift_for(steps: int, table: Mapping[int, int], default: int) -> int:
+    """The measured shift for ``steps``: the table's entry for the nearest measured step count
+    (on a log scale, ties to the fewer steps), or ``default`` when the table is empty.
+
+    The best shift depends on the step count (at 50 steps the small model wants several
+    strides of shift, at 10-20 steps next to none: docs/TRAINING.md), so a model carries one
+    per measured step count.
+    """
+    if not table:
+        return int(default)
+    near = min(table, key=lambda n: (abs(np.log(n / steps)), n))
+    return int(table[near])
 
 
 @dataclass(frozen=True)

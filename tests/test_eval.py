@@ -72,7 +72,7 @@ def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
     c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, back_projection=0, **kw)
     d = run_eval(plain, photos, tmp_path / "d", back_projection=3, **kw)
     info = [(r.info["time_shift"], r.info["back_projection"]) for r in (a, b, c, d)]
-    assert info == [("0", "0"), ("700", "3"), ("0", "0"), ("0", "3")]
+    assert info == [("3 steps: 0", "0"), ("3 steps: 700", "3"), ("3 steps: 0", "0"), ("3 steps: 0", "3")]
     assert a.scores == c.scores and a.scores["3 steps"] != b.scores["3 steps"]
     assert a.scores["bicubic"] == d.scores["bicubic"] and a.scores["3 steps"] != d.scores["3 steps"]
     # back-projected runs also score the same correction applied to bicubic (the fair baseline)

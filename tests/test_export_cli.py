@@ -92,9 +92,10 @@ def test_sampler_settings_come_from_the_checkpoint(tmp_path) -> None:
     """A checkpoint's tuned ``time_shift`` and ``back_projection`` reach the manifest (0 without
     them), the runtime samples with them; a damaged value is a one-line error and no artifact."""
     model = create_model("tiny-binary")
-    names = ("plain", "shifted", "projected", "bad_shift", "bad_bp")
-    plain, shifted, projected, bad_shift, bad_bp = (tmp_path / f"{n}.safetensors" for n in names)
+    names = ("plain", "shifted", "projected", "table", "bad_shift", "bad_bp")
+    plain, shifted, projected, table, bad_shift, bad_bp = (tmp_path / f"{n}.safetensors" for n in names)
     for ckpt, meta in [(plain, {}), (shifted, {"time_shift": "160"}), (projected, {"back_projection": "2"}),
+                       (table, {"time_shifts": '{"3": 0, "2": 900}'}),
                        (bad_shift, {"time_shift": "2000"}), (bad_bp, {"back_projection": "x"})]:
         save_checkpoint(ckpt, model, get_config("tiny-binary"), extra_metadata=meta)
     kw = dict(tile=16, progress=False, measure_float=False, steps=3)
@@ -111,6 +112,12 @@ def test_sampler_settings_come_from_the_checkpoint(tmp_path) -> None:
         assert not np.array_equal(base, b.upscale(lr)) and not np.array_equal(base, c.upscale(lr))
         assert np.array_equal(base, c.upscale(lr, back_projection=0))
         assert np.array_equal(c.upscale(lr), a.upscale(lr, back_projection=2))
+    export_artifact(table, out=tmp_path / "table", **kw)
+    assert read_artifact(tmp_path / "table").manifest.time_shifts == {"2": 900, "3": 0}
+    with runtime.load(tmp_path / "table", backend="onnxruntime") as d:     # the shift per step count
+        assert np.array_equal(d.upscale(lr, steps=2), d.upscale(lr, steps=2, time_shift=900))
+        assert not np.array_equal(d.upscale(lr, steps=2), d.upscale(lr, steps=2, time_shift=0))
+        assert np.array_equal(d.upscale(lr), base)
     for ckpt, message in [(bad_shift, "time_shift must be an integer in 0\\.\\.1999, got 2000"),
                           (bad_bp, "back_projection must be an integer in 0\\.\\.16, got 'x'")]:
         with pytest.raises(ValueError, match=rf"^{ckpt.name}: metadata {message}$"):

@@ -114,19 +114,31 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
 @pytest.mark.parametrize("field,bad,message", [
     ("time_shift", -5, r"time_shift must be an integer in 0\.\.1999, got -5"),
     ("back_projection", 17, r"back_projection must be an integer in 0\.\.16, got 17"),
+    ("time_shifts", {"20": -1}, r"time_shift must be an integer in 0\.\.1999, got -1"),
 ])
 def test_sampler_fields(tmp_path: Path, field: str, bad: int, message: str) -> None:
     """Optional: absent (older artifacts) means 0, the official sampler; out of range is a
     one-line 'malformed' error."""
     root = make_fake_artifact(tmp_path / "a")
     d = json.loads((root / A.MANIFEST).read_text())
-    assert d[field] == 0
+    empty = {} if field == "time_shifts" else 0
+    assert d[field] == empty
     del d[field]
     (root / A.MANIFEST).write_text(json.dumps(d))
-    assert getattr(A.read_artifact(root).manifest, field) == 0
+    assert getattr(A.read_artifact(root).manifest, field) == empty
     edit_manifest(root, **{field: bad})
     with pytest.raises(A.ArtifactError, match=rf"^manifest is malformed \({message}\): re-export the artifact$"):
         A.read_artifact(root)
+
+
+def test_time_shift_for_uses_the_table_then_the_scalar(tmp_path: Path) -> None:
+    root = make_fake_artifact(tmp_path / "a")
+    edit_manifest(root, time_shift=240, time_shifts={"50": 240, "20": 40})
+    m = A.read_artifact(root).manifest
+    assert [m.time_shift_for(n) for n in (10, 20, 50, 100)] == [40, 40, 240, 240]
+    assert "time shift 240, 20 steps: time shift 40" in m.summary()
+    edit_manifest(root, time_shifts={})
+    assert A.read_artifact(root).manifest.time_shift_for(10) == 240
 
 
 def test_target_checks() -> None:

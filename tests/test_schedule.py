@@ -86,3 +86,26 @@ def test_time_shift_moves_only_the_network_timesteps():
 def test_time_shift_out_of_range_refuses(bad):
     with pytest.raises(ValueError, match=r"time_shift must be an integer in 0\.\.1999, got "):
         schedule.DDIMScheduler(time_shift=bad)
+
+
+def test_time_shift_table_picks_the_nearest_measured_step_count():
+    table = schedule.check_time_shifts('{"50": 240, "10": 0, "20": 40}')
+    assert list(table.items()) == [(10, 0), (20, 40), (50, 240)]          # sorted, int keys
+    assert schedule.check_time_shifts({20: 40}) == {20: 40} and schedule.check_time_shifts("") == {}
+    got = {n: schedule.time_shift_for(n, table, 7) for n in (1, 10, 14, 15, 20, 31, 32, 50, 1000)}
+    # log-nearest: 14 -> 10 (ratio 1.4 vs 1.43), 31 -> 20 (1.55 vs 1.61), 32 -> 50
+    assert got == {1: 0, 10: 0, 14: 0, 15: 40, 20: 40, 31: 40, 32: 240, 50: 240, 1000: 240}
+    assert schedule.time_shift_for(20, {}, 7) == 7                       # no table: the scalar
+    assert schedule.time_shift_for(20, {10: 1, 40: 2}, 7) == 1           # a tie: the fewer steps
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{50: 1}", r"time_shifts must be a JSON object of steps -> shift, got '\{50: 1\}'"),
+    ("[1, 2]", r"time_shifts must be a mapping of steps -> shift, got \[1, 2\]"),
+    ({"0": 5}, r"time_shifts has a step count '0' outside 1\.\.2000"),
+    ({"x": 5}, r"time_shifts has a step count 'x' outside 1\.\.2000"),
+    ({"20": 2000}, r"time_shift must be an integer in 0\.\.1999, got 2000"),
+])
+def test_time_shift_table_refuses_bad_entries(bad, message):
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        schedule.check_time_shifts(bad)

@@ -1,5 +1,6 @@
 """scripts/tune_sampler.py on a tiny checkpoint: the sweep prints its table and --write stores
 the best (time shift, back-projection) pair in the checkpoint (tensors untouched)."""
+import json
 import re
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def test_choose_avoids_a_cliff_next_to_the_peak_and_prefers_fewer_rounds() -> No
 def test_tune_sampler_sweeps_and_writes_the_best_settings(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
-    save_checkpoint(ckpt, create_model("tiny-binary"), get_config("tiny-binary"), {"steps": "3"})
+    save_checkpoint(ckpt, create_model("tiny-binary"), get_config("tiny-binary"),
+                    {"steps": "3", "default_steps": "3"})
     before = ckpt.read_bytes()
     folder = tmp_path / "val"
     folder.mkdir()
@@ -41,16 +43,20 @@ def test_tune_sampler_sweeps_and_writes_the_best_settings(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_sampler.py"), "-c", str(ckpt),
                           "-i", str(folder), "--target", "onnx", "--steps", "3", "--crop", "32",
                           "--stride", "1", "--shifts", "0", "900", "--back-projections", "0", "2",
-                          "--threads", "1", "--write"],
+                          "--steps", "3", "2", "--threads", "1", "--write"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert "2 crops of 32 px" in res.stdout and "| bicubic |" in res.stdout
-    rows = {(shift, n): float(p) for shift, n, p in
-            re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \|", res.stdout, re.M)}
-    assert set(rows) == {("0", "0"), ("0", "2"), ("900", "0"), ("900", "2")}
-    best = re.search(r"^chosen: time_shift (\d+), back_projection (\d+)$", res.stdout, re.M).groups()
-    assert best in rows                # which one: test_choose_... (the table is rounded)
+    assert re.search(r"^2 crops of 32 px from .*; bicubic [\d.]+ dB / [\d.]+$", res.stdout, re.M)
+    rows = {(steps, shift, n): float(p) for steps, shift, n, p in
+            re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \|", res.stdout, re.M)}
+    assert set(rows) == {(s, t, n) for s in ("3", "2") for t in ("0", "900") for n in ("0", "2")}
+    chosen = re.search(r"^chosen: time_shift (\d+), back_projection (\d+) at 3 steps; "
+                       r"time_shifts (\{.*\})$", res.stdout, re.M)
+    shift, rounds, table = chosen.groups()
+    assert ("3", shift, rounds) in rows           # which one: test_choose_... (the table is rounded)
+    assert json.loads(table)["3"] == int(shift) and set(json.loads(table)) == {"2", "3"}
     meta = read_metadata(ckpt)
-    assert (meta["time_shift"], meta["back_projection"]) == best and meta["steps"] == "3"
+    assert (meta["time_shift"], meta["back_projection"], meta["time_shifts"]) == (shift, rounds, table)
+    assert meta["steps"] == "3"
     old, new = load(before), load_file(str(ckpt))
     assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
