@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,16 +59,24 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
     return {"stored_numbers": total, "binary_weights": binary, "full_precision": total - binary}
 
 
+Runner = Callable[..., np.ndarray]
+"""runner(lr [3, h, w] float32, *, steps, seed, time_shift, back_projection) -> image [3, H, W]
+in [0, 1]: another sampler to score, e.g. ``functools.partial(bidiff.runtime.sampler.sample,
+backend, scale=..., formulation=...)``."""
+
+
 def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple[str, np.ndarray]],
              *, steps: Sequence[int] = (50, 20, 10), seed: int = 0,
              max_side: int | None = None, time_shift: int | Mapping[int, int] = 0,
-             back_projection: int = 0) -> tuple[EvalResult, dict[str, np.ndarray]]:
+             back_projection: int = 0, runner: Runner | None = None,
+             ) -> tuple[EvalResult, dict[str, np.ndarray]]:
     """Score bicubic and the model on HWC uint8 HR ``images``; also return the images made.
 
     ``time_shift``: one shift for every step count, or {steps: shift}. With ``back_projection``
-    the table also scores bicubic back-projected the same way: the
-    honest baseline for what the model itself adds. Crops of one size are sampled as one batch (the same noise seed per batch), so a folder
-    of equal crops costs one sampler run per step count.
+    the table also scores bicubic back-projected the same way: the honest baseline for what the
+    model itself adds. ``runner``: sample through it (e.g. the device runtime on an exported
+    artifact, tile by tile, as users run the model) instead of the PyTorch sampler, which runs
+    each image whole; crops of one size then go as one batch (the same noise seed per batch).
     """
     scale = config.scale
     pairs = {name: make_pair(center_crop(hr, max_side=max_side, multiple=scale), scale)
@@ -93,10 +101,13 @@ def evaluate(model: torch.nn.Module, config: ModelConfig, images: Sequence[tuple
             elif n == 0:                     # bicubic + back-projection
                 made = np.clip([back_project(c, low, scale, back_projection) for c, low in zip(cond, lr)], 0, 1)
             else:
-                made = sample(model, torch.from_numpy(cond), steps=n, seed=seed,
-                              formulation=config.formulation, lr=lr,
-                              time_shift=time_shift[n] if isinstance(time_shift, Mapping) else time_shift,
-                              back_projection=back_projection).image.numpy()
+                kw = dict(steps=n, seed=seed, back_projection=back_projection,
+                          time_shift=time_shift[n] if isinstance(time_shift, Mapping) else time_shift)
+                if runner is not None:
+                    made = np.stack([runner(low, **kw) for low in lr])
+                else:
+                    made = sample(model, torch.from_numpy(cond), formulation=config.formulation,
+                                  lr=lr, **kw).image.numpy()
             for k, img in zip(names, made):
                 out, hr = to_uint8(img), to_uint8(pairs[k].hr[0])
                 outputs[f"{k}/{method}"] = out
@@ -145,11 +156,13 @@ def comparison_picture(outputs: dict[str, np.ndarray], names: Sequence[str], sr_
 def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | Path, *,
              steps: Sequence[int] = (50, 20, 10), seed: int = 0, max_side: int | None = None,
              limit: int | None = None, picture_crop: int = 128,
-             time_shift: int | None = None, back_projection: int | None = None) -> EvalResult:
+             time_shift: int | None = None, back_projection: int | None = None,
+             runner: Runner | None = None, runner_name: str = "") -> EvalResult:
     """Evaluate a checkpoint (None: the shipped one) on a folder; write results.md/.json and
     comparison.png into ``out_dir``. ``time_shift``, ``back_projection``: None = the
     checkpoint's (``checkpoint_sampler``; the shift for each step count as
-    ``Manifest.time_shift_for`` picks it), as an artifact exported from it would sample."""
+    ``Manifest.time_shift_for`` picks it), as an artifact exported from it would sample.
+    ``runner``: see ``evaluate``; ``runner_name`` says what it is in results.md."""
     from bidiff.models import SHIPPED_CHECKPOINT, load_checkpoint
 
     path = Path(checkpoint) if checkpoint else SHIPPED_CHECKPOINT
@@ -164,12 +177,13 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
     back_projection = tuned["back_projection"] if back_projection is None else back_projection
     t0 = time.monotonic()
     result, outputs = evaluate(model, config, images, steps=steps, seed=seed, max_side=max_side,
-                               time_shift=shifts, back_projection=back_projection)
+                               time_shift=shifts, back_projection=back_projection, runner=runner)
     result.info = {"checkpoint": str(path), "config": config.name,
                    "formulation": config.formulation.type, "folder": str(folder),
                    "max_side": str(max_side), "seed": str(seed),
                    "time_shift": ", ".join(f"{n} steps: {v}" for n, v in shifts.items()),
                    "back_projection": str(back_projection),
+                   "sampler": runner_name if runner is not None else "PyTorch, whole images",
                    "eval_seconds": f"{time.monotonic() - t0:.0f}",
                    **{k: meta[k] for k in ("steps", "train_seconds", "hardware", "weights") if k in meta},
                    **{k: str(v) for k, v in model_size(model).items()}}

@@ -1,16 +1,24 @@
 """Score a checkpoint against bicubic: `python scripts/eval.py -i data/heldout -o runs/eval`.
 
 Writes results.md (mean and per-image Y PSNR/SSIM), results.json and comparison.png
-(bicubic | SR | HR crops) into the output folder.
+(bicubic | SR | HR crops) into the output folder. By default images are sampled whole with the
+PyTorch sampler; ``--runtime onnx|x86_64`` exports the checkpoint to a temporary artifact and
+samples through the device runtime instead, tile by tile, exactly as ``bidiff upscale`` does
+(the network's GroupNorm statistics depend on the tile, so large images can differ).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from bidiff import runtime
+from bidiff.exporter import export_artifact
 from bidiff.models.evaluate import markdown_table, run_eval
+from bidiff.runtime.sampler import sample
 
 
 def main() -> None:
@@ -34,15 +42,29 @@ def main() -> None:
                         help="sampler time shift (default: the checkpoint's metadata, else 0)")
     parser.add_argument("--back-projection", type=int, default=None,
                         help="LR-consistency rounds (default: the checkpoint's metadata, else 0)")
+    parser.add_argument("--runtime", metavar="TARGET", default=None,
+                        help="sample through the device runtime on an artifact exported for "
+                             "TARGET (onnx, x86_64, ...) instead of the PyTorch sampler")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(n < 1 for n in args.steps):
         raise SystemExit(f"--steps must be positive, got {args.steps}")
-    result = run_eval(args.checkpoint, args.input, args.output, steps=args.steps, seed=args.seed,
-                      max_side=args.max_side, limit=args.limit, picture_crop=args.picture_crop,
-                      time_shift=args.time_shift, back_projection=args.back_projection)
+    kw = dict(steps=args.steps, seed=args.seed, max_side=args.max_side, limit=args.limit,
+              picture_crop=args.picture_crop, time_shift=args.time_shift,
+              back_projection=args.back_projection)
+    if args.runtime is None:
+        result = run_eval(args.checkpoint, args.input, args.output, **kw)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_artifact(args.checkpoint, target=args.runtime, out=Path(tmp) / "a",
+                            progress=False, measure_float=False)
+            with runtime.load(Path(tmp) / "a", threads=args.threads) as up:
+                runner = partial(sample, up.backend, scale=up.scale, formulation=up.formulation)
+                result = run_eval(args.checkpoint, args.input, args.output, runner=runner,
+                                  runner_name=f"bidiff runtime, {up.backend_name}, "
+                                              f"tiles of {up.manifest.tile}", **kw)
     print(markdown_table(result), end="")
     print(f"written to {args.output}/")
 

@@ -1,5 +1,8 @@
 """Evaluation on a tiny checkpoint: tables and picture are written, bicubic is scored right."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from bidiff.models.evaluate import center_crop, run_eval
 from bidiff.models.metrics import psnr_y, ssim_y
 
 TINY = get_config("tiny-binary")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -80,3 +84,33 @@ def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
     assert list(d.scores) == ["bicubic", "bicubic + back-projection x3", "3 steps"]
     assert d.scores["bicubic + back-projection x3"] != d.scores["bicubic"]
     assert "| bicubic + back-projection x3 |" in (tmp_path / "d" / "results.md").read_text()
+
+
+def test_eval_through_the_runtime_script(tmp_path, photos):
+    """scripts/eval.py --runtime onnx exports the checkpoint and samples with the device runtime:
+    its scores are those of the runtime's own sampler on the same crops."""
+    from bidiff import runtime
+    from bidiff.exporter import export_artifact
+    from bidiff.models.data import make_pair
+    from bidiff.models.evaluate import to_uint8
+    from bidiff.runtime.sampler import sample
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, create_model(TINY), TINY, {"time_shift": "300", "back_projection": "1"})
+    out = tmp_path / "eval"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), "-c", str(ckpt),
+                          "-i", str(photos), "-o", str(out), "--steps", "2", "--max-side", "32",
+                          "--picture-crop", "16", "--runtime", "onnx", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128"
+    assert list(saved["scores"]) == ["bicubic", "bicubic + back-projection x1", "2 steps"]
+    export_artifact(ckpt, out=tmp_path / "art", progress=False, measure_float=False)
+    hr = center_crop(np.asarray(Image.open(photos / "a.png")), max_side=32, multiple=2)
+    pair = make_pair(hr, 2)
+    with runtime.load(tmp_path / "art", backend="onnxruntime", threads=1) as up:
+        img = sample(up.backend, pair.lr[0], scale=2, formulation=up.formulation, steps=2,
+                     time_shift=300, back_projection=1)
+    want = [psnr_y(to_uint8(img) / 255, hr / 255, border=2), ssim_y(to_uint8(img) / 255, hr / 255, border=2)]
+    assert saved["scores"]["2 steps"]["a"] == pytest.approx(want, abs=1e-9)
