@@ -178,6 +178,13 @@ class Manifest:
             paths.append(self.library)
         return paths + list(self.files)
 
+    def _sampler_summary(self) -> str:
+        others = {n: v for n, v in check_time_shifts(self.time_shifts).items() if n != self.default_steps}
+        shift = (f", time shift {self.time_shift}" if self.time_shift or others else "") + (
+            " (" + ", ".join(f"{n} steps: {v}" for n, v in sorted(others.items(), reverse=True)) + ")"
+            if others else "")
+        return shift + (f", back-projection x{self.back_projection}" if self.back_projection else "")
+
     def time_shift_for(self, steps: int) -> int:
         """The sampler time shift measured for ``steps`` (``schedule.time_shift_for``); artifacts
         without a table use ``time_shift`` at every step count."""
@@ -198,11 +205,7 @@ class Manifest:
             f"model       {self.model.name}  x{self.model.scale}  formulation "
             f"{self.model.formulation.get('type', 'official')}",
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
-            f"steps       {self.default_steps} by default"
-            + (f", time shift {self.time_shift}" if self.time_shift else "")
-            + "".join(f", {n} steps: time shift {v}" for n, v in check_time_shifts(self.time_shifts).items()
-                      if n != self.default_steps)
-            + (f", back-projection x{self.back_projection}" if self.back_projection else ""),
+            f"steps       {self.default_steps} by default" + self._sampler_summary(),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
             f"target      {tgt}",
             f"library     {self.library or '-'}",

@@ -136,7 +136,7 @@ def test_time_shift_for_uses_the_table_then_the_scalar(tmp_path: Path) -> None:
     edit_manifest(root, time_shift=240, time_shifts={"50": 240, "20": 40})
     m = A.read_artifact(root).manifest
     assert [m.time_shift_for(n) for n in (10, 20, 50, 100)] == [40, 40, 240, 240]
-    assert "time shift 240, 20 steps: time shift 40" in m.summary()
+    assert "steps       50 by default, time shift 240 (20 steps: 40)\n" in m.summary()
     edit_manifest(root, time_shifts={})
     assert A.read_artifact(root).manifest.time_shift_for(10) == 240
 
