@@ -76,7 +76,8 @@ class Upscaler:
         with self._lock:
             rgb = sample(self.backend, inp.rgb, scale=self.scale, formulation=self.formulation,
                          steps=steps, seed=int(seed), overlap=overlap,
-                         time_shift=self.manifest.time_shift_for(steps) if time_shift is None else time_shift,
+                         time_shift=(self.manifest.time_shift_for(steps) if time_shift is None
+                                     else time_shift),
                          back_projection=(self.manifest.back_projection if back_projection is None
                                           else back_projection),
                          progress=progress)

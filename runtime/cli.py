@@ -97,7 +97,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="DDIM steps, 1..1000. Default: the artifact's (50 for the shipped model).")
 @click.option("--time-shift", type=click.IntRange(0, 1999), default=None,
               help="Ask the network for eps this many timesteps earlier (see docs/TRAINING.md). "
-                   "Default: the artifact's (tuned for its default steps; 0 for official models).")
+                   "Default: the artifact's for the step count (measured; 0 for official models).")
 @click.option("--back-projection", type=click.IntRange(0, MAX_BACK_PROJECTION), default=None,
               help="Rounds of correction that make the result downscale back to the input "
                    "(0 = off). Default: the artifact's (measured with the model).")
@@ -113,8 +113,8 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            time_shift: int | None, back_projection: int | None, seed: int, threads: int | None, backend: str, overlap: int | None,
-            suffix: str | None, ext: str, quiet: bool) -> None:
+            time_shift: int | None, back_projection: int | None, seed: int, threads: int | None,
+            backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
 
