@@ -135,7 +135,7 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
         pytest.skip("the shipped checkpoint is not installed")
     meta = read_metadata(SHIPPED_CHECKPOINT)
     assert (meta["default_steps"], meta["time_shift"], meta["back_projection"]) == ("50", "240", "3")
-    assert json.loads(meta["time_shifts"]) == {"50": 240, "20": 40, "10": 40}
+    assert json.loads(meta["time_shifts"]) == {"50": 240, "20": 40, "10": 40, "100": 120}
 
 
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:
