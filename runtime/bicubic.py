@@ -32,11 +32,12 @@ def _axis_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, w
 
 
-def _resample(img: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+def resample_axis(img: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Separable resampling along ``axis``: out[i] = sum_k img[idx[i, k]] * w[i, k]."""
     shape = [1] * img.ndim
     shape[axis] = -1
     out = np.take(img, idx[:, 0], axis=axis) * w[:, 0].reshape(shape)
-    for k in range(1, 4):
+    for k in range(1, idx.shape[1]):
         out += np.take(img, idx[:, k], axis=axis) * w[:, k].reshape(shape)
     return out
 
@@ -58,7 +59,7 @@ def resize_bicubic(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     out = np.empty((oh, ow, chans.shape[2]), np.float32)
     for c in range(chans.shape[2]):
         plane = chans[:, :, c].astype(np.float64)
-        out[:, :, c] = _resample(_resample(plane, 0, *rows), 1, *cols)
+        out[:, :, c] = resample_axis(resample_axis(plane, 0, *rows), 1, *cols)
     return out.reshape((oh, ow) + img.shape[2:])
 
 

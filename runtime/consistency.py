@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .bicubic import upscale_condition
+from .bicubic import resample_axis, upscale_condition
 
 MAX_ITERATIONS = 16
 _A = -0.5                       # Pillow's bicubic kernel
@@ -64,15 +64,6 @@ def _axis_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, wts
 
 
-def _resample(plane: np.ndarray, axis: int, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
-    shape = [1, 1]
-    shape[axis] = -1
-    out = np.take(plane, idx[:, 0], axis=axis) * wts[:, 0].reshape(shape)
-    for k in range(1, idx.shape[1]):
-        out += np.take(plane, idx[:, k], axis=axis) * wts[:, k].reshape(shape)
-    return out
-
-
 def downscale(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """[C, H, W] float -> [C, h, w] float32 like Pillow's ``resize(BICUBIC)`` of mode "F" planes.
 
@@ -87,8 +78,8 @@ def downscale(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     rows, cols = _axis_taps(h, oh), _axis_taps(w, ow)
     out = np.empty((img.shape[0], oh, ow), np.float32)
     for c in range(img.shape[0]):
-        horiz = _resample(img[c].astype(np.float64), 1, *cols).astype(np.float32)
-        out[c] = _resample(horiz.astype(np.float64), 0, *rows)
+        horiz = resample_axis(img[c].astype(np.float64), 1, *cols).astype(np.float32)
+        out[c] = resample_axis(horiz.astype(np.float64), 0, *rows)
     return out
 
 
