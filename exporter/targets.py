@@ -29,6 +29,10 @@ TARGETS: dict[str, TargetSpec] = {t.name: t for t in [
                arch="x86_64", triple="x86_64-linux-gnu"),
     TargetSpec("x86_64-avx2", "any x86_64 CPU with AVX2 (x86-64-v3)",
                arch="x86_64", triple="x86_64-linux-gnu", mcpu="x86-64-v3"),
+    TargetSpec("x86_64-avx512", "x86_64 CPUs with AVX-512 and VPOPCNTDQ (x86-64-v4: Ice Lake "
+               "server, Sapphire Rapids, Zen 4 and later)",
+               arch="x86_64", triple="x86_64-linux-gnu", mcpu="x86-64-v4",
+               mattr=("+avx512vpopcntdq",)),
     TargetSpec("arm64", "generic 64-bit ARM (armv8-a + NEON)",
                arch="aarch64", triple="aarch64-linux-gnu", mcpu="generic", mattr=("+neon",),
                cc="aarch64-linux-gnu-gcc"),

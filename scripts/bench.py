@@ -11,11 +11,24 @@ Parts (issue 5):
      onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network,
      and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``).
 
-Example:  python scripts/bench.py --part a --threads 2 --json bench_a.json
+Examples:
+  python scripts/bench.py --part a --threads 2 --json bench_a.json        # build + measure here
+  python scripts/bench.py --part a --target x86_64-avx512 --bundle B      # build only, for a CPU
+  python scripts/bench.py --run B --threads 2 --json bench_a.json         # measure B there
+
+Building and measuring are two stages joined by a bundle folder (``bench.json``, the compiled
+libraries, the ONNX graphs, the inputs), so a CPU that has no TVM compiler (a Raspberry Pi, a
+server with AVX-512 that the build machine lacks) is measured with what it runs in production:
+the libraries are loaded with apache-tvm-ffi + libtvm_runtime (``bidiff.runtime.backends.tvm``),
+never ``import tvm``. Part c rebuilds its ONNX graphs and the PyTorch model from the config
+and checkpoint (or seed) on the measuring machine (the official config's float ONNX weighs
+200 MB), so it needs torch there; the TVM output is checked against onnxruntime's on the
+binary ONNX, which also shows that both machines built the same weights.
 
 Timings are medians over interleaved rounds (each round times ``--repeat`` calls of every
 contender in turn, after a short pause and one untimed call), so load from other jobs on a shared
 machine hits all contenders alike; on a busy machine absolute times mean little, ratios more.
+Every TVM contender is checked against a reference before it is timed.
 """
 from __future__ import annotations
 
@@ -24,7 +37,12 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+BUNDLE_FILE = "bench.json"
+BUNDLE_VERSION = 1
 
 
 def _parse(argv):
@@ -41,8 +59,16 @@ def _parse(argv):
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--repeat", type=int, default=10, help="calls per contender per round")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+    p.add_argument("--target", default="x86_64",
+                   help="export target the TVM code is compiled for (default: this CPU)")
+    p.add_argument("--bundle", type=Path,
+                   help="build only: write the compiled bundle here (measure it with --run)")
+    p.add_argument("--run", dest="run_bundle", type=Path,
+                   help="measure a bundle written by --bundle (needs no TVM compiler)")
     return p.parse_args(argv)
 
+
+# --------------------------------------------------------------------------------- measuring
 
 def _timer(fn, repeat):
     t0 = time.perf_counter()
@@ -62,76 +88,204 @@ def _interleaved(contenders: dict, rounds: int, repeat: int) -> dict[str, list[f
     return samples
 
 
-def part_a(args):
+def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
     import numpy as np
-    import onnxruntime as ort
-    import torch
-    import tvm
-    from onnx import TensorProto, helper, numpy_helper
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
-    from bidiff.exporter.tvm.binary_conv import (BinaryConvShape, KernelVariant,
-                                                 binary_conv_primfunc, select_variant)
-    from bidiff.exporter.tvm.target import host_target
-    from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class _Loader:
+    """Loads bundle libraries through the device runtime's TVM loader (no ``import tvm``)."""
+
+    def __init__(self, threads: int):
+        from bidiff.runtime.backends.tvm import aligned_empty, load_tvm_runtime
+        self.ffi = load_tvm_runtime(threads)
+        self.empty = aligned_empty
+
+    def tensor(self, a):
+        buf = self.empty(a.shape, a.dtype)
+        buf[...] = a
+        return buf, self.ffi.from_dlpack(buf)     # keep buf alive with the tensor
+
+    def function(self, lib: Path, name: str):
+        return self.ffi.load_module(str(lib))[name]
+
+    def vm(self, lib: Path):
+        vm = self.ffi.load_module(str(lib))["vm_load_executable"]()
+        vm["vm_initialization"](1, 0, 2)       # kDLCPU, device 0, pooled allocator
+        return vm
+
+
+def run_a(spec: dict, root: Path, args) -> dict:
+    import numpy as np
+
+    from bidiff.runtime.binary_op import binary_conv2d_reference
+    c, s, k = spec["channels"], spec["size"], spec["kernel"]
+    data = np.load(root / spec["inputs"])
+    x, w, wp, scale, thr = (data[n] for n in ("x", "w", "wp", "scale", "thr"))
+    ref = binary_conv2d_reference(x, wp, scale, channels=c, kernel=k)
+    load = _Loader(args.threads)
+    keep, contenders = [], {}
+    for variant, lib in spec["kernels"].items():
+        fn = load.function(root / lib, "k")
+        pairs = [load.tensor(a) for a in (x, wp, scale, thr)]
+        out_np, out = load.tensor(np.zeros((1, c, s, s), np.float32))
+        keep += pairs
+        targs = [t for _, t in pairs]
+        fn(*targs, out)
+        err = float(np.abs(out_np - ref).max())
+        if err > 1e-3:
+            raise SystemExit(f"TVM {variant} kernel disagrees with the reference: {err}")
+        contenders[f"TVM binary ({variant})"] = (lambda fn=fn, a=targs, o=out: fn(*a, o))
+    sess = _ort_session(root / spec["onnx"], args.threads)
+    contenders["onnxruntime fp32 Conv"] = lambda: sess.run(None, {"x": x})
+    torch = _optional_torch(args.threads)
+    if torch is not None:
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+
+        def torch_conv():
+            with torch.no_grad():
+                torch.nn.functional.conv2d(tx, tw, padding=k // 2)
+        contenders["torch fp32 conv2d"] = torch_conv
+    for fn in contenders.values():          # warm-up
+        for _ in range(3):
+            fn()
+    med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+    base = med["onnxruntime fp32 Conv"]
+    rows = [{"kernel": name, "median_ms": med[name], "speedup_vs_onnxruntime": base / med[name]}
+            for name in contenders]
+    return {"part": "a", "layer": f"binary conv {c}->{c}, {k}x{k}, 1x{c}x{s}x{s}", "rows": rows}
+
+
+def run_b(spec: dict, root: Path, args) -> dict:
+    import numpy as np
+    load = _Loader(args.threads)
+    rows = []
+    for case in spec["cases"]:
+        rng = np.random.default_rng(case["seed"])
+        feeds = {n: rng.standard_normal(shape).astype(np.float32)
+                 for n, shape in case["inputs"].items()}
+        names = list(feeds)
+        f = load.vm(root / case["lib"])["main"]
+        pairs = [load.tensor(feeds[n]) for n in names]
+        targs = [t for _, t in pairs]
+        sess = _ort_session(root / case["onnx"], args.threads)
+        got = np.from_dlpack(f(*targs)).copy()
+        ref = sess.run(None, feeds)[0]
+        err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+        contenders = {"tvm": lambda f=f, a=targs: f(*a), "ort": lambda: sess.run(None, feeds)}
+        med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+        rows.append({"op": case["op"], "tvm_ms": med["tvm"], "onnxruntime_ms": med["ort"],
+                     "tvm_over_onnxruntime": med["tvm"] / med["ort"], "max_rel_err": err})
+        del pairs
+    return {"part": "b", "rows": rows}
+
+
+def run_c(spec: dict, root: Path, args) -> dict:
+    import numpy as np
+    load = _Loader(args.threads)       # before torch: tvm_ffi's optional torch hooks stay off
+    torch = _optional_torch(args.threads)
+    if torch is None:
+        raise SystemExit("part c needs torch on the measuring machine (the float ONNX baseline "
+                         "and the PyTorch contender are rebuilt there): pip install torch")
+    from bidiff.exporter.onnx_export import write_onnx_graphs
+    from bidiff.models import load_or_random
+
+    s = spec["tile"]
+    ckpt = spec["checkpoint"]
+    model = load_or_random(ckpt, spec["config"])
+    data = np.load(root / spec["inputs"])
+    x, cond, t = data["x_t"], data["cond"], data["t"]
+    feeds = {"x_t": x, "cond": cond, "t": t}
+    f = load.vm(root / spec["lib"])["group_0"]
+    pairs = [load.tensor(a) for a in (x, cond, t)]
+    targs = [p for _, p in pairs]
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = write_onnx_graphs(model, Path(tmp) / "bin", tile=s, groups=[0], check=False)
+        plain = write_onnx_graphs(model, Path(tmp) / "float", tile=s, groups=[0], binary=False,
+                                  check=False)
+        s_bin = _ort_session(binary[0], args.threads)
+        s_flt = _ort_session(plain[0], args.threads)
+    # the library was compiled from the same seeded/loaded weights: equal within fp32 noise
+    err = float(np.abs(np.from_dlpack(f(*targs)) - s_bin.run(None, feeds)[0]).max())
+    tx, tc, tt = torch.from_numpy(x), torch.from_numpy(cond), torch.from_numpy(t)
+
+    def torch_step():
+        with torch.no_grad():
+            model(tx, tc, tt)
+    contenders = {"TVM (bidiff library)": lambda: f(*targs),
+                  "onnxruntime, binary ONNX": lambda: s_bin.run(None, feeds),
+                  "onnxruntime, float ONNX": lambda: s_flt.run(None, feeds),
+                  "PyTorch fp32": torch_step}
+    med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+    base = med["onnxruntime, float ONNX"]
+    rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}
+            for k, v in med.items()]
+    return {"part": "c", "config": spec["config"], "tile": s, "build_s": spec["build_s"],
+            "tvm_vs_onnxruntime_binary_max_abs_err": err, "rows": rows}
+
+
+def _optional_torch(threads: int):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+# ---------------------------------------------------------------------------------- building
+
+def _save_onnx(nodes, inputs: dict, inits: dict, out_shape, path: Path, opset: int) -> None:
+    from onnx import TensorProto, helper, numpy_helper, save
+    graph = helper.make_graph(
+        nodes, "op", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                      for n, s in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    save(model, str(path))
+
+
+def build_a(args, target, root: Path) -> dict:
+    import numpy as np
+    import tvm
+    from onnx import helper
+
+    from bidiff.exporter.tvm.binary_conv import BinaryConvShape, KernelVariant, \
+        binary_conv_primfunc, select_variant
+    from bidiff.runtime.binary_op import pack_weights
 
     c, s, k = args.channels, args.size, args.kernel
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, c, s, s)).astype(np.float32)
     w = rng.standard_normal((c, c, k, k)).astype(np.float32)
-    wp = pack_weights(w)
-    scale = np.abs(w).reshape(c, -1).mean(1).astype(np.float32)
-    thr = np.zeros(c, np.float32)
-    ref = binary_conv2d_reference(x, wp, scale, channels=c, kernel=k)
-
-    contenders = {}
-    host = host_target()
-    variants = [(select_variant(host), host)]
+    np.savez(root / "a_inputs.npz", x=x, w=w, wp=pack_weights(w),
+             scale=np.abs(w).reshape(c, -1).mean(1).astype(np.float32),
+             thr=np.zeros(c, np.float32))
+    variants = [(select_variant(target), target)]
     if variants[0][0] is KernelVariant.X86_AVX512:     # also the AVX2 schedule on this CPU
         variants.append((KernelVariant.X86_AVX2, tvm.target.Target(
             {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})))
-    dev = tvm.cpu()
-    for variant, target in variants:
+    kernels = {}
+    for variant, tgt in variants:
         shape = BinaryConvShape(c, c, s, s, kernel=k)
-        fn = tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
-                         target=target).jit()["k"]
-        targs = [tvm.runtime.tensor(a, dev) for a in (x, wp, scale, thr)]
-        out = tvm.runtime.empty((1, c, s, s), "float32", dev)
-        fn(*targs, out)
-        err = float(np.abs(out.numpy() - ref).max())
-        if err > 1e-3:
-            raise SystemExit(f"TVM {variant.value} kernel disagrees with the reference: {err}")
-        contenders[f"TVM binary ({variant.value})"] = (lambda fn=fn, a=targs, o=out: fn(*a, o))
-
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4)], "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, s, s])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, s, s])],
-        [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    contenders["onnxruntime fp32 Conv"] = lambda: sess.run(None, {"x": x})
-
-    torch.set_num_threads(args.threads)
-    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-
-    def torch_conv():
-        with torch.no_grad():
-            torch.nn.functional.conv2d(tx, tw, padding=k // 2)
-    contenders["torch fp32 conv2d"] = torch_conv
-
-    for fn in contenders.values():          # warm-up
-        for _ in range(3):
-            fn()
-    samples = _interleaved(contenders, args.rounds, args.repeat)
-    med = {name: float(np.median(v)) for name, v in samples.items()}
-    base = med["onnxruntime fp32 Conv"]
-    rows = [{"kernel": name, "median_ms": med[name], "speedup_vs_onnxruntime": base / med[name]}
-            for name in contenders]
-    return {"part": "a", "layer": f"binary conv {c}->{c}, {k}x{k}, 1x{c}x{s}x{s}",
-            "threads": args.threads, "rows": rows}
+        lib = f"a_{variant.value}.so"
+        tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
+                    target=tgt).export_library(str(root / lib), **_cc(args))
+        kernels[variant.value] = lib
+    _save_onnx([helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4)],
+               {"x": (1, c, s, s)}, {"w": w}, (1, c, s, s), root / "a_conv.onnx", 17)
+    return {"channels": c, "size": s, "kernel": k, "inputs": "a_inputs.npz",
+            "kernels": kernels, "onnx": "a_conv.onnx"}
 
 
 def _float_cases():
@@ -167,58 +321,26 @@ def _float_cases():
     ]
 
 
-def part_b(args):
-    import numpy as np
-    import onnxruntime as ort
+def build_b(args, target, root: Path) -> dict:
+    import onnx
     import tvm
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm import relax
     from tvm.relax.frontend import onnx as relax_onnx
 
     from bidiff.exporter.tvm.float_schedules import relax_pipeline
-    from bidiff.exporter.tvm.target import host_target
-
-    target = host_target()
-    rows = []
-    for name, nodes, inputs, inits, out_shape in _float_cases():
-        graph = helper.make_graph(
-            nodes, "op", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-                          for n, s in inputs.items()],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-            [numpy_helper.from_array(a, n) for n, a in inits.items()])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-        model.ir_version = 10
-        rng = np.random.default_rng(1)
-        feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs.items()}
-        ex = tvm.compile(relax_onnx.from_onnx(model), target,
+    cases = []
+    for i, (name, nodes, inputs, inits, out_shape) in enumerate(_float_cases()):
+        path = root / f"b{i}.onnx"
+        _save_onnx(nodes, inputs, inits, out_shape, path, 21)
+        ex = tvm.compile(relax_onnx.from_onnx(onnx.load(str(path))), target,
                          relax_pipeline=relax_pipeline(target))
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        targs = [tvm.runtime.tensor(feeds[n]) for n in inputs]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
-        got = vm["main"](*targs).numpy()
-        ref = sess.run(None, feeds)[0]
-        err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
-        contenders = {"tvm": lambda: vm["main"](*targs), "ort": lambda: sess.run(None, feeds)}
-        samples = _interleaved(contenders, args.rounds, args.repeat)
-        tvm_ms, ort_ms = (float(np.median(samples[k])) for k in ("tvm", "ort"))
-        rows.append({"op": name, "tvm_ms": tvm_ms, "onnxruntime_ms": ort_ms,
-                     "tvm_over_onnxruntime": tvm_ms / ort_ms, "max_rel_err": err})
-    return {"part": "b", "threads": args.threads, "rows": rows}
+        ex.export_library(str(root / f"b{i}.so"), **_cc(args))
+        cases.append({"op": name, "onnx": path.name, "lib": f"b{i}.so", "seed": 1,
+                      "inputs": {n: list(shape) for n, shape in inputs.items()}})
+    return {"cases": cases}
 
 
-def part_c(args):
-    import tempfile
-    from pathlib import Path
-
+def build_c(args, target, root: Path) -> dict:
     import numpy as np
-    import onnxruntime as ort
-    import torch
-    import tvm
-    from tvm import relax
 
     from bidiff.exporter.onnx_export import write_onnx_graphs
     from bidiff.exporter.targets import get_target
@@ -227,41 +349,94 @@ def part_c(args):
 
     model = load_or_random(args.checkpoint, args.config)
     s = args.tile
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        t0 = time.perf_counter()
-        binary = write_onnx_graphs(model, tmp / "bin", tile=s, groups=[0])
-        plain = write_onnx_graphs(model, tmp / "float", tile=s, groups=[0], binary=False)
-        info = build_library(binary, get_target("x86_64"), tmp / "model.so")
-        build_s = time.perf_counter() - t0
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(info.path)), tvm.cpu())
-        rng = np.random.default_rng(0)
-        x, cond = (rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2))
-        t = np.array([[100]], np.int64)
-        targs = [tvm.runtime.tensor(a) for a in (x, cond, t)]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        feeds = {"x_t": x, "cond": cond, "t": t}
-        s_bin = ort.InferenceSession(str(binary[0]), so, providers=["CPUExecutionProvider"])
-        s_flt = ort.InferenceSession(str(plain[0]), so, providers=["CPUExecutionProvider"])
-        torch.set_num_threads(args.threads)
-        tx, tc, tt = torch.from_numpy(x), torch.from_numpy(cond), torch.from_numpy(t)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:      # the runner rebuilds the ONNX graphs
+        binary = write_onnx_graphs(model, Path(tmp), tile=s, groups=[0])
+        build_library(binary, get_target(args.target), root / "c_model.so")
+    rng = np.random.default_rng(0)
+    x, cond = (rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2))
+    np.savez(root / "c_inputs.npz", x_t=x, cond=cond, t=np.array([[100]], np.int64))
+    return {"config": args.config, "checkpoint": args.checkpoint, "tile": s,
+            "build_s": time.perf_counter() - t0, "lib": "c_model.so", "inputs": "c_inputs.npz"}
 
-        def torch_step():
-            with torch.no_grad():
-                model(tx, tc, tt)
-        contenders = {"TVM (bidiff library)": lambda: vm["group_0"](*targs),
-                      "onnxruntime, binary ONNX": lambda: s_bin.run(None, feeds),
-                      "onnxruntime, float ONNX": lambda: s_flt.run(None, feeds),
-                      "PyTorch fp32": torch_step}
-        samples = _interleaved(contenders, args.rounds, args.repeat)
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    base = med["onnxruntime, float ONNX"]
-    rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}
-            for k, v in med.items()]
-    return {"part": "c", "config": args.config, "tile": s, "threads": args.threads,
-            "build_s": build_s, "rows": rows}
+
+def _cc(args) -> dict:
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.build import check_cross_compiler
+    cc = check_cross_compiler(get_target(args.target))
+    return {"cc": cc} if cc else {}
+
+
+def build_bundle(args, root: Path) -> Path:
+    """Compile part ``args.part`` for ``args.target`` into ``root`` (see the module docstring)."""
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.target import tvm_target
+    spec = get_target(args.target)
+    target = tvm_target(spec)
+    root.mkdir(parents=True, exist_ok=True)
+    part = {"a": build_a, "b": build_b, "c": build_c}[args.part](args, target, root)
+    meta = {"version": BUNDLE_VERSION, "part": args.part, "target": spec.name,
+            "target_str": str(target), "spec": part}
+    (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+    return root
+
+
+def measure_bundle(root: Path, args) -> dict:
+    meta = json.loads((root / BUNDLE_FILE).read_text())
+    if meta.get("version") != BUNDLE_VERSION:
+        raise SystemExit(f"{root}: bench bundle version {meta.get('version')}, this script "
+                         f"reads {BUNDLE_VERSION}: rebuild it with --bundle")
+    run = {"a": run_a, "b": run_b, "c": run_c}[meta["part"]]
+    result = run(meta["spec"], root, args)
+    result.update(threads=args.threads, target=meta["target"], machine=_machine())
+    return result
+
+
+def _machine() -> dict:
+    from bidiff.runtime.artifact import host_info
+    host = host_info()
+    return {"cpu": _cpu_name(), "arch": host.arch,
+            "features": sorted(f for f in (host.features or ()) if f.startswith(("avx", "asimd"))),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------------- reporting
+
+def _report(result: dict) -> None:
+    head = f"{result['threads']} threads, target {result['target']} ({result['machine']['cpu']})"
+    if result["part"] == "a":
+        print(f"### Part a: {result['layer']}, {head}\n")
+        print("| kernel | median ms | speed-up vs onnxruntime |")
+        print("|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['kernel']} | {r['median_ms']:.3f} | {r['speedup_vs_onnxruntime']:.2f}x |")
+    elif result["part"] == "c":
+        print(f"### Part c: one denoising step, {result['config']} at {result['tile']}x"
+              f"{result['tile']}, {head}\n")
+        print("| runtime | median ms | speed-up vs onnxruntime float |")
+        print("|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['runtime']} | {r['median_ms']:.2f} | "
+                  f"{r['speedup_vs_onnxruntime_float']:.2f}x |")
+        print(f"\nTVM vs onnxruntime (binary ONNX) max abs difference: "
+              f"{result['tvm_vs_onnxruntime_binary_max_abs_err']:.1e}")
+    else:
+        print(f"### Part b: float op classes, {head}\n")
+        print("| op | TVM ms | onnxruntime ms | TVM / onnxruntime | max rel err |")
+        print("|---|---|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['op']} | {r['tvm_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
+                  f"{r['tvm_over_onnxruntime']:.2f} | {r['max_rel_err']:.1e} |")
 
 
 def main(argv=None) -> int:
@@ -276,34 +451,16 @@ def main(argv=None) -> int:
     os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = str(SPIN_COUNT)
     if "tvm" in sys.modules:
         print("warning: tvm already imported; TVM_NUM_THREADS may not apply", file=sys.stderr)
-    import tvm
-
-    result = {"a": part_a, "b": part_b, "c": part_c}[args.part](args)
-    result["machine"] = {"cpu": tvm.target.codegen.llvm_get_system_cpu(),
-                         "platform": platform.platform(), "python": platform.python_version(),
-                         "tvm": tvm.__version__}
-    cpu = result["machine"]["cpu"]
-    if args.part == "a":
-        print(f"### Part a: {result['layer']}, {result['threads']} threads ({cpu})\n")
-        print("| kernel | median ms | speed-up vs onnxruntime |")
-        print("|---|---|---|")
-        for r in result["rows"]:
-            print(f"| {r['kernel']} | {r['median_ms']:.3f} | {r['speedup_vs_onnxruntime']:.2f}x |")
-    elif args.part == "c":
-        print(f"### Part c: one denoising step, {result['config']} at {result['tile']}x"
-              f"{result['tile']}, {result['threads']} threads ({cpu})\n")
-        print("| runtime | median ms | speed-up vs onnxruntime float |")
-        print("|---|---|---|")
-        for r in result["rows"]:
-            print(f"| {r['runtime']} | {r['median_ms']:.2f} | "
-                  f"{r['speedup_vs_onnxruntime_float']:.2f}x |")
+    if args.bundle:
+        build_bundle(args, args.bundle)
+        print(f"wrote {args.bundle}: measure it with  python scripts/bench.py --run {args.bundle}")
+        return 0
+    if args.run_bundle:
+        result = measure_bundle(args.run_bundle, args)
     else:
-        print(f"### Part b: float op classes, {result['threads']} threads ({cpu})\n")
-        print("| op | TVM ms | onnxruntime ms | TVM / onnxruntime | max rel err |")
-        print("|---|---|---|---|---|")
-        for r in result["rows"]:
-            print(f"| {r['op']} | {r['tvm_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
-                  f"{r['tvm_over_onnxruntime']:.2f} | {r['max_rel_err']:.1e} |")
+        with tempfile.TemporaryDirectory() as tmp:
+            result = measure_bundle(build_bundle(args, Path(tmp)), args)
+    _report(result)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bidiff.models.checkpoint import read_metadata
 from bidiff.models.train import TrainConfig, train
 
 _RESTART_SECONDS = 20.0  # phase 2 loads the state and spawns its workers again
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes making batches ahead")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (e.g. the shipped model); the step count "
+                             "continues from its metadata and --probe-steps count from there")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,8 +56,13 @@ def main() -> None:
                       checkpoint_minutes=1e9)
     run_dir = args.runs / (args.name or args.config)
     common = dict(device=args.device, workers=args.workers)
-    run = train(cfg, run_dir, until=args.probe_steps, **common)
-    rate = run.step / max(run.train_seconds, 1e-9)  # loop time: start-up costs are not per step
+    start, seconds0 = 0, 0.0
+    if args.init is not None:
+        meta = read_metadata(args.init)
+        start, seconds0 = int(meta.get("steps", 0)), float(meta.get("train_seconds", 0.0))
+    run = train(cfg, run_dir, until=start + args.probe_steps, init=args.init, **common)
+    # loop time of this run only: start-up costs are not per step
+    rate = (run.step - start) / max(run.train_seconds - seconds0, 1e-9)
     extra = int(0.95 * rate * max(0.0, deadline - time.monotonic() - _RESTART_SECONDS))
     print(f"phase 1: {run.step} steps at {rate:.2f} steps/s; cosine over {extra} more steps", flush=True)
     train(cfg, run_dir, resume=True, overrides={"lr_schedule": "cosine", "decay_start": run.step,
