@@ -9,12 +9,17 @@ Parts (issue 5):
      shuffle) compiled by TVM with bidiff's schedules vs onnxruntime on the same one-op ONNX;
   c  one denoising step (group 0) of a model config at one tile: the compiled library vs
      onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network,
-     and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``).
+     and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``);
+  k  no timing: every binary-conv shape class (channel counts around word boundaries, odd
+     sizes, 1x1 and 3x3, RPReLU + residual epilogues) compiled for the target and checked
+     against the numpy reference op, for CPUs the test suite cannot run on (exit code 1 on a
+     mismatch).
 
 Examples:
   python scripts/bench.py --part a --threads 2 --json bench_a.json        # build + measure here
   python scripts/bench.py --part a --target x86_64-avx512 --bundle B      # build only, for a CPU
   python scripts/bench.py --run B --threads 2 --json bench_a.json         # measure B there
+  python scripts/bench.py --part k --target x86_64-avx512 --bundle K      # kernels to check
 
 Building and measuring are two stages joined by a bundle folder (``bench.json``, the compiled
 libraries, the ONNX graphs, the inputs), so a CPU that has no TVM compiler (a Raspberry Pi, a
@@ -47,7 +52,7 @@ BUNDLE_VERSION = 1
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["a", "b", "c"], default="a",
+    p.add_argument("--part", choices=["a", "b", "c", "k"], default="a",
                    help="which benchmark (default a)")
     p.add_argument("--config", default="official-x2", help="part c: model config name")
     p.add_argument("--checkpoint", help="part c: checkpoint to load (default: random weights)")
@@ -232,6 +237,36 @@ def run_c(spec: dict, root: Path, args) -> dict:
             "tvm_vs_onnxruntime_binary_max_abs_err": err, "rows": rows}
 
 
+def run_k(spec: dict, root: Path, args) -> dict:
+    import numpy as np
+
+    from bidiff.runtime.binary_op import binary_conv2d_reference
+    load = _Loader(args.threads)
+    rows = []
+    for case in spec["cases"]:
+        c, f, h, w, k = (case[n] for n in ("channels", "filters", "height", "width", "kernel"))
+        data = np.load(root / case["inputs"])
+        ref = binary_conv2d_reference(data["x"], data["wp"], data["scale"], channels=c,
+                                      kernel=k, threshold=data["thr"])
+        names = ["x", "wp", "scale", "thr"]
+        if case["epilogue"] == "rprelu":
+            names += ["b0", "slope", "b1"]
+            z = ref + data["b0"][None, :, None, None]
+            ref = np.where(z >= 0, z, data["slope"][None, :, None, None] * z) + \
+                data["b1"][None, :, None, None]
+        if case["residual"]:
+            ref = ref + data["x"]
+        pairs = [load.tensor(data[n]) for n in names]
+        out_np, out = load.tensor(np.zeros((1, f, h, w), np.float32))
+        load.function(root / case["lib"], "k")(*[t for _, t in pairs], out)
+        err = float(np.abs(out_np - ref).max())
+        rows.append({**{n: case[n] for n in ("variant", "channels", "filters", "height", "width",
+                                              "kernel", "epilogue", "residual")},
+                     "max_abs_err": err,
+                     "ok": bool(np.allclose(out_np, ref, rtol=1e-5, atol=1e-4))})
+    return {"part": "k", "rows": rows}
+
+
 def _optional_torch(threads: int):
     try:
         import torch
@@ -260,8 +295,7 @@ def build_a(args, target, root: Path) -> dict:
     import tvm
     from onnx import helper
 
-    from bidiff.exporter.tvm.binary_conv import BinaryConvShape, KernelVariant, \
-        binary_conv_primfunc, select_variant
+    from bidiff.exporter.tvm.binary_conv import BinaryConvShape, binary_conv_primfunc
     from bidiff.runtime.binary_op import pack_weights
 
     c, s, k = args.channels, args.size, args.kernel
@@ -271,12 +305,8 @@ def build_a(args, target, root: Path) -> dict:
     np.savez(root / "a_inputs.npz", x=x, w=w, wp=pack_weights(w),
              scale=np.abs(w).reshape(c, -1).mean(1).astype(np.float32),
              thr=np.zeros(c, np.float32))
-    variants = [(select_variant(target), target)]
-    if variants[0][0] is KernelVariant.X86_AVX512:     # also the AVX2 schedule on this CPU
-        variants.append((KernelVariant.X86_AVX2, tvm.target.Target(
-            {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})))
     kernels = {}
-    for variant, tgt in variants:
+    for variant, tgt in _variants(target):
         shape = BinaryConvShape(c, c, s, s, kernel=k)
         lib = f"a_{variant.value}.so"
         tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
@@ -360,6 +390,63 @@ def build_c(args, target, root: Path) -> dict:
             "build_s": time.perf_counter() - t0, "lib": "c_model.so", "inputs": "c_inputs.npz"}
 
 
+def _kernel_cases():
+    """(channels, filters, height, width, kernel, epilogue, residual) of part k."""
+    sizes = ((7, 9), (16, 16), (17, 31))
+    cases = set()
+    for i, c in enumerate((3, 16, 32, 33, 48, 64, 96)):
+        for k in (1, 3):
+            h, w = sizes[(i + k) % len(sizes)]
+            cases.add((c, max(16, c), h, w, k, "none", False))
+    cases |= {(33, 32, h, w, 3, "none", False) for h, w in sizes}
+    cases |= {(33, 24, 17, 31, 3, "none", False), (64, 64, 7, 9, 3, "rprelu", True),
+              (96, 48, 16, 16, 1, "rprelu", False), (32, 32, 9, 7, 3, "rprelu", True)}
+    return sorted(cases)
+
+
+def build_k(args, target, root: Path) -> dict:
+    import numpy as np
+    import tvm
+
+    from bidiff.exporter.tvm.binary_conv import BinaryConvShape, binary_conv_primfunc
+    from bidiff.runtime.binary_op import pack_weights
+    cases = []
+    for i, (c, f, h, w, k, epi, res) in enumerate(_kernel_cases()):
+        rng = np.random.default_rng(i)
+        x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+        thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+        x[0, :, 0, 0] = thr                    # exact ties must give bit 1
+        wt = rng.standard_normal((f, c, k, k)).astype(np.float32)
+        wt[0, 0] = 0.0                         # packs as +1
+        arrays = {"x": x, "thr": thr, "wp": pack_weights(wt),
+                  "scale": (rng.random(f) + 0.5).astype(np.float32)}
+        if epi == "rprelu":
+            arrays.update((n, rng.standard_normal(f).astype(np.float32))
+                          for n in ("b0", "slope", "b1"))
+        np.savez(root / f"k{i}.npz", **arrays)
+        shape = BinaryConvShape(c, f, h, w, kernel=k, epilogue=epi, residual=res)
+        for variant, tgt in _variants(target):
+            lib = f"k{i}_{variant.value}.so"
+            tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
+                        target=tgt).export_library(str(root / lib), **_cc(args))
+            cases.append({"variant": variant.value, "channels": c, "filters": f, "height": h,
+                          "width": w, "kernel": k, "epilogue": epi, "residual": res,
+                          "inputs": f"k{i}.npz", "lib": lib})
+    return {"cases": cases}
+
+
+def _variants(target):
+    """The target's binary-conv schedule, plus the AVX2 one on an AVX-512 target."""
+    import tvm
+
+    from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
+    variants = [(select_variant(target), target)]
+    if variants[0][0] is KernelVariant.X86_AVX512:
+        variants.append((KernelVariant.X86_AVX2, tvm.target.Target(
+            {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})))
+    return variants
+
+
 def _cc(args) -> dict:
     from bidiff.exporter.targets import get_target
     from bidiff.exporter.tvm.build import check_cross_compiler
@@ -374,7 +461,7 @@ def build_bundle(args, root: Path) -> Path:
     spec = get_target(args.target)
     target = tvm_target(spec)
     root.mkdir(parents=True, exist_ok=True)
-    part = {"a": build_a, "b": build_b, "c": build_c}[args.part](args, target, root)
+    part = {"a": build_a, "b": build_b, "c": build_c, "k": build_k}[args.part](args, target, root)
     meta = {"version": BUNDLE_VERSION, "part": args.part, "target": spec.name,
             "target_str": str(target), "spec": part}
     (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
@@ -386,7 +473,7 @@ def measure_bundle(root: Path, args) -> dict:
     if meta.get("version") != BUNDLE_VERSION:
         raise SystemExit(f"{root}: bench bundle version {meta.get('version')}, this script "
                          f"reads {BUNDLE_VERSION}: rebuild it with --bundle")
-    run = {"a": run_a, "b": run_b, "c": run_c}[meta["part"]]
+    run = {"a": run_a, "b": run_b, "c": run_c, "k": run_k}[meta["part"]]
     result = run(meta["spec"], root, args)
     result.update(threads=args.threads, target=meta["target"], machine=_machine())
     return result
@@ -430,6 +517,17 @@ def _report(result: dict) -> None:
                   f"{r['speedup_vs_onnxruntime_float']:.2f}x |")
         print(f"\nTVM vs onnxruntime (binary ONNX) max abs difference: "
               f"{result['tvm_vs_onnxruntime_binary_max_abs_err']:.1e}")
+    elif result["part"] == "k":
+        bad = [r for r in result["rows"] if not r["ok"]]
+        print(f"### Part k: {len(result['rows'])} binary-conv kernels vs the numpy reference, "
+              f"{head}: {len(bad)} mismatches\n")
+        print("| variant | C -> F | H x W | kernel | epilogue | max abs err | ok |")
+        print("|---|---|---|---|---|---|---|")
+        for r in result["rows"]:
+            epi = r["epilogue"] + (" + residual" if r["residual"] else "")
+            print(f"| {r['variant']} | {r['channels']} -> {r['filters']} | {r['height']}x"
+                  f"{r['width']} | {r['kernel']}x{r['kernel']} | {epi} | {r['max_abs_err']:.1e} | "
+                  f"{'yes' if r['ok'] else 'NO'} |")
     else:
         print(f"### Part b: float op classes, {head}\n")
         print("| op | TVM ms | onnxruntime ms | TVM / onnxruntime | max rel err |")
@@ -464,7 +562,7 @@ def main(argv=None) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)
-    return 0
+    return 1 if any(not r.get("ok", True) for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

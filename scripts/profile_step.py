@@ -2,78 +2,102 @@
 """Where one denoising step's time goes in the TVM library, kernel by kernel.
 
     python scripts/profile_step.py --checkpoint models/weights/bidiff-s-x2.safetensors --threads 1
+    python scripts/profile_step.py --library ART/model.so --tile 128 --threads 2   # no compiler
 
-Builds group 0 of the model at one tile (like ``bench.py --part c``) and times every call the
-Relax VM makes in one step through ``VirtualMachine.set_instrument``: a markdown table of the
-kernels sorted by total time, with their call counts and share of the step.
+Builds group 0 of the model at one tile for this CPU (like ``bench.py --part c``), or takes an
+already compiled library (an artifact's, or a bench bundle's ``c_model.so`` compiled for another
+CPU), loads it through the device runtime (apache-tvm-ffi + libtvm_runtime, no ``import tvm``)
+and times every call the Relax VM makes in one step through the VM's ``set_instrument``: a
+markdown table of the kernels sorted by total time, with their call counts and share of the step.
+Several steps are profiled and each kernel's median total is reported (``--steps``).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="model config (default: the checkpoint's)")
-    p.add_argument("--checkpoint", default=None, help="weights (default: random, needs --config)")
-    p.add_argument("--tile", type=int, default=128, help="HR tile (default 128)")
-    p.add_argument("--threads", type=int, default=1, help="TVM threads (default 1)")
-    p.add_argument("--top", type=int, default=25, help="rows to print (default 25)")
-    args = p.parse_args(argv)
-    if not (args.config or args.checkpoint):
-        p.error("give --checkpoint or --config")
-    from bidiff.runtime.backends.tvm import SPIN_COUNT
-    os.environ.update(TVM_NUM_THREADS=str(args.threads), TVM_BIND_THREADS="0",
-                      TVM_THREAD_POOL_SPIN_COUNT=str(SPIN_COUNT))     # as the runtime runs it
-    import numpy as np
-    import tvm
-    import tvm_ffi
-    from tvm import relax
-
+def _build(args, out: Path) -> Path:
     from bidiff.exporter.onnx_export import write_onnx_graphs
     from bidiff.exporter.targets import get_target
     from bidiff.exporter.tvm.build import build_library
     from bidiff.models import load_or_random
 
     model = load_or_random(args.checkpoint, args.config)
-    s = args.tile
-    with tempfile.TemporaryDirectory() as tmp:
-        graphs = write_onnx_graphs(model, Path(tmp) / "bin", tile=s, groups=[0])
-        info = build_library(graphs, get_target("x86_64"), Path(tmp) / "model.so")
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(info.path)), tvm.cpu())
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2)]
-    targs = [tvm.runtime.tensor(a) for a in (*feeds, np.array([[100]], np.int64))]
-    vm["group_0"](*targs)                                   # warm-up
+    graphs = write_onnx_graphs(model, out / "bin", tile=args.tile, groups=[0])
+    return build_library(graphs, get_target("x86_64"), out / "model.so").path
 
-    total: dict[str, float] = collections.defaultdict(float)
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="model config (default: the checkpoint's)")
+    p.add_argument("--checkpoint", default=None, help="weights (default: random, needs --config)")
+    p.add_argument("--library", type=Path, default=None,
+                   help="profile this compiled library instead of building one")
+    p.add_argument("--tile", type=int, default=128, help="HR tile (default 128; must match "
+                                                         "--library's)")
+    p.add_argument("--threads", type=int, default=1, help="TVM threads (default 1)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (default 5)")
+    p.add_argument("--top", type=int, default=25, help="rows to print (default 25)")
+    args = p.parse_args(argv)
+    if not (args.config or args.checkpoint or args.library):
+        p.error("give --checkpoint, --config or --library")
+    import numpy as np
+
+    from bidiff.runtime.backends.tvm import aligned_empty, load_tvm_runtime
+    ffi = load_tvm_runtime(args.threads)          # the pool settings the runtime runs with
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = args.library or _build(args, Path(tmp))
+        vm = ffi.load_module(str(lib))["vm_load_executable"]()
+    vm["vm_initialization"](1, 0, 2)              # kDLCPU, device 0, pooled allocator
+    s = args.tile
+    rng = np.random.default_rng(0)
+    bufs = []
+    for a in (*(rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2)),
+              np.array([[100]], np.int64)):
+        b = aligned_empty(a.shape, a.dtype)
+        b[...] = a
+        bufs.append(b)
+    targs = [ffi.from_dlpack(b) for b in bufs]
+    step_fn = vm["group_0"]
+    step_fn(*targs)                                         # warm-up
+
+    totals: dict[str, list[float]] = collections.defaultdict(list)
     calls: collections.Counter[str] = collections.Counter()
+    current: dict[str, float] = collections.defaultdict(float)
     started: dict[str, float] = {}
 
     def instrument(func, name, before, ret, *call_args):
         if before:
             started[name] = time.perf_counter()
         else:
-            total[name] += time.perf_counter() - started[name]
+            current[name] += time.perf_counter() - started[name]
             calls[name] += 1
         return 0
 
-    vm.set_instrument(tvm_ffi.convert(instrument))
-    t0 = time.perf_counter()
-    vm["group_0"](*targs)
-    step = time.perf_counter() - t0
+    vm["set_instrument"](ffi.convert(instrument))
+    steps = []
+    for _ in range(args.steps):
+        current.clear()
+        t0 = time.perf_counter()
+        step_fn(*targs)
+        steps.append(time.perf_counter() - t0)
+        for name, sec in current.items():
+            totals[name].append(sec)
+    step = statistics.median(steps)
+    med = {name: statistics.median(v) for name, v in totals.items()}
     print(f"### One step of group 0, tile {s}, {args.threads} thread(s): {step * 1e3:.1f} ms "
-          f"(instrumented)\n")
+          f"(instrumented, median of {args.steps})\n")
     print("| kernel | calls | ms | share |")
     print("|---|---|---|---|")
-    for name, sec in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"| {name} | {calls[name]} | {sec * 1e3:.2f} | {sec / step:.0%} |")
+    for name, sec in sorted(med.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"| {name} | {calls[name] // args.steps} | {sec * 1e3:.2f} | {sec / step:.0%} |")
     return 0
 
 

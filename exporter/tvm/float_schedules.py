@@ -36,10 +36,14 @@ _log = logging.getLogger(__name__)
 _LANES = {KernelVariant.X86_AVX512: 16, KernelVariant.X86_AVX2: 8, KernelVariant.ARM_NEON: 4,
           KernelVariant.GENERIC: 4}
 _CONV_TILES = {  # variant: {kernel size 1 or >1: (ob, nvec)}
-    KernelVariant.X86_AVX512: {3: (8, 2), 1: (4, 4)},
+    KernelVariant.X86_AVX512: {3: (4, 4), 1: (4, 4)},
     KernelVariant.X86_AVX2: {3: (4, 2), 1: (4, 2)},
     KernelVariant.ARM_NEON: {3: (4, 4), 1: (4, 4)},
     KernelVariant.GENERIC: {3: (4, 2), 1: (4, 2)},
+}
+_MATMUL_TILES = {  # variant: (rows, nvec) register tile of a matmul
+    KernelVariant.X86_AVX512: (8, 2), KernelVariant.X86_AVX2: (4, 2),
+    KernelVariant.ARM_NEON: (4, 2), KernelVariant.GENERIC: (4, 2),
 }
 
 
@@ -339,8 +343,9 @@ def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     i_ext = int(block.iter_vars[n_sp - 2].dom.extent)
     j_ext = int(block.iter_vars[n_sp - 1].dom.extent)
     lanes = _pick(j_ext, [d for d in (_LANES[variant], 8, 4) if d <= _LANES[variant]])
-    nvec = _pick(j_ext // lanes, (2, 1))
-    ib = _pick(i_ext, (4, 2, 1))
+    ib, nvec = _MATMUL_TILES[variant]
+    nvec = _pick(j_ext // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    ib = _pick(i_ext, [d for d in (ib, 8, 4, 2, 1) if d <= ib])
     root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
     after = root_names[root_names.index("matmul") + 1:]
     for name in root_names[:root_names.index("matmul")]:

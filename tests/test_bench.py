@@ -1,0 +1,64 @@
+"""scripts/bench.py: bundles built here are measured through the device runtime, and part k
+reports (and fails on) a kernel that disagrees with the reference."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxruntime")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench", Path(__file__).parents[1] / "scripts" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_part_a_bundle_round_trip(tmp_path, capsys) -> None:
+    bench = _bench()
+    small = ["--channels", "32", "--size", "16", "--rounds", "1", "--repeat", "1"]
+    assert bench.main(["--part", "a", "--target", "x86_64-avx2", "--bundle", str(tmp_path / "b"),
+                       *small]) == 0
+    meta = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert meta["part"] == "a" and meta["target"] == "x86_64-avx2"
+    assert list(meta["spec"]["kernels"]) == ["x86_avx2"]
+    assert bench.main(["--run", str(tmp_path / "b"), "--threads", "1", "--json",
+                       str(tmp_path / "a.json"), *small]) == 0
+    result = json.loads((tmp_path / "a.json").read_text())
+    names = [r["kernel"] for r in result["rows"]]
+    assert names[0] == "TVM binary (x86_avx2)" and "onnxruntime fp32 Conv" in names
+    assert all(r["median_ms"] > 0 for r in result["rows"])
+    assert result["target"] == "x86_64-avx2" and result["machine"]["arch"] == "x86_64"
+    assert "### Part a: binary conv 32->32, 3x3, 1x32x16x16, 1 threads" in capsys.readouterr().out
+
+
+def test_bundle_of_another_version_is_refused(tmp_path) -> None:
+    bench = _bench()
+    (tmp_path / "bench.json").write_text(json.dumps({"version": 99, "part": "a", "spec": {}}))
+    with pytest.raises(SystemExit, match="bench bundle version 99, this script reads 1: "
+                                         "rebuild it with --bundle"):
+        bench.main(["--run", str(tmp_path)])
+
+
+def test_part_k_flags_a_wrong_kernel(tmp_path, monkeypatch, capsys) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench, "_kernel_cases", lambda: [(33, 32, 7, 9, 3, "none", False),
+                                                         (32, 32, 9, 7, 3, "rprelu", True)])
+    root = tmp_path / "k"
+    assert bench.main(["--part", "k", "--target", "x86_64-avx2", "--bundle", str(root)]) == 0
+    assert bench.main(["--run", str(root), "--threads", "1"]) == 0
+    assert "2 binary-conv kernels vs the numpy reference" in capsys.readouterr().out
+    # a kernel that computes something else: the bundle now says the 2nd one has no residual
+    # add, so the reference leaves it out while the compiled kernel still adds it
+    meta = json.loads((root / "bench.json").read_text())
+    meta["spec"]["cases"][1]["residual"] = False
+    (root / "bench.json").write_text(json.dumps(meta))
+    assert bench.main(["--run", str(root), "--threads", "1"]) == 1
+    out = capsys.readouterr().out
+    assert ": 1 mismatches" in out and "| NO |" in out
