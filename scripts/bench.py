@@ -30,9 +30,10 @@ and checkpoint (or seed) on the measuring machine (the official config's float O
 200 MB), so it needs torch there; the TVM output is checked against onnxruntime's on the
 binary ONNX, which also shows that both machines built the same weights.
 
-Timings are medians over interleaved rounds (each round times ``--repeat`` calls of every
-contender in turn, after a short pause and one untimed call), so load from other jobs on a shared
-machine hits all contenders alike; on a busy machine absolute times mean little, ratios more.
+Timings are medians over interleaved rounds (each round times a block of at least ``--repeat``
+calls and ``--min-block-ms`` of every contender in turn, after a short pause and one untimed
+call), so load from other jobs on a shared machine hits all contenders alike; on a busy machine
+absolute times mean little, ratios more.
 Every TVM contender is checked against a reference before it is timed.
 """
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _parse(argv):
     p.add_argument("--size", type=int, default=64, help="input height = width (default 64)")
     p.add_argument("--kernel", type=int, default=3, choices=[1, 3])
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--repeat", type=int, default=10, help="calls per contender per round")
+    p.add_argument("--repeat", type=int, default=10, help="least calls per contender per round")
+    p.add_argument("--min-block-ms", type=float, default=100.0,
+                   help="time each contender's block of calls for at least this long (default "
+                        "100; 0: exactly --repeat calls)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
     p.add_argument("--target", default="x86_64",
                    help="export target the TVM code is compiled for (default: this CPU)")
@@ -82,14 +86,25 @@ def _timer(fn, repeat):
     return (time.perf_counter() - t0) / repeat * 1e3
 
 
-def _interleaved(contenders: dict, rounds: int, repeat: int) -> dict[str, list[float]]:
-    """Time every contender once per round, in turn, so machine load hits them all alike."""
+def _interleaved(contenders: dict, rounds: int, repeat: int,
+                 min_block_ms: float = 0.0) -> dict[str, list[float]]:
+    """Time every contender once per round, in turn, so machine load hits them all alike.
+
+    A block is ``repeat`` calls, or as many as fill ``min_block_ms`` (calibrated once per
+    contender): sub-millisecond ops timed 10 calls at a time measured mostly the wake-up of
+    idle pool threads and the previous contender's still-spinning ones (a TVM add of 4 MB: 0.78
+    ms per call in blocks of 10, 0.14 ms back to back; onnxruntime 0.43 vs 0.18-0.24 ms)."""
+    calls = {}
+    for k, fn in contenders.items():
+        fn()
+        t = _timer(fn, repeat)
+        calls[k] = max(repeat, int(min_block_ms / max(t, 1e-6)) + 1 if min_block_ms else 0)
     samples: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for k, fn in contenders.items():
             time.sleep(0.05)     # let the previous contender's spinning pool threads go idle
             fn()
-            samples[k].append(_timer(fn, repeat))
+            samples[k].append(_timer(fn, calls[k]))
     return samples
 
 
@@ -162,7 +177,7 @@ def run_a(spec: dict, root: Path, args) -> dict:
     for fn in contenders.values():          # warm-up
         for _ in range(3):
             fn()
-    med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+    med = _medians(_interleaved(contenders, args.rounds, args.repeat, args.min_block_ms))
     base = med["onnxruntime fp32 Conv"]
     rows = [{"kernel": name, "median_ms": med[name], "speedup_vs_onnxruntime": base / med[name]}
             for name in contenders]
@@ -186,7 +201,7 @@ def run_b(spec: dict, root: Path, args) -> dict:
         ref = sess.run(None, feeds)[0]
         err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
         contenders = {"tvm": lambda f=f, a=targs: f(*a), "ort": lambda: sess.run(None, feeds)}
-        med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+        med = _medians(_interleaved(contenders, args.rounds, args.repeat, args.min_block_ms))
         rows.append({"op": case["op"], "tvm_ms": med["tvm"], "onnxruntime_ms": med["ort"],
                      "tvm_over_onnxruntime": med["tvm"] / med["ort"], "max_rel_err": err})
         del pairs
@@ -229,7 +244,7 @@ def run_c(spec: dict, root: Path, args) -> dict:
                   "onnxruntime, binary ONNX": lambda: s_bin.run(None, feeds),
                   "onnxruntime, float ONNX": lambda: s_flt.run(None, feeds),
                   "PyTorch fp32": torch_step}
-    med = _medians(_interleaved(contenders, args.rounds, args.repeat))
+    med = _medians(_interleaved(contenders, args.rounds, args.repeat, args.min_block_ms))
     base = med["onnxruntime, float ONNX"]
     rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}
             for k, v in med.items()]
