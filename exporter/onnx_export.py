@@ -193,8 +193,11 @@ class _Builder:
         s = self.op("MatMul", [qt, k], path + ".scores")                                  # [1, HWq, HWk]
         s = self.op("Div", [s, self.const("sqrt_c", np.array(math.sqrt(c), np.float32))], path + ".scaled")
         a = self.op("Softmax", [s], path + ".softmax", axis=-1)
-        at = self.op("Transpose", [a], path + ".attnT", perm=[0, 2, 1])                   # [1, HWk, HWq]
-        o = self.op("MatMul", [v, at], path + ".weighted")                               # [1, C, HWq]
+        # attn @ v^T, then back to [C, HW]: two transposes of C x HW instead of one of the
+        # HW x HW attention matrix (4 MB at the shipped model's bottleneck)
+        vt = self.op("Transpose", [v], path + ".vT", perm=[0, 2, 1])                      # [1, HWk, C]
+        o = self.op("MatMul", [a, vt], path + ".weightedT")                              # [1, HWq, C]
+        o = self.op("Transpose", [o], path + ".weighted", perm=[0, 2, 1])                 # [1, C, HWq]
         o = self.op("Reshape", [o, self.const("shape_chw", np.array([1, c, hh, ww], np.int64))], path + ".unflat")
         o = self.conv2d(m.out, o, path + ".out")
         return self.op("Add", [o, x], path)
