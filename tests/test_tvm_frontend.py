@@ -24,7 +24,7 @@ from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # no
 C, H, W = 32, 12, 20
 
 
-def _model(with_threshold: bool = True):
+def _model(with_threshold: bool = True, with_temb: bool = False):
     rng = np.random.default_rng(3)
     inits, nodes = [], []
 
@@ -48,6 +48,10 @@ def _model(with_threshold: bool = True):
     init("b1", rng.standard_normal((1, C, 1, 1)).astype(np.float32))
     nodes.append(helper.make_node("Add", ["b1", "h3"], ["h3b"]))         # operands swapped
     nodes.append(helper.make_node("Add", ["h3b", "h0"], ["h4"]))         # identity shortcut
+    if with_temb:                            # a ResBlock's timestep embedding, per channel
+        init("axes23", np.array([2, 3], np.int64))
+        nodes.append(helper.make_node("Unsqueeze", ["temb", "axes23"], ["e"]))
+        nodes.append(helper.make_node("Add", ["h4", "e"], ["h5"]))
     w2 = rng.standard_normal((48, C, 1, 1)).astype(np.float32)
     init("w2p", pack_weights(w2))
     init("s2", (rng.random(48) + 0.5).astype(np.float32))
@@ -60,9 +64,13 @@ def _model(with_threshold: bool = True):
                                  name="bconv1")
     del node.input[:]
     node.input.extend(inputs2)
+    if with_temb:
+        node.input[0] = "h5"
     nodes.append(node)
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                         [1, 3, H, W])],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, H, W])]
+    if with_temb:
+        inputs.append(helper.make_tensor_value_info("temb", TensorProto.FLOAT, [1, C]))
+    graph = helper.make_graph(nodes, "g", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                              [1, 48, H, W])], inits)
     model = helper.make_model(graph, opset_imports=opset_imports(),
@@ -163,3 +171,28 @@ def test_epilogue_fusion_only_for_private_chains():
     model.graph.output.append(helper.make_tensor_value_info("h2", TensorProto.FLOAT,
                                                             [1, C, H, W]))
     assert fuse_binary_epilogues(model)[1] == 0
+
+
+def test_timestep_embedding_folds_into_the_epilogue():
+    """Add(e) of a per-channel [1, C, 1, 1] vector after the chain becomes b1 + e."""
+    from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
+    model = _model(with_temb=True)
+    fused, n = fuse_binary_epilogues(model)
+    assert n == 1
+    node = next(nd for nd in fused.graph.node if nd.op_type == FUSED_OP)
+    assert node.output[0] == "h5" and node.input[6] == "bconv3.b1"
+    assert not any(nd.op_type == "Add" and "e" in nd.input for nd in fused.graph.node)
+    order = [o for nd in fused.graph.node for o in nd.output]
+    assert order.index("e") < order.index("h5")            # still topologically sorted
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    temb = (3 * rng.standard_normal((1, C))).astype(np.float32)
+    feeds = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, temb)]
+    got = _compile(model)[0]["main"](*feeds).numpy()
+    unfused = _compile(model, fuse_epilogues=False)[0]["main"](*feeds).numpy()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x, "temb": temb})[0]
+    np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -134,10 +134,14 @@ FUSED_DOMAIN = "bidiff.tvm"
 
 
 def fuse_binary_epilogues(model):
-    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)]`` chains (TaA
-    after a binary conv, then the BIConv shortcut) into one internal node, so the kernel applies
-    them in its epilogue. b0 / slope / b1 must be initializers; intermediate results must have
-    no other consumer. Returns (new model, number of chains fused); ``model`` is not modified.
+    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)] [-> Add(e)]``
+    chains (TaA after a binary conv, then the BIConv shortcut, then a ResBlock's timestep
+    embedding) into one internal node, so the kernel applies them in its epilogue. b0 / slope /
+    b1 must be initializers; ``e`` is a per-channel vector (``Unsqueeze(axes=[2, 3])`` of a
+    [1, C] result, the exporter's timestep embedding) folded into b1 by a small Add of [C]
+    vectors before the kernel. Intermediate results must have no other consumer. The fused node
+    takes the place of the chain's last node, so every input it reads is computed by then.
+    Returns (new model, number of chains fused); ``model`` is not modified.
     """
     import onnx
 
@@ -159,6 +163,18 @@ def fuse_binary_epilogues(model):
         a, b = node.input
         return b if a == name else a if b == name else None
 
+    producers = {o: node for node in g.node for o in node.output}
+    init_values = {i.name: i for i in g.initializer}
+
+    def channel_vector(name) -> bool:      # Unsqueeze(axes=[2, 3]) of a rank-2 [1, C] result
+        node = producers.get(name)
+        if node is None or node.op_type != "Unsqueeze" or len(node.input) != 2:
+            return False
+        axes = init_values.get(node.input[1])
+        return axes is not None and onnx.numpy_helper.to_array(axes).tolist() == [2, 3]
+
+    flat_shape = None
+
     remove, replace = set(), {}
     for node in g.node:
         if node.op_type != OP_NAME or len(node.input) != 4:
@@ -175,26 +191,52 @@ def fuse_binary_epilogues(model):
         if add1 is None or add1.op_type != "Add" or other(add1, prelu.output[0]) not in inits:
             continue
         chain, last, residual = [add0, prelu, add1], add1, 0
+        b1 = other(add1, prelu.output[0])
         add2 = only_consumer(add1.output[0])
         if add2 is not None and add2.op_type == "Add" and other(add2, add1.output[0]) == x:
             chain.append(add2)
             last, residual = add2, 1
+        before = []
+        add3 = only_consumer(last.output[0])
+        if add3 is not None and add3.op_type == "Add" and \
+                channel_vector(other(add3, last.output[0])):
+            if flat_shape is None:
+                flat_shape = _unique_name(g, "bidiff_tvm_flat")
+                g.initializer.append(onnx.numpy_helper.from_array(
+                    np.array([-1], np.int64), flat_shape))
+            e, stem = other(add3, last.output[0]), (node.name or node.output[0]) + ".b1"
+            before = [onnx.helper.make_node("Reshape", [b1, flat_shape], [stem + "_flat"]),
+                      onnx.helper.make_node("Reshape", [e, flat_shape], [stem + "_e"]),
+                      onnx.helper.make_node("Add", [stem + "_flat", stem + "_e"], [stem])]
+            b1 = stem
+            chain.append(add3)
+            last = add3
         fused = onnx.helper.make_node(
-            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1],
-                       other(add1, prelu.output[0])], [last.output[0]],
-            name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
+            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1], b1],
+            [last.output[0]], name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
         fused.attribute.extend(node.attribute)
         fused.attribute.append(onnx.helper.make_attribute("residual", residual))
-        replace[id(node)] = fused
-        remove.update(id(c) for c in chain)
+        replace[id(last)] = [*before, fused]
+        remove.add(id(node))
+        remove.update(id(c) for c in chain if c is not last)
     if not replace:
         return m, 0
-    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in remove]
+    nodes = [n2 for n in g.node if id(n) not in remove for n2 in replace.get(id(n), [n])]
     del g.node[:]
     g.node.extend(nodes)
     if all(o.domain != FUSED_DOMAIN for o in m.opset_import):
         m.opset_import.append(onnx.helper.make_opsetid(FUSED_DOMAIN, 1))
     return m, len(replace)
+
+
+def _unique_name(graph, stem: str) -> str:
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.input}
+    name, k = stem, 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    return name
 
 
 def _lookup_or_add(bb: relax.BlockBuilder, name: str, make) -> tvm.ir.GlobalVar:
