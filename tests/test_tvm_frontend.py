@@ -24,7 +24,7 @@ from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # no
 C, H, W = 32, 12, 20
 
 
-def _model(with_threshold: bool = True, with_temb: bool = False, with_skip: bool = False):
+def _model(with_threshold: bool = True, with_temb: bool = False):
     rng = np.random.default_rng(3)
     inits, nodes = [], []
 
@@ -52,9 +52,6 @@ def _model(with_threshold: bool = True, with_temb: bool = False, with_skip: bool
         init("axes23", np.array([2, 3], np.int64))
         nodes.append(helper.make_node("Unsqueeze", ["temb", "axes23"], ["e"]))
         nodes.append(helper.make_node("Add", ["h4", "e"], ["h5"]))
-    if with_skip:                            # a ResBlock's skip: any other computed tensor
-        nodes.append(helper.make_node("Sigmoid", ["h0"], ["skip"]))
-        nodes.append(helper.make_node("Add", ["skip", "h5" if with_temb else "h4"], ["h6"]))
     w2 = rng.standard_normal((48, C, 1, 1)).astype(np.float32)
     init("w2p", pack_weights(w2))
     init("s2", (rng.random(48) + 0.5).astype(np.float32))
@@ -67,8 +64,8 @@ def _model(with_threshold: bool = True, with_temb: bool = False, with_skip: bool
                                  name="bconv1")
     del node.input[:]
     node.input.extend(inputs2)
-    if with_temb or with_skip:
-        node.input[0] = "h6" if with_skip else "h5"
+    if with_temb:
+        node.input[0] = "h5"
     nodes.append(node)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, H, W])]
     if with_temb:
@@ -176,22 +173,17 @@ def test_epilogue_fusion_only_for_private_chains():
     assert fuse_binary_epilogues(model)[1] == 0
 
 
-def test_timestep_embedding_and_skip_fold_into_the_epilogue():
-    """Add(e) of a per-channel [1, C, 1, 1] vector after the chain becomes b1 + e; the Add of
-    a ResBlock's skip becomes the kernel's addend input."""
+def test_timestep_embedding_folds_into_the_epilogue():
+    """Add(e) of a per-channel [1, C, 1, 1] vector after the chain becomes b1 + e."""
     from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
-    model = _model(with_temb=True, with_skip=True)
+    model = _model(with_temb=True)
     fused, n = fuse_binary_epilogues(model)
     assert n == 1
     node = next(nd for nd in fused.graph.node if nd.op_type == FUSED_OP)
-    assert node.output[0] == "h6" and node.input[6] == "bconv3.b1" and node.input[7] == "skip"
-    assert {a.name: a.i for a in node.attribute}["addend"] == 1
-    assert not any(nd.op_type == "Add" and {"e", "skip"} & set(nd.input)
-                   for nd in fused.graph.node)
-    selected = _compile(model)[1]
-    assert selected[0][0].endswith("_rprelu_res_add")
+    assert node.output[0] == "h5" and node.input[6] == "bconv3.b1"
+    assert not any(nd.op_type == "Add" and "e" in nd.input for nd in fused.graph.node)
     order = [o for nd in fused.graph.node for o in nd.output]
-    assert order.index("e") < order.index("h6") and order.index("skip") < order.index("h6")
+    assert order.index("e") < order.index("h5")            # still topologically sorted
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
     temb = (3 * rng.standard_normal((1, C))).astype(np.float32)

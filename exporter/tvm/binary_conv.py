@@ -77,7 +77,6 @@ class BinaryConvShape:
     kernel: int = 3
     epilogue: str = "none"          # "none" | "rprelu" (y = PReLU(y + b0, slope) + b1)
     residual: bool = False          # add the conv's own input x (needs filters == channels)
-    addend: bool = False            # then add one more [N, F, H, W] input (a ResBlock's skip)
     batch: int = 1
 
     def __post_init__(self):
@@ -111,8 +110,7 @@ def _round_up(v: int, m: int) -> int:
 def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
     """TE compute; returns (inputs list, output tensor). Inputs are, in order:
     ``x`` f32 [N,C,H,W], ``w_packed`` u32 [F,k,k,ceil(C/32)], ``scale`` f32 [F],
-    ``threshold`` f32 [C], then ``b0, slope, b1`` f32 [F] for the RPReLU epilogue, then
-    ``addend`` f32 [N,F,H,W] when ``shape.addend``.
+    ``threshold`` f32 [C], then ``b0, slope, b1`` f32 [F] for the RPReLU epilogue.
 
     ``col_multiple``: the accumulation runs over a width rounded up to this multiple (extra
     columns read zero words and are never stored), so the column loop vectorises for any W.
@@ -132,7 +130,6 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
     extra = []
     if shape.epilogue == "rprelu":
         extra = [te.placeholder((f_,), "float32", name=nm) for nm in ("b0", "slope", "b1")]
-    addend = te.placeholder((n_, f_, h_, w_), "float32", name="addend") if shape.addend else None
 
     def pack_word(n, wd, y, xx):
         val = tirx.const(0, wdt)
@@ -199,12 +196,10 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
             v = tirx.Select(v >= tirx.const(0.0, "float32"), v, slope[f] * v) + b1[f]
         if shape.residual:
             v = v + x[n, f, y, xx]
-        if addend is not None:
-            v = v + addend[n, f, y, xx]
         return v
 
     out = te.compute((n_, f_, h_, w_), epi, name="epilogue")
-    return [x, w32, scale, thr, *extra, *([addend] if addend is not None else [])], out
+    return [x, w32, scale, thr, *extra], out
 
 
 MIN_PARALLEL_WORK = 65536

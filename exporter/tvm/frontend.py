@@ -49,8 +49,7 @@ def _static_shape(expr: relax.Expr, what: str) -> tuple[int, ...]:
 
 def kernel_name(shape: BinaryConvShape, variant: KernelVariant) -> str:
     """Global symbol of the kernel for ``shape``: one PrimFunc per distinct layer shape."""
-    epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "") \
-        + ("_add" if shape.addend else "")
+    epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "")
     return (f"bidiff_bconv_{variant.value}_c{shape.channels}_f{shape.filters}"
             f"_h{shape.height}_w{shape.width}_k{shape.kernel}{epi}")
 
@@ -70,7 +69,7 @@ def _flat_param(expr: relax.Expr, f: int, what: str) -> relax.Expr:
     return relax.op.reshape(expr, (f,))
 
 
-def _convert(bb, inputs, attr, *, epilogue: str, residual: bool, addend: bool = False):
+def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
     target = _TARGET.get()
     if target is None:
         raise RuntimeError("BinaryConv2d needs a compile target: import the model with "
@@ -101,13 +100,8 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool, addend: bool = 
     args = [x, w, scale, thr]
     if epilogue == "rprelu":
         args += [_flat_param(e, f, nm) for e, nm in zip(inputs[4:7], ("bias0", "slope", "bias1"))]
-    if addend:
-        if _static_shape(inputs[7], "addend") != (n, f, h, wd):
-            raise ValueError(f"BinaryConv2d epilogue: addend has shape "
-                             f"{_static_shape(inputs[7], 'addend')}, expected {(n, f, h, wd)}")
-        args.append(inputs[7])
     shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel,
-                            epilogue=epilogue, residual=residual, addend=addend)
+                            epilogue=epilogue, residual=residual)
     variant = select_variant(target)
     name = kernel_name(shape, variant)
     gvar = _lookup_or_add(bb, name, lambda: binary_conv_primfunc(shape, variant, name=name))
@@ -132,8 +126,7 @@ class BinaryConv2dRPReLU(onnx_frontend.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         return _convert(bb, inputs, attr, epilogue="rprelu",
-                        residual=bool(int(attr.get("residual", 0))),
-                        addend=bool(int(attr.get("addend", 0))))
+                        residual=bool(int(attr.get("residual", 0))))
 
 
 FUSED_OP = "BinaryConv2dRPReLU"
@@ -141,16 +134,14 @@ FUSED_DOMAIN = "bidiff.tvm"
 
 
 def fuse_binary_epilogues(model):
-    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)] [-> Add(e)]
-    [-> Add(S)]`` chains (TaA after a binary conv, then the BIConv shortcut, then a ResBlock's
-    timestep embedding, then its skip) into one internal node, so the kernel applies them in its
-    epilogue. b0 / slope / b1 must be initializers; ``e`` is a per-channel vector
-    (``Unsqueeze(axes=[2, 3])`` of a [1, C] result, the exporter's timestep embedding) folded
-    into b1 by a small Add of [C] vectors before the kernel; ``S`` is any other computed tensor,
-    which must have the conv's output shape (checked when the node is converted). Intermediate
-    results must have no other consumer. The fused node takes the place of the chain's last
-    node, so every input it reads is computed by then. Returns (new model, number of chains
-    fused); ``model`` is not modified.
+    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)] [-> Add(e)]``
+    chains (TaA after a binary conv, then the BIConv shortcut, then a ResBlock's timestep
+    embedding) into one internal node, so the kernel applies them in its epilogue. b0 / slope /
+    b1 must be initializers; ``e`` is a per-channel vector (``Unsqueeze(axes=[2, 3])`` of a
+    [1, C] result, the exporter's timestep embedding) folded into b1 by a small Add of [C]
+    vectors before the kernel. Intermediate results must have no other consumer. The fused node
+    takes the place of the chain's last node, so every input it reads is computed by then.
+    Returns (new model, number of chains fused); ``model`` is not modified.
     """
     import onnx
 
@@ -184,7 +175,7 @@ def fuse_binary_epilogues(model):
 
     flat_shape = None
 
-    remove, replace, claimed = set(), {}, set()
+    remove, replace = set(), {}
     for node in g.node:
         if node.op_type != OP_NAME or len(node.input) != 4:
             continue
@@ -220,20 +211,11 @@ def fuse_binary_epilogues(model):
             b1 = stem
             chain.append(add3)
             last = add3
-        skip = []
-        add4 = only_consumer(last.output[0])
-        if add4 is not None and add4.op_type == "Add" and id(add4) not in claimed and \
-                other(add4, last.output[0]) not in inits | {None, last.output[0]}:
-            skip = [other(add4, last.output[0])]
-            chain.append(add4)
-            last = add4
         fused = onnx.helper.make_node(
-            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1], b1, *skip],
+            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1], b1],
             [last.output[0]], name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
         fused.attribute.extend(node.attribute)
         fused.attribute.append(onnx.helper.make_attribute("residual", residual))
-        fused.attribute.append(onnx.helper.make_attribute("addend", int(bool(skip))))
-        claimed.update(id(c) for c in chain)     # an Add summing two chains joins one of them
         replace[id(last)] = [*before, fused]
         remove.add(id(node))
         remove.update(id(c) for c in chain if c is not last)
