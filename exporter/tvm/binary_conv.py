@@ -203,6 +203,7 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
 
 
 MIN_PARALLEL_WORK = 65536
+WRITE_BACK_BLOCK_BYTES = 4096
 
 
 def _pick_divisor(n: int, prefs: tuple[int, ...]) -> int:
@@ -258,7 +259,13 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     par(outer)
     sch.set_scope(conv, 0, "local")
     epi = sch.get_sblock("epilogue")
-    sch.reverse_compute_at(epi, fo)
+    # Write back after all filter tiles of a column tile when their accumulators fit in 4 KB:
+    # the write-back then walks the filter planes one after another instead of touching ob
+    # planes (64 KB apart at 128x128) of the output and the residual input at once. AVX2, 1
+    # thread, kernel alone: 16 and 32 channels at 128x128 1.2-1.5x faster, 64 at 64x64 the
+    # same; the shipped model's step 3-9% faster in 5 of 6 interleaved A/B runs.
+    wb_all = shape.filters * tile_x * 4 <= WRITE_BACK_BLOCK_BYTES
+    sch.reverse_compute_at(epi, outer if wb_all else fo)
     sch.unroll(ry)
     sch.unroll(rx)
     sch.unroll(fi)
