@@ -10,8 +10,8 @@ Parts (issue 5):
   c  one denoising step (group 0) of a model config at one tile: the compiled library vs
      onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network,
      and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``);
-  k  no timing: every binary-conv shape class (channel counts around word boundaries, odd
-     sizes, 1x1 and 3x3, RPReLU + residual epilogues) compiled for the target and checked
+  k  no timing: every binary-conv shape class (channel counts around word boundaries and
+     several 64-bit words, odd sizes, 1x1 and 3x3, RPReLU + residual epilogues) compiled for the target and checked
      against the numpy reference op, for CPUs the test suite cannot run on (exit code 1 on a
      mismatch).
 
@@ -415,7 +415,8 @@ def _kernel_cases():
             cases.add((c, max(16, c), h, w, k, "none", False))
     cases |= {(33, 32, h, w, 3, "none", False) for h, w in sizes}
     cases |= {(33, 24, 17, 31, 3, "none", False), (64, 64, 7, 9, 3, "rprelu", True),
-              (96, 48, 16, 16, 1, "rprelu", False), (32, 32, 9, 7, 3, "rprelu", True)}
+              (96, 48, 16, 16, 1, "rprelu", False), (32, 32, 9, 7, 3, "rprelu", True),
+              (128, 128, 9, 7, 3, "rprelu", True), (256, 64, 5, 5, 1, "none", False)}
     return sorted(cases)
 
 
