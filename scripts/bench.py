@@ -11,9 +11,9 @@ Parts (issue 5):
      onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network,
      and PyTorch fp32 (``--config``, ``--tile``; random weights unless ``--checkpoint``);
   k  no timing: every binary-conv shape class (channel counts around word boundaries and
-     several 64-bit words, odd sizes, 1x1 and 3x3, RPReLU + residual epilogues) compiled for the target and checked
-     against the numpy reference op, for CPUs the test suite cannot run on (exit code 1 on a
-     mismatch).
+     several 64-bit words, odd sizes, 1x1 and 3x3, RPReLU + residual epilogues) compiled for
+     the target and checked against the numpy reference op, for CPUs the test suite cannot run
+     on (exit code 1 on a mismatch).
 
 Examples:
   python scripts/bench.py --part a --threads 2 --json bench_a.json        # build + measure here
@@ -125,22 +125,19 @@ class _Loader:
     """Loads bundle libraries through the device runtime's TVM loader (no ``import tvm``)."""
 
     def __init__(self, threads: int):
-        from bidiff.runtime.backends.tvm import aligned_empty, load_tvm_runtime
-        self.ffi = load_tvm_runtime(threads)
-        self.empty = aligned_empty
+        from bidiff.runtime.backends import tvm as backend
+        self.ffi = backend.load_tvm_runtime(threads)
+        self._backend = backend
 
     def tensor(self, a):
-        buf = self.empty(a.shape, a.dtype)
-        buf[...] = a
+        buf = self._backend.aligned_copy(a)
         return buf, self.ffi.from_dlpack(buf)     # keep buf alive with the tensor
 
     def function(self, lib: Path, name: str):
         return self.ffi.load_module(str(lib))[name]
 
     def vm(self, lib: Path):
-        vm = self.ffi.load_module(str(lib))["vm_load_executable"]()
-        vm["vm_initialization"](1, 0, 2)       # kDLCPU, device 0, pooled allocator
-        return vm
+        return self._backend.load_vm(self.ffi, lib)
 
 
 def run_a(spec: dict, root: Path, args) -> dict:

@@ -50,20 +50,15 @@ def main(argv=None) -> int:
         p.error("give --checkpoint, --config or --library")
     import numpy as np
 
-    from bidiff.runtime.backends.tvm import aligned_empty, load_tvm_runtime
+    from bidiff.runtime.backends.tvm import aligned_copy, load_tvm_runtime, load_vm
     ffi = load_tvm_runtime(args.threads)          # the pool settings the runtime runs with
     with tempfile.TemporaryDirectory() as tmp:
-        lib = args.library or _build(args, Path(tmp))
-        vm = ffi.load_module(str(lib))["vm_load_executable"]()
-    vm["vm_initialization"](1, 0, 2)              # kDLCPU, device 0, pooled allocator
+        vm = load_vm(ffi, args.library or _build(args, Path(tmp)))
     s = args.tile
     rng = np.random.default_rng(0)
-    bufs = []
-    for a in (*(rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2)),
-              np.array([[100]], np.int64)):
-        b = aligned_empty(a.shape, a.dtype)
-        b[...] = a
-        bufs.append(b)
+    bufs = [aligned_copy(a) for a in (
+        *(rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2)),
+        np.array([[100]], np.int64))]
     targs = [ffi.from_dlpack(b) for b in bufs]
     step_fn = vm["group_0"]
     step_fn(*targs)                                         # warm-up

@@ -62,3 +62,20 @@ def test_part_k_flags_a_wrong_kernel(tmp_path, monkeypatch, capsys) -> None:
     assert bench.main(["--run", str(root), "--threads", "1"]) == 1
     out = capsys.readouterr().out
     assert ": 1 mismatches" in out and "| NO |" in out
+
+
+def test_blocks_last_at_least_min_block_ms() -> None:
+    """A sub-microsecond contender is timed in blocks of many calls, not --repeat calls."""
+    bench = _bench()
+    calls = {"n": 0}
+
+    def tick():
+        calls["n"] += 1
+
+    def per_block(min_block_ms):
+        calls["n"] = 0
+        bench._interleaved({"tick": tick}, 2, 3, min_block_ms)
+        return (calls["n"] - 1 - 3 - 2) / 2      # warm-up + calibration + one untimed per round
+
+    assert per_block(0) == 3
+    assert per_block(5.0) > 100

@@ -129,6 +129,20 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = ALIGN) -> np.ndarr
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
+def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
+    """``a`` copied into an ``align``-byte aligned buffer (what the compiled kernels need)."""
+    out = aligned_empty(a.shape, a.dtype, align)
+    out[...] = a
+    return out
+
+
+def load_vm(ffi, path: str | os.PathLike):
+    """The Relax VM of a compiled library, initialised for the CPU with the pooled allocator."""
+    vm = ffi.load_module(str(path))["vm_load_executable"]()
+    vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+    return vm
+
+
 class TVMBackend:
     name = "tvm"
 
@@ -145,9 +159,7 @@ class TVMBackend:
             raise BackendError(f"artifact was compiled against apache-tvm-ffi {want} but {have} is "
                                f"installed: pip install apache-tvm-ffi=={want} or re-export it")
         try:
-            mod = self._ffi.load_module(str(artifact.library_path))
-            self._vm = mod["vm_load_executable"]()
-            self._vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+            self._vm = load_vm(self._ffi, artifact.library_path)
             self._funcs = [self._vm[g.function or f"group_{g.index}"] for g in m.groups]
         except Exception as e:  # an ffi error from native code: name it, keep it one line
             raise BackendError(f"cannot load {artifact.library_path.name} "
