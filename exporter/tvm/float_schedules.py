@@ -27,6 +27,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
+from bidiff.exporter.tvm import winograd
 from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
 
 SCHEDULE_ATTR = "bidiff.schedule"
@@ -40,6 +41,10 @@ _CONV_TILES = {  # variant: {kernel size 1 or >1: (ob, nvec)}
     KernelVariant.X86_AVX2: {3: (4, 2), 1: (4, 2)},
     KernelVariant.ARM_NEON: {3: (4, 4), 1: (4, 4)},
     KernelVariant.GENERIC: {3: (4, 2), 1: (4, 2)},
+}
+_WINOGRAD_TILES = {  # variant: (output channels, vectors of tile columns) of the Winograd GEMM
+    KernelVariant.X86_AVX512: (8, 2), KernelVariant.X86_AVX2: (4, 2),
+    KernelVariant.ARM_NEON: (4, 4), KernelVariant.GENERIC: (4, 2),
 }
 _MATMUL_TILES = {  # variant: (rows, nvec) register tile of a matmul
     KernelVariant.X86_AVX512: (8, 2), KernelVariant.X86_AVX2: (4, 2),
@@ -329,6 +334,15 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     sch.decompose_reduction(conv, rc)
 
 
+def schedule_winograd(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    """A fused PrimFunc around :func:`.winograd.winograd_conv2d_compute` (epilogue inlined)."""
+    names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    first, last = names.index(winograd.BLOCK_NAMES[0]), names.index(winograd.BLOCK_NAMES[-1])
+    rows, nvec = _WINOGRAD_TILES[variant]
+    winograd.schedule_winograd(sch, _LANES[variant], rows, nvec, producers=names[:first],
+                               epilogue=names[last + 1:])
+
+
 def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     """``matmul`` (A[..., i, k] x B[..., k, j], B contiguous along j): register tile of
     ``ib`` rows x (nvec x lanes) columns, accumulation in ``local``, epilogue inlined into the
@@ -426,6 +440,8 @@ def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant,
     names = {sch0.get(b).name_hint for b in _root_blocks(sch0)} if _has_root(sch0) else set()
     has_red = _has_root(sch0) and any(_is_reduction(sch0, b) for b in _root_blocks(sch0))
     rules = []
+    if "wino_gemm" in names:
+        rules.append(("winograd", schedule_winograd))
     if "conv2d_nchw" in names:
         rules.append(("conv2d_nchw", schedule_conv2d_nchw))
     if "matmul" in names:
@@ -504,7 +520,8 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             seq = tvm.transform.Sequential(
                 cpu_pipeline.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(LEGALIZE),
+                + [relax.transform.LegalizeOps(
+                    {**LEGALIZE, "relax.nn.conv2d": winograd.LegalizeWinograd()}),
                    relax.transform.AnnotateTIROpPattern(),
                    # no FoldConstant: it JIT-compiles every constant subexpression one by one
                    # (18 s of a 30 s build for the tiny config); what it would fold here are
