@@ -118,7 +118,7 @@ def test_strided_conv_keeps_the_direct_schedule():
 
 def test_shared_weights_are_transformed_once():
     """Two convs with the same weight constant (as the five groups of a library have after
-    import) get one transformed constant, so the library stores U once."""
+    import) get one transformed constant, so the library stores U once, and one kernel."""
     bb = relax.BlockBuilder()
     wc = relax.const(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32))
     x = relax.Var("x", relax.TensorType((1, 16, 32, 32), "float32"))
@@ -135,4 +135,5 @@ def test_shared_weights_are_transformed_once():
     u_args = [c.args[1].fields[1] for c in calls]          # call_tir(func, (x, U))
     assert all(isinstance(u, tvm.ir.expr.Constant) for u in u_args)
     assert u_args[0].same_as(u_args[1])
+    assert calls[0].args[0].same_as(calls[1].args[0])     # and one kernel for the one shape
     assert tuple(u_args[0].value.shape) == (6, 6, 16, 16)

@@ -5,8 +5,12 @@ TVM's default Relax CPU pipeline lowers float ops to plain unscheduled loops (a 
 FuseOps / FuseTIR and schedules every PrimFunc that is not already scheduled (our binary-conv
 kernels are), picking a rule by block names and block kinds:
 
-- ``conv2d_nchw`` (float conv, NCHW kept): weights repacked to [O/ob, I, kh, kw, ob] by a
-  ``cache_read`` + ``transform_layout``; accumulation in a ``local`` tile of ob output channels x
+- ``winograd`` (float 3x3 convs with constant weights and enough channels, which
+  :class:`.winograd.LegalizeWinograd` legalizes into Winograd F(4, 3)): one tile row per
+  parallel iteration, the GEMM in a register tile, the epilogue inlined into the output
+  transform (:func:`.winograd.schedule_winograd`);
+- ``conv2d_nchw`` (the other float convs, NCHW kept): weights repacked to
+  [O/ob, I, kh, kw, ob] by a ``cache_read`` + ``transform_layout``; accumulation in a ``local`` tile of ob output channels x
   (nvec x lanes) columns, the fused epilogue (bias, activation, residual) inlined into the
   write-back; loop order n, y, xo, fo, rc, ry, rx, fi, xi, xv; parallel over rows;
 - blocks with a reduction (GroupNorm statistics, matmul, softmax, ...): spatial producers

@@ -132,10 +132,13 @@ _OUT_EWISE_FUSABLE = 4
 class LegalizeWinograd:
     """LegalizeOps rule for ``relax.nn.conv2d``: eligible 3x3 convs with constant weights become
     :func:`winograd_conv2d_compute` (weights transformed here, once per distinct weight tensor,
-    so the groups of a library share them), everything else TVM's own legalization."""
+    so the groups of a library share them; one PrimFunc per layer shape, so FuseOps can share
+    the fused kernels as it does for TVM's own conv2d), everything else TVM's own
+    legalization."""
 
     def __init__(self):
         self._weights: dict[tuple, relax.Expr] = {}
+        self._funcs: dict[tuple, tvm.ir.GlobalVar] = {}
         self._default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     @staticmethod
@@ -164,10 +167,15 @@ class LegalizeWinograd:
         key = (w.shape, hashlib.sha256(w.tobytes()).hexdigest())
         if key not in self._weights:
             self._weights[key] = relax.const(transform_weights(w))
-        out = bb.call_te(winograd_conv2d_compute, call.args[0], self._weights[key],
-                         primfunc_name_hint="winograd_conv2d")
+        x, u = call.args[0], self._weights[key]
+        shape = (tuple(int(d) for d in x.ty.shape.values), tuple(w.shape))
+        gv = self._funcs.get(shape)
+        if gv is not None and gv in bb.get().get_global_vars():   # one kernel per layer shape
+            return relax.call_tir(gv, [x, u], out_ty=call.ty)
+        out = bb.call_te(winograd_conv2d_compute, x, u, primfunc_name_hint="winograd_conv2d")
         gv = out.args[0]
         bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", _OUT_EWISE_FUSABLE))
+        self._funcs[shape] = gv
         return out
 
 
