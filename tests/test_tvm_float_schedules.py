@@ -141,3 +141,38 @@ def test_attention_core_is_scheduled_and_matches_onnxruntime():
     ref = ort.InferenceSession(model.SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pointwise_conv_packs_its_input_rows_and_matches_onnxruntime():
+    """A 1x1 conv whose width is whole column tiles reads its input from per-row panels
+    [W / tile, C, tile] (the plain NCHW read strides a whole plane per channel); a padded 1x1
+    keeps the plain read. Both against onnxruntime."""
+    rng = np.random.default_rng(7)
+    c, k, h, w = 48, 32, 6, 64
+    inits = [numpy_helper.from_array((0.1 * rng.standard_normal((k, c, 1, 1))).astype(np.float32),
+                                     "w"),
+             numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"]),
+             helper.make_node("Conv", ["x", "w", "b"], ["z"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k, h, w]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, k, h + 2, w + 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    target = host_target()
+    mod = relax_onnx.from_onnx(model)
+    lowered = relax_pipeline(target)(mod)
+    convs = {gv.name_hint: f.script() for gv, f in lowered.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    packed = [n for n, s in convs.items() if 'sblock("x_global")' in s]
+    assert len(convs) == 2 and len(packed) == 1, list(convs)
+
+    ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    got = [t.numpy() for t in vm["main"](tvm.runtime.tensor(x, tvm.cpu()))]
+    ref = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

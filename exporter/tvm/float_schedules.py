@@ -316,6 +316,7 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
         wl = sch.get_loops(wblk)
         sch.parallel(wl[0])
 
+    x_pack = _pack_pointwise_input(sch, conv, nvec * lanes) if kh == 1 else None
     wb = sch.cache_write(conv, 0, "local")
     _inline_epilogue(sch, after)
 
@@ -323,7 +324,12 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     fo, fi = sch.split(ff, [None, ob])
     xo, xi, xv = sch.split(xx, [None, nvec, lanes])
     sch.reorder(nn, yy, xo, fo, rc, ry, rx, fi, xi, xv)
-    sch.parallel(sch.fuse(nn, yy))
+    row = sch.fuse(nn, yy)
+    sch.parallel(row)
+    if x_pack is not None:
+        sch.compute_at(x_pack, row)
+        px = sch.get_loops(x_pack)[-1]
+        sch.vectorize(sch.split(px, [None, lanes])[1])
     sch.reverse_compute_at(wb, fo)
     sch.unroll(fi)
     sch.unroll(xi)
@@ -345,6 +351,30 @@ def schedule_winograd(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     rows, nvec = _WINOGRAD_TILES[variant]
     winograd.schedule_winograd(sch, _LANES[variant], rows, nvec, producers=names[:first],
                                epilogue=names[last + 1:])
+
+
+def _pack_pointwise_input(sch: s_tir.Schedule, conv, width: int):
+    """A 1x1 conv reads, for each output column tile, ``width`` floats from every input channel:
+    C rows one plane (H*W floats, a multiple of 4 KiB) apart, which all fall into the same L1
+    sets. Repack each input row to [W / width, C, width] (done per output row, next to its use)
+    so that the channel loop reads one contiguous panel. Returns the packing block, or None
+    where the conv does not read its input plainly (a padded or strided 1x1)."""
+    block = sch.get(conv)
+    h_ext, w_ext = (int(iv.dom.extent) for iv in block.iter_vars[2:4])
+    if w_ext % width:
+        return None
+    x_var = block.iter_vars[3].var
+    for idx, region in enumerate(block.reads):
+        dims, shape = region.region, region.source.shape
+        # the input read at [n, c, y (+ ry), x (+ rx)]: same H, W as the output (stride 1, no pad)
+        if len(dims) == 4 and x_var.name in str(dims[3].min) and "*" not in str(dims[3].min) \
+                and (int(shape[2]), int(shape[3])) == (h_ext, w_ext) \
+                and not region.source.same_as(block.writes[0].source):
+            pack = sch.cache_read(conv, idx, "global")
+            sch.transform_layout(pack, ("write", 0), lambda n, c, y, x: (
+                n, y, x // width, c, x % width))
+            return pack
+    return None
 
 
 def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
