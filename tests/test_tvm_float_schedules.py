@@ -143,10 +143,8 @@ def test_attention_core_is_scheduled_and_matches_onnxruntime():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_pointwise_conv_packs_its_input_rows_and_matches_onnxruntime():
-    """A 1x1 conv whose width is whole column tiles reads its input from per-row panels
-    [W / tile, C, tile] (the plain NCHW read strides a whole plane per channel); a padded 1x1
-    keeps the plain read. Both against onnxruntime."""
+def _pointwise_model():
+    """The same 1x1 conv twice: plain (packed input panels apply) and padded (they do not)."""
     rng = np.random.default_rng(7)
     c, k, h, w = 48, 32, 6, 64
     inits = [numpy_helper.from_array((0.1 * rng.standard_normal((k, c, 1, 1))).astype(np.float32),
@@ -160,17 +158,32 @@ def test_pointwise_conv_packs_its_input_rows_and_matches_onnxruntime():
          helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, k, h + 2, w + 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    target = host_target()
-    mod = relax_onnx.from_onnx(model)
-    lowered = relax_pipeline(target)(mod)
-    convs = {gv.name_hint: f.script() for gv, f in lowered.functions_items()
+    return model
+
+
+@pytest.mark.parametrize("target_name", ["host", "x86_64-avx512", "x86_64-avx2", "arm64"])
+def test_pointwise_conv_packs_its_input_rows(target_name):
+    """A 1x1 conv whose width is whole column tiles reads its input from per-row panels
+    [W / tile, C, tile] (the plain NCHW read strides a whole plane per channel); a padded 1x1
+    keeps the plain read. Checked for each target's tile width (a failing schedule would fall
+    back to the generic rule silently)."""
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.target import tvm_target
+    target = host_target() if target_name == "host" else tvm_target(get_target(target_name))
+    lowered = relax_pipeline(target)(relax_onnx.from_onnx(_pointwise_model()))
+    convs = {gv.name_hint: f for gv, f in lowered.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint}
-    packed = [n for n, s in convs.items() if 'sblock("x_global")' in s]
+    assert {str(f.attrs[SCHEDULE_ATTR]) for f in convs.values()} == {"conv2d_nchw"}
+    packed = [n for n, f in convs.items() if 'sblock("x_global")' in f.script()]
     assert len(convs) == 2 and len(packed) == 1, list(convs)
 
-    ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target))
+
+def test_pointwise_convs_match_onnxruntime():
+    model = _pointwise_model()
+    target = host_target()
+    ex = tvm.compile(relax_onnx.from_onnx(model), target, relax_pipeline=relax_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    x = np.random.default_rng(8).standard_normal((1, 48, 6, 64)).astype(np.float32)
     got = [t.numpy() for t in vm["main"](tvm.runtime.tensor(x, tvm.cpu()))]
     ref = ort.InferenceSession(model.SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})

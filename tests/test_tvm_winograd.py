@@ -137,3 +137,16 @@ def test_shared_weights_are_transformed_once():
     assert u_args[0].same_as(u_args[1])
     assert calls[0].args[0].same_as(calls[1].args[0])     # and one kernel for the one shape
     assert tuple(u_args[0].value.shape) == (6, 6, 16, 16)
+
+
+@pytest.mark.parametrize("target_name", ["x86_64-avx512", "x86_64-avx2", "arm64", "rpi5"])
+def test_every_target_gets_the_winograd_schedule(target_name):
+    """A schedule that a target's vector width breaks would fall back to the generic reduction
+    rule silently (and run many times slower): check the rule for each target's lanes / tiles,
+    at the 32-pixel width where 16-lane vectors no longer fit twice."""
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.target import tvm_target
+    target = tvm_target(get_target(target_name))
+    for c, k, h, w in [(32, 16, 32, 32), (64, 128, 16, 64)]:
+        rules = _rules(from_onnx(_conv_model(c, k, h, w), target=target)[0], target)
+        assert sorted(rules.values()).count("winograd") == 1, (target_name, rules)
