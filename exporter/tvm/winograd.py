@@ -9,7 +9,8 @@ pair instead of 144, so the same FMA rate does the layer in about a third of the
 Weights are constants, so their transform ``U = G g G^T`` is done once in numpy
 (:func:`transform_weights`). The TE compute has five stages, all spatial except the GEMM:
 
-1. ``wino_pad``: the input with a zero border (right/bottom up to whole tiles);
+1. ``wino_pad``: the input with a zero border (right/bottom up to whole tiles), its columns
+   split into the 4 phases of the tile grid (the only strided access, one per input value);
 2. ``wino_row``: ``B^T d`` along rows, for every (channel, tile row, tap column, tile column);
 3. ``wino_input``: ``(B^T d) B`` along columns -> ``V[xi, nu, tile row, c, tile col]``;
 4. ``wino_gemm``: ``M[xi, nu, tile row, k, tile col] = sum_c U[xi, nu, k, c] V[...]``;
@@ -86,17 +87,25 @@ def winograd_conv2d_compute(x: te.Tensor, u: te.Tensor) -> te.Tensor:
     _, c, h, w = (int(d) for d in x.shape)
     k = int(u.shape[2])
     nh, nw = -(-h // M_OUT), -(-w // M_OUT)
-    ph, pw = nh * M_OUT + 2, nw * M_OUT + 2
+    ph = nh * M_OUT + 2
     zero = tirx.const(0.0, "float32")
+    # zero border and columns split by phase: pad[c, y, r, q] = padded[c, y, 4q + r], so that
+    # the row transform reads tile columns (4 apart) as contiguous vectors
+    # (a Select over a clamped, always valid read: no branch per element; 2.5x faster here
+    # than if_then_else)
+    def clamp(v, hi):
+        return tirx.max(tirx.min(v, hi), 0)
+
     pad = te.compute(
-        (c, ph, pw),
-        lambda ci, y, xx: tirx.if_then_else(
-            tirx.all(y >= 1, y <= h, xx >= 1, xx <= w), x[0, ci, y - 1, xx - 1], zero),
+        (c, ph, M_OUT, nw + 1),
+        lambda ci, y, r, q: tirx.Select(
+            tirx.all(y >= 1, y <= h, q * M_OUT + r >= 1, q * M_OUT + r <= w),
+            x[0, ci, clamp(y - 1, h - 1), clamp(q * M_OUT + r - 1, w - 1)], zero),
         name="wino_pad")
     row = te.compute(
         (c, nh, ALPHA, ALPHA, nw),
         lambda ci, ty, xi, b, tx: _row_combination(
-            B_T, xi, lambda a: pad[ci, ty * M_OUT + a, tx * M_OUT + b]),
+            B_T, xi, lambda a: pad[ci, ty * M_OUT + a, b % M_OUT, tx + b // M_OUT]),
         name="wino_row")
     v = te.compute(
         (ALPHA, ALPHA, nh, c, nw),
@@ -277,5 +286,7 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int,
         sch.unroll(sel_loop)
 
     pad = sch.get_sblock("wino_pad")
-    p_loops = sch.get_loops(pad)
-    sch.parallel(sch.fuse(*p_loops[:-1]))
+    p_c, p_y, p_r, p_q = sch.get_loops(pad)
+    sch.reorder(p_c, p_y, p_q, p_r)          # read along the input row, write 4 phases
+    sch.unroll(p_r)
+    sch.parallel(sch.fuse(p_c, p_y))
