@@ -120,6 +120,30 @@ def test_golden_small_matches_onnxruntime(golden_small_model, tmp_path):
     assert matches >= 3
 
 
+@pytest.mark.slow
+def test_official_config_matches_onnxruntime(tmp_path):
+    """The official config (seeded random weights) at a small tile: 64-512 channels, its
+    full-precision decoder levels (Winograd F(4,3) for the 3x3 convs at 32x32, the 1x1 panels)
+    and the bottleneck attention. Same "3 of 4 inputs" rule as above for the rare sign flip
+    that a 1-ulp float difference can cause in a binary network."""
+    from bidiff.exporter.onnx_export import write_onnx_graphs
+    from bidiff.models import load_or_random
+    graphs = write_onnx_graphs(load_or_random(None, "official-x2"), tmp_path / "onnx", tile=TILE,
+                               groups=[2])
+    info = build_library(graphs, get_target("x86_64"), tmp_path / "model.so")
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(info.path)), tvm.cpu())
+    sess = ort.InferenceSession(str(graphs[2]), providers=["CPUExecutionProvider"])
+    matches = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        x, cond = (rng.standard_normal((1, 3, TILE, TILE)).astype(np.float32) for _ in range(2))
+        t = np.array([[900]], np.int64)
+        got = vm["group_2"](*(tvm.runtime.tensor(a) for a in (x, cond, t))).numpy()
+        ref = sess.run(None, {"x_t": x, "cond": cond, "t": t})[0]
+        matches += bool(np.abs(got - ref).max() <= 1e-4 + 1e-4 * np.abs(ref).max())
+    assert matches >= 3
+
+
 def test_other_op_version_is_refused(graphs, tmp_path):
     import onnx
     model = onnx.load(str(graphs[GROUPS[0]]), load_external_data=False)
