@@ -79,3 +79,16 @@ def test_blocks_last_at_least_min_block_ms() -> None:
 
     assert per_block(0) == 3
     assert per_block(5.0) > 100
+
+
+def test_bench_kit_refuses_an_existing_folder(tmp_path) -> None:
+    """The kit script never builds into (and mixes with) an existing folder."""
+    import subprocess
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "keep.txt").write_text("x")
+    script = Path(__file__).parents[1] / "scripts" / "bench_kit.sh"
+    r = subprocess.run([str(script), str(kit)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr == f"scripts/bench_kit.sh: {kit} exists; remove it or name a new folder\n"
+    assert [p.name for p in kit.iterdir()] == ["keep.txt"]
