@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, te, tirx
 
+from bidiff.exporter.tvm.schedule_helpers import pick_divisor
 from bidiff.runtime.binary_op import WORD_BITS, num_words
 
 
@@ -206,13 +207,6 @@ MIN_PARALLEL_WORK = 65536
 WRITE_BACK_BLOCK_BYTES = 4096
 
 
-def _pick_divisor(n: int, prefs: tuple[int, ...]) -> int:
-    for d in prefs:
-        if n % d == 0:
-            return d
-    return 1
-
-
 def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
                          variant: KernelVariant) -> tirx.PrimFunc:
     """Hand schedule: tile (filters x columns) with register accumulators, parallel over rows."""
@@ -221,7 +215,7 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     if variant is KernelVariant.X86_AVX512 and shape.word_bits == 32:
         nvec = 1                                      # 16 lanes x 8 filters = 8 zmm already
         ob = 8
-    ob = _pick_divisor(shape.filters, tuple(d for d in (ob, 8, 4, 2) if d <= ob))
+    ob = pick_divisor(shape.filters, tuple(d for d in (ob, 8, 4, 2) if d <= ob))
     tile_x = vec * nvec
     sch = s_tir.Schedule(func)
     # small layers (the low-resolution levels of a tile) run on one thread: waking the pool
@@ -233,7 +227,7 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     blk = sch.get_sblock("pack")
     n, wd, y, xx = sch.get_loops(blk)
     par(sch.fuse(n, wd, y))
-    pv = _pick_divisor(shape.width, (16, 8, 4))
+    pv = pick_divisor(shape.width, (16, 8, 4))
     if pv > 1:
         _, xv = sch.split(xx, [None, pv])
         sch.vectorize(xv)

@@ -33,6 +33,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from bidiff.exporter.tvm import winograd
 from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
+from bidiff.exporter.tvm.schedule_helpers import pick_divisor, vectorize_write_back
 
 SCHEDULE_ATTR = "bidiff.schedule"
 _log = logging.getLogger(__name__)
@@ -96,13 +97,6 @@ def _extent(sch: s_tir.Schedule, loop) -> int | None:
 
 def _root_blocks(sch: s_tir.Schedule):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _pick(n: int, prefs) -> int:
-    for d in prefs:
-        if d and n % d == 0:
-            return d
-    return 1
 
 
 def _inline_spatial_producers(sch: s_tir.Schedule, keep=()) -> None:
@@ -284,9 +278,9 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     kh = int(block.iter_vars[5].dom.extent)
     lanes = _LANES[variant]
     ob, nvec = _CONV_TILES[variant][3 if kh > 1 else 1]
-    ob = f_ if f_ <= ob else _pick(f_, [d for d in (ob, 8, 4, 2) if d <= ob])
-    lanes = _pick(w_, [d for d in (lanes, 8, 4) if d <= lanes])
-    nvec = _pick(w_ // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    ob = f_ if f_ <= ob else pick_divisor(f_, [d for d in (ob, 8, 4, 2) if d <= ob])
+    lanes = pick_divisor(w_, [d for d in (lanes, 8, 4) if d <= lanes])
+    nvec = pick_divisor(w_ // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
 
     # consumers of the conv (bias add, activations, residual) -> inlined into the write-back
     root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
@@ -335,12 +329,8 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     sch.unroll(xi)
     sch.unroll(rx)
     sch.vectorize(xv)
-    wl = sch.get_loops(wb)
-    wf, wx = wl[-2], wl[-1]          # write-back tile: ob filters x (nvec * lanes) columns
-    wxo, wxv = sch.split(wx, [None, lanes])
-    sch.vectorize(wxv)
-    sch.unroll(wxo)
-    sch.unroll(wf)
+    # write-back tile: ob filters x (nvec * lanes) columns
+    sch.unroll(vectorize_write_back(sch, wb, lanes)[-1])
     sch.decompose_reduction(conv, rc)
 
 
@@ -348,9 +338,11 @@ def schedule_winograd(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     """A fused PrimFunc around :func:`.winograd.winograd_conv2d_compute` (epilogue inlined)."""
     names = [sch.get(b).name_hint for b in _root_blocks(sch)]
     first, last = names.index(winograd.BLOCK_NAMES[0]), names.index(winograd.BLOCK_NAMES[-1])
+    for name in names[:first]:                   # e.g. an injective op fused before the conv
+        sch.compute_inline(sch.get_sblock(name))
+    _inline_epilogue(sch, names[last + 1:])
     rows, nvec = _WINOGRAD_TILES[variant]
-    winograd.schedule_winograd(sch, _LANES[variant], rows, nvec, producers=names[:first],
-                               epilogue=names[last + 1:])
+    winograd.schedule_winograd(sch, _LANES[variant], rows, nvec)
 
 
 def _pack_pointwise_input(sch: s_tir.Schedule, conv, width: int):
@@ -390,10 +382,10 @@ def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     loops = sch.get_loops(mm)
     i_ext = int(block.iter_vars[n_sp - 2].dom.extent)
     j_ext = int(block.iter_vars[n_sp - 1].dom.extent)
-    lanes = _pick(j_ext, [d for d in (_LANES[variant], 8, 4) if d <= _LANES[variant]])
+    lanes = pick_divisor(j_ext, [d for d in (_LANES[variant], 8, 4) if d <= _LANES[variant]])
     ib, nvec = _MATMUL_TILES[variant]
-    nvec = _pick(j_ext // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
-    ib = _pick(i_ext, [d for d in (ib, 8, 4, 2, 1) if d <= ib])
+    nvec = pick_divisor(j_ext // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    ib = pick_divisor(i_ext, [d for d in (ib, 8, 4, 2, 1) if d <= ib])
     root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
     after = root_names[root_names.index("matmul") + 1:]
     for name in root_names[:root_names.index("matmul")]:
@@ -417,10 +409,7 @@ def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     sch.unroll(ii)
     sch.unroll(jn)
     sch.vectorize(jv)
-    wl = sch.get_loops(wb)
-    wxo, wxv = sch.split(wl[-1], [None, lanes])
-    sch.vectorize(wxv)
-    sch.unroll(wxo)
+    vectorize_write_back(sch, wb, lanes)
     sch.decompose_reduction(mm, k)
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
+from bidiff.exporter.tvm.schedule_helpers import pick_divisor, vectorize_write_back
+
 M_OUT = 4            # output tile (F(4, 3))
 ALPHA = M_OUT + 2    # input tile
 
@@ -188,39 +190,16 @@ class LegalizeWinograd:
         return out
 
 
-def _pick(n: int, prefs) -> int:
-    for d in prefs:
-        if d and n % d == 0:
-            return d
-    return 1
-
-
-def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int,
-                      producers: list[str] = (), epilogue: list[str] = ()) -> None:
-    """Schedule a PrimFunc holding :func:`winograd_conv2d_compute`, with the blocks named in
-    ``producers`` inlined into its input and the elementwise ``epilogue`` blocks into its
-    output. ``lanes``: f32 lanes per vector register; the GEMM's register tile is ``rows``
-    output channels x ``nvec`` vectors of tile columns."""
+def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int) -> None:
+    """Schedule a PrimFunc holding :func:`winograd_conv2d_compute` (any fused epilogue already
+    inlined into ``wino_output``). ``lanes``: f32 lanes per vector register; the GEMM's
+    register tile is ``rows`` output channels x ``nvec`` vectors of tile columns."""
     out = sch.get_sblock("wino_output")
-    for name in producers:                       # e.g. an injective op fused before the conv
-        sch.compute_inline(sch.get_sblock(name))
-    for name in epilogue[:-1]:
-        try:
-            sch.compute_inline(sch.get_sblock(name))
-        except Exception:  # noqa: BLE001 - folded below or refused there
-            pass
-    for name in epilogue:
-        try:
-            blk = sch.get_sblock(name)
-        except Exception:  # noqa: BLE001 - already inlined
-            continue
-        sch.reverse_compute_inline(blk)
-
     gemm_block = sch.get(sch.get_sblock("wino_gemm"))
     k = int(gemm_block.iter_vars[3].dom.extent)
     nw = int(gemm_block.iter_vars[4].dom.extent)
-    lanes = _pick(nw, [d for d in (lanes, 8, 4) if d <= lanes])
-    rows = _pick(k, [d for d in (rows, 8, 4, 2) if d <= rows])
+    lanes = pick_divisor(nw, [d for d in (lanes, 8, 4) if d <= lanes])
+    rows = pick_divisor(k, [d for d in (rows, 8, 4, 2) if d <= rows])
 
     # output: (tile row) parallel > (channel block) > channel, i, j > tile columns (vector)
     n, ko, y, xx = sch.get_loops(out)
@@ -254,7 +233,7 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int,
 
     # GEMM: xi, nu, (ty), k, tx, rc -> xi, nu, txo, rc, k (unrolled), txn (unrolled), txv
     g_xi, g_nu, g_k, g_tx, g_rc = sch.get_loops(gemm)[2:]
-    nvec = _pick(nw // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    nvec = pick_divisor(nw // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
     g_txo, g_txn, g_txv = sch.split(g_tx, [None, nvec, lanes])
     acc = sch.cache_write(gemm, 0, "local")
     sch.reorder(g_xi, g_nu, g_txo, g_rc, g_k, g_txn, g_txv)
@@ -262,28 +241,18 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int,
     sch.unroll(g_k)
     sch.unroll(g_txn)
     sch.vectorize(g_txv)
-    a_loops = sch.get_loops(acc)
-    a_xo, a_xv = sch.split(a_loops[-1], [None, lanes])
-    sch.vectorize(a_xv)
-    sch.unroll(a_xo)
+    vectorize_write_back(sch, acc, lanes)
     sch.decompose_reduction(gemm, g_rc)
 
-    # input transform: per channel, (xi | nu) unrolled, vector over tile columns
-    for blk_name, sel in (("wino_input", 1), ("wino_row", 2)):
-        blk = sch.get_sblock(blk_name)
-        loops = sch.get_loops(blk)[1:]
-        # wino_input: xi, nu, c, tx ; wino_row: c, xi, b, tx
-        if blk_name == "wino_input":
-            l_xi, l_nu, l_c, l_tx = loops
-            sch.reorder(l_c, l_xi, l_nu, l_tx)
-            sel_loop = l_nu
-        else:
-            l_c, l_xi, l_b, l_tx = loops
-            sch.reorder(l_c, l_b, l_xi, l_tx)
-            sel_loop = l_xi
-        txo_, txv_ = sch.split(l_tx, [None, lanes])
-        sch.vectorize(txv_)
-        sch.unroll(sel_loop)
+    # input transforms: per channel, the row-selecting index unrolled, vector over tile columns
+    v_xi, v_nu, v_c, v_tx = sch.get_loops(v)[1:]
+    sch.reorder(v_c, v_xi, v_nu, v_tx)
+    sch.unroll(v_nu)
+    sch.vectorize(sch.split(v_tx, [None, lanes])[1])
+    r_c, r_xi, r_b, r_tx = sch.get_loops(row)[1:]
+    sch.reorder(r_c, r_b, r_xi, r_tx)
+    sch.unroll(r_xi)
+    sch.vectorize(sch.split(r_tx, [None, lanes])[1])
 
     pad = sch.get_sblock("wino_pad")
     p_c, p_y, p_r, p_q = sch.get_loops(pad)
