@@ -26,7 +26,8 @@ python3 scripts/bench.py --part c --config bidiff-s-x2 --checkpoint "$ckpt" --ta
     --bundle "$kit/cs"
 python3 scripts/bench.py --part c --config official-x2 --target "$target" --bundle "$kit/co"
 python3 scripts/bench.py --part k --target "$target" --bundle "$kit/k"
-cp "$(python3 -c 'import pathlib, tvm; print(pathlib.Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so")')" "$kit/"
+tvm_lib=$(python3 -c 'import pathlib, tvm; print(pathlib.Path(tvm.__file__).parent / "lib")')
+cp "$tvm_lib/libtvm_runtime.so" "$kit/"
 ffi_version=$(python3 -c 'from importlib.metadata import version; print(version("apache-tvm-ffi"))')
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" \
     --platform manylinux_2_28_x86_64 --dest "$kit/wheels" "apache-tvm-ffi==$ffi_version"

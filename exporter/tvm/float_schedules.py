@@ -10,9 +10,10 @@ kernels are), picking a rule by block names and block kinds:
   parallel iteration, the GEMM in a register tile, the epilogue inlined into the output
   transform (:func:`.winograd.schedule_winograd`);
 - ``conv2d_nchw`` (the other float convs, NCHW kept): weights repacked to
-  [O/ob, I, kh, kw, ob] by a ``cache_read`` + ``transform_layout``; accumulation in a ``local`` tile of ob output channels x
-  (nvec x lanes) columns, the fused epilogue (bias, activation, residual) inlined into the
-  write-back; loop order n, y, xo, fo, rc, ry, rx, fi, xi, xv; parallel over rows;
+  [O/ob, I, kh, kw, ob] by a ``cache_read`` + ``transform_layout``; accumulation in a
+  ``local`` tile of ob output channels x (nvec x lanes) columns, the fused epilogue (bias,
+  activation, residual) inlined into the write-back; loop order n, y, xo, fo, rc, ry, rx, fi,
+  xi, xv; parallel over rows; a 1x1 conv reads its input from per-row panels;
 - blocks with a reduction (GroupNorm statistics, matmul, softmax, ...): spatial producers
   inlined, parallel over the spatial loops of each reduction, the output epilogue parallel and
   vectorised;

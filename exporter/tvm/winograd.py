@@ -10,7 +10,8 @@ Weights are constants, so their transform ``U = G g G^T`` is done once in numpy
 (:func:`transform_weights`). The TE compute has five stages, all spatial except the GEMM:
 
 1. ``wino_pad``: the input with a zero border (right/bottom up to whole tiles), its columns
-   split into the 4 phases of the tile grid (the only strided access, one per input value);
+   split into the 4 phases of the tile grid (one strided read per input value; the other
+   strided access is the output's store, 4 columns apart);
 2. ``wino_row``: ``B^T d`` along rows, for every (channel, tile row, tap column, tile column);
 3. ``wino_input``: ``(B^T d) B`` along columns -> ``V[xi, nu, tile row, c, tile col]``;
 4. ``wino_gemm``: ``M[xi, nu, tile row, k, tile col] = sum_c U[xi, nu, k, c] V[...]``;
@@ -92,9 +93,8 @@ def winograd_conv2d_compute(x: te.Tensor, u: te.Tensor) -> te.Tensor:
     ph = nh * M_OUT + 2
     zero = tirx.const(0.0, "float32")
     # zero border and columns split by phase: pad[c, y, r, q] = padded[c, y, 4q + r], so that
-    # the row transform reads tile columns (4 apart) as contiguous vectors
-    # (a Select over a clamped, always valid read: no branch per element; 2.5x faster here
-    # than if_then_else)
+    # the row transform reads tile columns (4 apart) as contiguous vectors. A Select over a
+    # clamped, always valid read has no branch per element (2.5x faster here than if_then_else).
     def clamp(v, hi):
         return tirx.max(tirx.min(v, hi), 0)
 
