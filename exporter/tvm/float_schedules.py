@@ -34,7 +34,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from bidiff.exporter.tvm import winograd
 from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
-from bidiff.exporter.tvm.schedule_helpers import pick_divisor, vectorize_write_back
+from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor
 
 SCHEDULE_ATTR = "bidiff.schedule"
 _log = logging.getLogger(__name__)
@@ -325,14 +325,9 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
         sch.compute_at(x_pack, row)
         px = sch.get_loops(x_pack)[-1]
         sch.vectorize(sch.split(px, [None, lanes])[1])
-    sch.reverse_compute_at(wb, fo)
-    sch.unroll(fi)
-    sch.unroll(xi)
-    sch.unroll(rx)
-    sch.vectorize(xv)
     # write-back tile: ob filters x (nvec * lanes) columns
-    sch.unroll(vectorize_write_back(sch, wb, lanes)[-1])
-    sch.decompose_reduction(conv, rc)
+    wf = finish_register_tile(sch, conv, wb, fo, (fi, xi, rx), xv, lanes, rc)[-1]
+    sch.unroll(wf)
 
 
 def schedule_winograd(sch: s_tir.Schedule, variant: KernelVariant) -> None:
@@ -406,12 +401,7 @@ def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     work = _work(sch, sch.get_loops(mm))
     if work is None or work >= MIN_PARALLEL_ELEMENTS:
         sch.parallel(outer)
-    sch.reverse_compute_at(wb, jo)
-    sch.unroll(ii)
-    sch.unroll(jn)
-    sch.vectorize(jv)
-    vectorize_write_back(sch, wb, lanes)
-    sch.decompose_reduction(mm, k)
+    finish_register_tile(sch, mm, wb, jo, (ii, jn), jv, lanes, k)
 
 
 def _pack_matmul_rhs(sch: s_tir.Schedule, mm, n_sp: int, width: int, row_tiles: int) -> None:

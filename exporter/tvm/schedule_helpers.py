@@ -13,11 +13,20 @@ def pick_divisor(n: int, prefs) -> int:
     return 1
 
 
-def vectorize_write_back(sch: s_tir.Schedule, block, lanes: int) -> list:
-    """The write-back of a register tile: its innermost loop split into unrolled vectors of
-    ``lanes``; returns the block's loops above that innermost one."""
-    loops = sch.get_loops(block)
+def finish_register_tile(sch: s_tir.Schedule, block, write_back, at, unrolled, vector,
+                         lanes: int, reduction) -> list:
+    """The common tail of a register-tiled reduction (float conv, matmul, Winograd GEMM): the
+    ``local`` accumulator's ``write_back`` moved under loop ``at``, the tile loops ``unrolled``,
+    the ``vector`` loop vectorised, the write-back's innermost loop split into unrolled vectors
+    of ``lanes``, the init split off at ``reduction``. Returns the write-back's loops above its
+    vectorised one."""
+    sch.reverse_compute_at(write_back, at)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(vector)
+    loops = sch.get_loops(write_back)
     outer, vec = sch.split(loops[-1], [None, lanes])
     sch.vectorize(vec)
     sch.unroll(outer)
+    sch.decompose_reduction(block, reduction)
     return loops[:-1]

@@ -32,7 +32,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from bidiff.exporter.tvm.schedule_helpers import pick_divisor, vectorize_write_back
+from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor
 
 M_OUT = 4            # output tile (F(4, 3))
 ALPHA = M_OUT + 2    # input tile
@@ -237,12 +237,7 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int) -> 
     g_txo, g_txn, g_txv = sch.split(g_tx, [None, nvec, lanes])
     acc = sch.cache_write(gemm, 0, "local")
     sch.reorder(g_xi, g_nu, g_txo, g_rc, g_k, g_txn, g_txv)
-    sch.reverse_compute_at(acc, g_txo)
-    sch.unroll(g_k)
-    sch.unroll(g_txn)
-    sch.vectorize(g_txv)
-    vectorize_write_back(sch, acc, lanes)
-    sch.decompose_reduction(gemm, g_rc)
+    finish_register_tile(sch, gemm, acc, g_txo, (g_k, g_txn), g_txv, lanes, g_rc)
 
     # input transforms: per channel, the row-selecting index unrolled, vector over tile columns
     v_xi, v_nu, v_c, v_tx = sch.get_loops(v)[1:]
