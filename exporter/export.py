@@ -37,6 +37,7 @@ from .targets import TargetSpec, get_target
 from .unroll import group_table, is_biconv
 
 __all__ = ["ExportError", "ExportResult", "export_artifact", "export_float_onnx", "check_tile",
+           "default_artifact_key", "default_checkpoint_sha256",
            "DEFAULT_TILE", "ONNX_DIR"]
 
 DEFAULT_TILE = 128
@@ -94,6 +95,36 @@ def default_checkpoint_sha256() -> str | None:
         if path.is_file():
             return sha256_file(path)
     return None
+
+
+_KEY_PACKAGES = ("bidiff.models", "bidiff.exporter")   # the code an export runs
+_KEY_DISTRIBUTIONS = ("bidiff", "torch", "onnx", "apache-tvm", "apache-tvm-ffi")
+
+
+def default_artifact_key() -> str | None:
+    """sha256 of everything the default artifact is a function of: the shipped checkpoint, the
+    sources of ``bidiff.models`` and ``bidiff.exporter`` and the versions of bidiff, torch, onnx
+    and TVM. The runtime names its cached default artifact by it, so a new shipped model *or*
+    an upgraded exporter (faster kernels, a fixed graph) builds a fresh one instead of serving
+    the stale cache. None when the shipped checkpoint is not installed. No torch import."""
+    import hashlib
+    import importlib.metadata as md
+    ckpt = default_checkpoint_sha256()
+    if ckpt is None:
+        return None
+    h = hashlib.sha256(f"checkpoint {ckpt}\n".encode())
+    for pkg in _KEY_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for src in sorted(Path(folder).rglob("*.py")):
+                h.update(f"{pkg} {src.relative_to(folder).as_posix()} {sha256_file(src)}\n".encode())
+    for dist in _KEY_DISTRIBUTIONS:
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            version = None
+        h.update(f"{dist} {version}\n".encode())
+    return h.hexdigest()
 
 
 def _load(checkpoint, config):

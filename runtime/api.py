@@ -141,20 +141,20 @@ def _default_target() -> str:
     return {"x86_64": "x86_64", "aarch64": "arm64"}.get(host_info().arch, "onnx")
 
 
-def default_artifact_candidates(cache: Path | None = None, *,
-                                checkpoint_sha256: str | None = None) -> list[Path]:
+def default_artifact_candidates(cache: Path | None = None, *, key: str | None = None) -> list[Path]:
     """Where the default artifact may already be, best first.
 
-    With ``checkpoint_sha256`` (the shipped checkpoint's, known when the exporter is installed)
+    With ``key`` (``exporter.default_artifact_key()``, known when the exporter is installed)
     the names carry its first 12 hex digits, so an artifact cached from an older shipped model
-    (other weights or sampler settings) is never picked up again; without it (a device with
-    the runtime only) the plain names, where a user copies an artifact.
+    (other weights or sampler settings) or built by an older exporter is never picked up again;
+    without it (a device with the runtime only) the plain names, where a user copies an
+    artifact.
     """
     cache = cache or default_cache_dir()
     arch = host_info().arch
     names = [f"default-{arch}", f"default-{'arm64' if arch == 'aarch64' else arch}", "default-onnx"]
-    if checkpoint_sha256:
-        names = [f"{n}-{checkpoint_sha256[:12]}" for n in names]
+    if key:
+        names = [f"{n}-{key[:12]}" for n in names]
     out = []
     for n in dict.fromkeys(names):
         out += [cache / n, cache / f"{n}.bidiff"]
@@ -165,12 +165,12 @@ def default_artifact(*, build: bool = True) -> Path:
     """The default artifact for this host from the cache (``$BIDIFF_CACHE`` or ~/.cache/bidiff),
     built with the exporter on first use when ``bidiff[export]`` is installed."""
     cache = default_cache_dir()
-    shipped = _shipped_checkpoint_sha256()
-    for p in default_artifact_candidates(cache, checkpoint_sha256=shipped):
+    key = _default_artifact_key()
+    for p in default_artifact_candidates(cache, key=key):
         if (p / "manifest.json").is_file() or p.is_file():
             return p
     if build:
-        built = _build_default_artifact(cache, shipped)
+        built = _build_default_artifact(cache, key)
         if built is not None:
             return built
     raise ArtifactError(f"no bidiff artifact in {cache} for this machine: pass one (--artifact PATH), "
@@ -178,17 +178,17 @@ def default_artifact(*, build: bool = True) -> Path:
                         f"bidiff-export --target onnx -o {cache}/default-onnx")
 
 
-def _shipped_checkpoint_sha256() -> str | None:
-    """The shipped checkpoint's sha256 via the exporter; None where it is not installed (the
-    same guarded, lazy import as ``_build_default_artifact``)."""
+def _default_artifact_key() -> str | None:
+    """The exporter's ``default_artifact_key()``; None where it is not installed (the same
+    guarded, lazy import as ``_build_default_artifact``)."""
     try:
-        from bidiff.exporter import default_checkpoint_sha256   # noqa: PLC0415 (optional)
+        from bidiff.exporter import default_artifact_key   # noqa: PLC0415 (optional)
     except ImportError:
         return None
-    return default_checkpoint_sha256()
+    return default_artifact_key()
 
 
-def _build_default_artifact(cache: Path, checkpoint_sha256: str | None) -> Path | None:
+def _build_default_artifact(cache: Path, key: str | None) -> Path | None:
     """Export the shipped model for this host into the cache; None if the exporter is absent.
 
     The ONLY place the runtime touches ``bidiff.exporter``: a guarded, lazy import, because on a
@@ -203,7 +203,7 @@ def _build_default_artifact(cache: Path, checkpoint_sha256: str | None) -> Path 
           f"(target {target}); this takes a while, once", file=sys.stderr, flush=True)
     for tgt in dict.fromkeys([target, "onnx"]):       # native first; portable if compiling fails
         name = f"default-{'onnx' if tgt == 'onnx' else host_info().arch}"
-        out = cache / (f"{name}-{checkpoint_sha256[:12]}" if checkpoint_sha256 else name)
+        out = cache / (f"{name}-{key[:12]}" if key else name)
         try:
             export_artifact(None, target=tgt, out=out, force=False)
             return out

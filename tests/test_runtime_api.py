@@ -89,8 +89,8 @@ def test_same_seed_same_bytes_and_threads(up: api.Upscaler, art: Path) -> None:
 
 def test_default_artifact_from_cache(art: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: None)          # no exporter
-    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, sha: None)
+    monkeypatch.setattr(api, "_default_artifact_key", lambda: None)          # no exporter
+    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, key: None)
     with pytest.raises(runtime.ArtifactError, match="no bidiff artifact in .*pip install 'bidiff\\[export\\]'"):
         api.default_artifact()
     shutil.copytree(art, tmp_path / "cache" / "default-onnx")
@@ -101,28 +101,63 @@ def test_default_artifact_from_cache(art: Path, tmp_path: Path, monkeypatch) -> 
     assert len([k for k in api._cache if k[0] is None]) == 1
 
 
-def test_default_artifact_is_keyed_by_the_shipped_checkpoint(art: Path, tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_default_artifact_is_keyed_by_checkpoint_and_exporter(art: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
     """With the exporter installed, plain-named artifacts (built by an older bidiff, or of an
-    older shipped model) are passed over for one named after the shipped checkpoint's hash."""
-    from bidiff.exporter import default_checkpoint_sha256
+    older shipped model) are passed over for one named after the default-artifact key."""
+    from bidiff.exporter import default_artifact_key
     from bidiff.models import SHIPPED_CHECKPOINT
-    from bidiff.runtime.artifact import sha256_file
     if not Path(SHIPPED_CHECKPOINT).is_file():
         pytest.skip("the shipped checkpoint is not installed")
-    sha = sha256_file(SHIPPED_CHECKPOINT)
-    assert default_checkpoint_sha256() == api._shipped_checkpoint_sha256() == sha
+    key = default_artifact_key()
+    assert len(key) == 64 and api._default_artifact_key() == key
     cache = tmp_path / "cache"
     monkeypatch.setenv("BIDIFF_CACHE", str(cache))
     for name in ("default-onnx", f"default-onnx-{'0' * 12}"):
         shutil.copytree(art, cache / name)
-    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, sha: None)
+    monkeypatch.setattr(api, "_build_default_artifact", lambda cache, key: None)
     with pytest.raises(runtime.ArtifactError, match="no bidiff artifact in "):
         api.default_artifact()
-    shutil.copytree(art, cache / f"default-onnx-{sha[:12]}")
-    assert api.default_artifact() == cache / f"default-onnx-{sha[:12]}"
-    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: None)          # runtime only
+    shutil.copytree(art, cache / f"default-onnx-{key[:12]}")
+    assert api.default_artifact() == cache / f"default-onnx-{key[:12]}"
+    monkeypatch.setattr(api, "_default_artifact_key", lambda: None)          # runtime only
     assert api.default_artifact() == cache / "default-onnx"
+
+
+def test_default_artifact_key_follows_checkpoint_exporter_sources_and_versions(
+        tmp_path: Path, monkeypatch) -> None:
+    """The key changes with the shipped checkpoint, with any source file of the exporter or
+    models package and with the TVM version; it is stable otherwise."""
+    import importlib.metadata as md
+    import importlib.util
+
+    from bidiff.exporter import export
+    monkeypatch.setattr(export, "default_checkpoint_sha256", lambda: "ab" * 32)
+    fake = tmp_path / "exporter_pkg"
+    fake.mkdir()
+    (fake / "kernels.py").write_text("FAST = False\n")
+    real_find = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        spec = real_find(name, *a)
+        if name == "bidiff.exporter":
+            spec = importlib.util.spec_from_file_location(name, fake / "__init__.py",
+                                                          submodule_search_locations=[str(fake)])
+        return spec
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    base = export.default_artifact_key()
+    assert export.default_artifact_key() == base
+    (fake / "kernels.py").write_text("FAST = True\n")
+    newer_code = export.default_artifact_key()
+    assert newer_code != base
+    monkeypatch.setattr(export, "default_checkpoint_sha256", lambda: "cd" * 32)
+    newer_model = export.default_artifact_key()
+    assert newer_model not in (base, newer_code)
+    real_version = md.version
+    monkeypatch.setattr(md, "version", lambda d: "9.9" if d == "apache-tvm" else real_version(d))
+    assert export.default_artifact_key() not in (base, newer_code, newer_model)
+    monkeypatch.setattr(export, "default_checkpoint_sha256", lambda: None)
+    assert export.default_artifact_key() is None
 
 
 def test_import_is_light() -> None:
@@ -160,13 +195,13 @@ def test_default_artifact_built_by_exporter(art: Path, tmp_path: Path, monkeypat
     monkeypatch.setenv("BIDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(exporter, "export_artifact", fake_export, raising=False)
     monkeypatch.setattr(api, "_default_target", lambda: "x86_64")
-    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: "ab" * 32)
+    monkeypatch.setattr(api, "_default_artifact_key", lambda: "ab" * 32)
     built = tmp_path / "cache" / "default-onnx-abababababab"
     assert api.default_artifact() == built
     assert calls == ["x86_64", "onnx"] and "compiler exploded" in capsys.readouterr().err
     assert api.default_artifact() == built and len(calls) == 2                      # cached
     # a new shipped checkpoint (weights or sampler settings): the old cache is not used
-    monkeypatch.setattr(api, "_shipped_checkpoint_sha256", lambda: "cd" * 32)
+    monkeypatch.setattr(api, "_default_artifact_key", lambda: "cd" * 32)
     assert api.default_artifact() == tmp_path / "cache" / "default-onnx-cdcdcdcdcdcd"
     assert len(calls) == 4 and built.is_dir()
 
