@@ -189,3 +189,59 @@ def test_pointwise_convs_match_onnxruntime():
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_register_tile_trades_columns_for_rows():
+    """A row narrower than the tile's vectors gets more rows instead, so the tile keeps its
+    count of accumulators; extents that the preferred sizes do not divide fall back."""
+    from bidiff.exporter.tvm.schedule_helpers import register_tile
+    assert register_tile(1536, 1, 4, 4) == (16, 1)     # AVX-512 1x1 conv at a 16-wide row
+    assert register_tile(1536, 8, 4, 4) == (4, 4)      # wide rows: as configured
+    assert register_tile(64, 2, 4, 4) == (8, 2)
+    assert register_tile(24, 1, 4, 2) == (8, 1)
+    assert register_tile(12, 1, 4, 4) == (12, 1)       # fewer rows than wanted: all of them
+    assert register_tile(3, 4, 4, 2) == (3, 2)         # the last conv's 3 filters
+    assert register_tile(10, 1, 4, 2) == (2, 1)        # 10 > 8 wanted, 8 and 4 do not divide
+
+
+def _bottleneck_pointwise_model():
+    """1x1 convs with more weights than input (the bottleneck attention's qkv and output
+    projections, scaled down), with bias and a residual add."""
+    rng = np.random.default_rng(9)
+    c, h, w = 64, 8, 8
+    inits = [numpy_helper.from_array((0.1 * rng.standard_normal((3 * c, c, 1, 1))).astype(np.float32), "wq"),
+             numpy_helper.from_array((0.1 * rng.standard_normal((c, 3 * c, 1, 1))).astype(np.float32), "wo"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "bo")]
+    nodes = [helper.make_node("Conv", ["x", "wq"], ["qkv"]),
+             helper.make_node("Conv", ["qkv", "wo", "bo"], ["o"]),
+             helper.make_node("Add", ["o", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "bottleneck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, h, w])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("target_name", ["x86_64-avx512", "x86_64-avx2", "arm64"])
+def test_bottleneck_pointwise_convs_get_the_conv_rule(target_name):
+    """Filter-parallel (weights-stationary) 1x1 convs and narrow-row tiles schedule for every
+    target's lanes (a failing schedule would fall back to the generic rule silently)."""
+    from bidiff.exporter.targets import get_target
+    from bidiff.exporter.tvm.target import tvm_target
+    target = tvm_target(get_target(target_name))
+    lowered = relax_pipeline(target)(relax_onnx.from_onnx(_bottleneck_pointwise_model()))
+    rules = {gv.name_hint: str(f.attrs[SCHEDULE_ATTR]) for gv, f in lowered.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    assert len(rules) == 2 and set(rules.values()) == {"conv2d_nchw"}, rules
+
+
+def test_bottleneck_pointwise_convs_match_onnxruntime():
+    model = _bottleneck_pointwise_model()
+    target = host_target()
+    ex = tvm.compile(relax_onnx.from_onnx(model), target, relax_pipeline=relax_pipeline(target))
+    x = np.random.default_rng(10).standard_normal((1, 64, 8, 8)).astype(np.float32)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    ref = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from bidiff.exporter.tvm import winograd
 from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
-from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor
+from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor, register_tile
 
 SCHEDULE_ATTR = "bidiff.schedule"
 _log = logging.getLogger(__name__)
@@ -279,9 +279,8 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     kh = int(block.iter_vars[5].dom.extent)
     lanes = _LANES[variant]
     ob, nvec = _CONV_TILES[variant][3 if kh > 1 else 1]
-    ob = f_ if f_ <= ob else pick_divisor(f_, [d for d in (ob, 8, 4, 2) if d <= ob])
     lanes = pick_divisor(w_, [d for d in (lanes, 8, 4) if d <= lanes])
-    nvec = pick_divisor(w_ // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    ob, nvec = register_tile(f_, w_ // lanes, ob, nvec)
 
     # consumers of the conv (bias add, activations, residual) -> inlined into the write-back
     root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
@@ -318,15 +317,28 @@ def schedule_conv2d_nchw(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     nn, ff, yy, xx, rc, ry, rx = sch.get_loops(conv)
     fo, fi = sch.split(ff, [None, ob])
     xo, xi, xv = sch.split(xx, [None, nvec, lanes])
-    sch.reorder(nn, yy, xo, fo, rc, ry, rx, fi, xi, xv)
-    row = sch.fuse(nn, yy)
-    sch.parallel(row)
-    if x_pack is not None:
-        sch.compute_at(x_pack, row)
-        px = sch.get_loops(x_pack)[-1]
-        sch.vectorize(sch.split(px, [None, lanes])[1])
+    if kh == 1 and f_ > h_ * w_ and f_ // ob >= 4:
+        # more weights than input (a 1x1 conv at the bottleneck: 512 -> 1536 at 16x16): each
+        # thread keeps its filter block's weights in cache and walks the whole (small) input;
+        # row-parallel, every row streamed all the weights (3 MB) from L2 / L3 again
+        sch.reorder(fo, nn, yy, xo, rc, ry, rx, fi, xi, xv)
+        sch.parallel(fo)
+        if x_pack is not None:
+            pl = sch.get_loops(x_pack)
+            sch.parallel(sch.fuse(*pl[:2]))
+            sch.vectorize(sch.split(pl[-1], [None, lanes])[1])
+        at = xo
+    else:
+        sch.reorder(nn, yy, xo, fo, rc, ry, rx, fi, xi, xv)
+        row = sch.fuse(nn, yy)
+        sch.parallel(row)
+        if x_pack is not None:
+            sch.compute_at(x_pack, row)
+            px = sch.get_loops(x_pack)[-1]
+            sch.vectorize(sch.split(px, [None, lanes])[1])
+        at = fo
     # write-back tile: ob filters x (nvec * lanes) columns
-    wf = finish_register_tile(sch, conv, wb, fo, (fi, xi, rx), xv, lanes, rc)[-1]
+    wf = finish_register_tile(sch, conv, wb, at, (fi, xi, rx), xv, lanes, rc)[-1]
     sch.unroll(wf)
 
 
@@ -380,8 +392,7 @@ def schedule_matmul(sch: s_tir.Schedule, variant: KernelVariant) -> None:
     j_ext = int(block.iter_vars[n_sp - 1].dom.extent)
     lanes = pick_divisor(j_ext, [d for d in (_LANES[variant], 8, 4) if d <= _LANES[variant]])
     ib, nvec = _MATMUL_TILES[variant]
-    nvec = pick_divisor(j_ext // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
-    ib = pick_divisor(i_ext, [d for d in (ib, 8, 4, 2, 1) if d <= ib])
+    ib, nvec = register_tile(i_ext, j_ext // lanes, ib, nvec)
     root_names = [sch.get(b).name_hint for b in _root_blocks(sch)]
     after = root_names[root_names.index("matmul") + 1:]
     for name in root_names[:root_names.index("matmul")]:

@@ -13,6 +13,18 @@ def pick_divisor(n: int, prefs) -> int:
     return 1
 
 
+def register_tile(rows_ext: int, vectors: int, rows: int, nvec: int) -> tuple[int, int]:
+    """(rows, nvec) of a register tile of ``rows`` x ``nvec`` vector accumulators for an output
+    of ``rows_ext`` rows of ``vectors`` vectors each. Where a row holds fewer vectors than
+    ``nvec``, more rows take their place: the tile keeps its count of independent accumulators,
+    which hides the FMA latency (a 1x1 conv on a 16-wide row had 4 of them on AVX-512)."""
+    got = pick_divisor(vectors, [d for d in (nvec, 4, 2, 1) if d <= nvec])
+    want = rows * nvec // got
+    if rows_ext <= want:
+        return rows_ext, got
+    return pick_divisor(rows_ext, [d for d in (want, 16, 8, 4, 2) if d <= want]), got
+
+
 def finish_register_tile(sch: s_tir.Schedule, block, write_back, at, unrolled, vector,
                          lanes: int, reduction) -> list:
     """The common tail of a register-tiled reduction (float conv, matmul, Winograd GEMM): the

@@ -32,7 +32,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor
+from bidiff.exporter.tvm.schedule_helpers import finish_register_tile, pick_divisor, register_tile
 
 M_OUT = 4            # output tile (F(4, 3))
 ALPHA = M_OUT + 2    # input tile
@@ -199,7 +199,7 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int) -> 
     k = int(gemm_block.iter_vars[3].dom.extent)
     nw = int(gemm_block.iter_vars[4].dom.extent)
     lanes = pick_divisor(nw, [d for d in (lanes, 8, 4) if d <= lanes])
-    rows = pick_divisor(k, [d for d in (rows, 8, 4, 2) if d <= rows])
+    rows, nvec = register_tile(k, nw // lanes, rows, nvec)
 
     # output: (tile row) parallel > (channel block) > channel, i, j > tile columns (vector)
     n, ko, y, xx = sch.get_loops(out)
@@ -233,7 +233,6 @@ def schedule_winograd(sch: s_tir.Schedule, lanes: int, rows: int, nvec: int) -> 
 
     # GEMM: xi, nu, (ty), k, tx, rc -> xi, nu, txo, rc, k (unrolled), txn (unrolled), txv
     g_xi, g_nu, g_k, g_tx, g_rc = sch.get_loops(gemm)[2:]
-    nvec = pick_divisor(nw // lanes, [d for d in (nvec, 4, 2, 1) if d <= nvec])
     g_txo, g_txn, g_txv = sch.split(g_tx, [None, nvec, lanes])
     acc = sch.cache_write(gemm, 0, "local")
     sch.reorder(g_xi, g_nu, g_txo, g_rc, g_k, g_txn, g_txv)
