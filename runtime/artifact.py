@@ -13,7 +13,8 @@ Every graph has inputs ``x_t`` float32 [1, 3, S, S], ``cond`` float32 [1, 3, S, 
 named ``manifest.groups[k].function``, with the same signature.
 
 ``manifest.files`` maps every other file's POSIX path (relative to the root) to its sha256 hex.
-The reader refuses an artifact whose format version is newer than ``FORMAT_VERSION``, whose
+The reader refuses an artifact whose format version is newer than ``FORMAT_VERSION`` (older
+ones are read), whose
 files are missing or modified, or (``check_target``) whose native target does not fit the host.
 
 ``target.features`` are CPU feature names as the host reports them in ``/proc/cpuinfo``
@@ -51,7 +52,11 @@ from typing import Any
 from .consistency import check_back_projection
 from .schedule import check_time_shift, check_time_shifts, time_shift_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 1: the first format. 2: the sampler fields ``time_shift``, ``time_shifts``, ``back_projection``
+# (a version-1 reader ignores unknown keys, so it would sample such an artifact differently
+# without a word; it refuses version 2 instead). Version-1 artifacts read as ever (the fields
+# absent = 0 / {} = the paper's sampler).
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".bidiff"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)

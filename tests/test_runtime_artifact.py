@@ -102,13 +102,26 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
     with pytest.raises(A.ArtifactError, match="group_3.onnx is missing"):
         A.read_artifact(root)
     edit_manifest(root, format_version=A.FORMAT_VERSION + 1)
-    with pytest.raises(A.ArtifactError, match=r"artifact format 2 is newer than this runtime supports \(1\): upgrade bidiff"):
+    with pytest.raises(A.ArtifactError, match=r"artifact format 3 is newer than this runtime supports \(2\): upgrade bidiff"):
         A.read_artifact(root)
     edit_manifest(root, format_version=1, files={"../etc/passwd": "0" * 64})
     with pytest.raises(A.ArtifactError, match="unsafe path"):
         A.read_artifact(root)
     with pytest.raises(A.ArtifactError, match="not a bidiff artifact"):
         A.read_artifact(tmp_path)
+
+
+def test_version_1_artifact_reads_with_the_papers_sampler(tmp_path: Path) -> None:
+    """A format-1 manifest (before the sampler fields) still reads; its sampler is the paper's."""
+    root = make_fake_artifact(tmp_path / "a")
+    d = json.loads((root / A.MANIFEST).read_text())
+    for key in ("time_shift", "time_shifts", "back_projection"):
+        d.pop(key)
+    d["format_version"] = 1
+    (root / A.MANIFEST).write_text(json.dumps(d))
+    m = A.read_artifact(root).manifest
+    assert (m.format_version, m.time_shift, m.time_shifts, m.back_projection) == (1, 0, {}, 0)
+    assert m.time_shift_for(50) == 0
 
 
 @pytest.mark.parametrize("field,bad,message", [
