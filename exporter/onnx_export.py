@@ -20,7 +20,9 @@ Add / PRelu / Add, then the residual Add; SelfAttention -> Conv 1x1, Reshape, Sp
 Div by sqrt(C) (as torch divides), Softmax, MatMul; PixelShuffle -> DepthToSpace (mode CRD equals
 torch's ordering); PixelUnshuffle -> Reshape/Transpose/Reshape (ONNX SpaceToDepth orders the
 channels differently from torch); CS-Fusion's odd/even channel mix -> Gather on the channel
-axis of the concatenation (one node per fused input, exactly ``channel_shuffle_halves``).
+axis of the concatenation (one node per fused input, exactly ``channel_shuffle_halves``);
+CS-Fusion-FP -> one 1x1 Conv on the concatenation whose weight holds both convs' columns in the
+mixed order (the Gathers, the second conv and the Add folded away).
 
 ``binary=False`` writes the plain float network instead (no custom op): the binarised input
 (``Where(x >= threshold, 1, -1)``) goes through a standard Conv with alpha * sign(W) weights.
@@ -229,11 +231,26 @@ class _Builder:
         half = c_total // 2
         idx1 = np.concatenate([np.arange(1, half, 2), half + np.arange(0, half, 2)]).astype(np.int64)
         idx2 = np.concatenate([np.arange(0, half, 2), half + np.arange(1, half, 2)]).astype(np.int64)
+        if type(m).__name__ == "CS_Fusion_FP":
+            return self.cs_fusion_fp(m, cat, idx1, idx2, path)
         f1 = self.op("Gather", [cat, self.const("cs_idx_odd_even", idx1)], path + ".fu1", axis=1)
         f2 = self.op("Gather", [cat, self.const("cs_idx_even_odd", idx2)], path + ".fu2", axis=1)
         y1 = self.module(m.biconv_1, f1, path + ".biconv_1")
         y2 = self.module(m.biconv_2, f2, path + ".biconv_2")
         return self.op("Add", [y1, y2], path)
+
+    def cs_fusion_fp(self, m: torch.nn.Module, cat: str, idx1: np.ndarray, idx2: np.ndarray,
+                     path: str) -> str:
+        """conv_1(cat[idx1]) + conv_2(cat[idx2]) as one 1x1 Conv on ``cat``: idx1 and idx2
+        partition its channels, so each column of the merged weight is one column of conv_1 or
+        conv_2 (copied, not summed). Saves the two channel Gathers, a second pass over the
+        output and the Add; only the order of the fp32 sum changes."""
+        w1, w2 = (c.weight.detach().float().numpy() for c in (m.biconv_1, m.biconv_2))
+        w = np.zeros((w1.shape[0], len(idx1) + len(idx2), 1, 1), np.float32)
+        w[:, idx1], w[:, idx2] = w1, w2
+        b = (m.biconv_1.bias.detach().float() + m.biconv_2.bias.detach().float()).numpy()
+        return self.op("Conv", [cat, self.param(f"{path}.merged.weight", w),
+                                self.param(f"{path}.merged.bias", b)], path, kernel_shape=[1, 1])
 
     # -- the network
     def unet(self, model: torch.nn.Module, tile: int) -> str:
