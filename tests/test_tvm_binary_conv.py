@@ -48,16 +48,18 @@ def _jitted(shape: BinaryConvShape, target_json: str):
 def _run(shape: BinaryConvShape, target, seed: int = 0):
     rng = np.random.default_rng(seed)
     c, f, h, w, k = shape.channels, shape.filters, shape.height, shape.width, shape.kernel
-    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    index = list(shape.channel_map) or list(range(c))
+    src = rng.standard_normal((1, shape.source_channels or c, h, w)).astype(np.float32)
     thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
     # exact ties x == threshold must give bit 1 (v >= threshold -> +1)
-    x[0, :, 0, 0] = thr
+    src[0, index, 0, 0] = thr
+    x = src[:, index]                                    # what the conv reads
     wt = rng.standard_normal((f, c, k, k)).astype(np.float32)
     wt[0, 0] = 0.0                                       # packs as +1
     wp = pack_weights(wt)
     sc = (rng.random(f) + 0.5).astype(np.float32)
     ref = binary_conv2d_reference(x, wp, sc, channels=c, kernel=k, threshold=thr)
-    args = [x, wp, sc, thr]
+    args = [src, wp, sc, thr]
     if shape.epilogue == "rprelu":
         b0, slope, b1 = (rng.standard_normal(f).astype(np.float32) for _ in range(3))
         args += [b0, slope, b1]
@@ -133,6 +135,37 @@ def test_fused_epilogue(c, h, w, k, residual):
                     target, seed=1)
     # |y| <= scale * C * 9 ~ 1e3: two extra float32 adds round at ~1e-4 absolute
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def _cs_fusion_index(c: int, odd_first: bool) -> tuple[int, ...]:
+    """CS-Fusion's mix of a 2c-channel concatenation (exporter.onnx_export.cs_fusion)."""
+    a, b = (1, 0) if odd_first else (0, 1)
+    return tuple(range(a, c, 2)) + tuple(c + i for i in range(b, c, 2))
+
+
+@pytest.mark.parametrize("c,h,w,k,index", [
+    (32, 7, 9, 1, _cs_fusion_index(32, True)),       # CS-Fusion: 2 runs of stride 2, 32-bit words
+    (64, 16, 16, 1, _cs_fusion_index(64, False)),    # 64-bit words
+    (48, 17, 31, 3, tuple(range(95, -1, -2))),        # one descending run, 3x3 with padding
+    (16, 8, 8, 3, (10, 11, 12, 13, 0, 2, 4, 6, 8, 20, 21, 22, 23, 24, 25, 26)),   # 3 runs
+])
+def test_folded_channel_gather(c, h, w, k, index):
+    """A channel Gather folded into the kernel: packing and residual read x[:, index]."""
+    target = AVX512_TARGET if HOST_HAS_AVX512 else AVX2_TARGET
+    shape = BinaryConvShape(c, c, h, w, kernel=k, epilogue="rprelu", residual=True,
+                            channel_map=index, source_channels=max(index) + 1 + (c % 5))
+    out, ref = _run(shape, target, seed=2)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_channel_map_validation():
+    with pytest.raises(ValueError, match="channel_map needs 4 indices into 8 channels"):
+        BinaryConvShape(4, 4, 8, 8, channel_map=(0, 1, 2), source_channels=8)
+    with pytest.raises(ValueError, match="channel_map needs 4 indices into 8 channels"):
+        BinaryConvShape(4, 4, 8, 8, channel_map=(0, 1, 2, 8), source_channels=8)
+    with pytest.raises(ValueError, match="not piecewise affine in at most 4 pieces"):
+        BinaryConvShape(10, 10, 8, 8, channel_map=(0, 9, 1, 8, 2, 7, 3, 6, 4, 5),
+                        source_channels=10)
 
 
 @pytest.mark.parametrize("c", [33, 64])

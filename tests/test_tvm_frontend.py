@@ -196,3 +196,73 @@ def test_timestep_embedding_folds_into_the_epilogue():
                                ).run(None, {"x": x, "temb": temb})[0]
     np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _cs_fusion_model(extra_reader: bool = False):
+    """A binary CS-Fusion as the exporter writes it: Concat(x, skip), two channel Gathers
+    (odd/even mix), each through BinaryConv2d 1x1 + TaA + its shortcut, summed."""
+    rng = np.random.default_rng(11)
+    c, h, w = 32, 6, 16
+    inits, nodes = [], [helper.make_node("Concat", ["x", "skip"], ["cat"], axis=1)]
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+    idx = {1: np.r_[np.arange(1, c, 2), c + np.arange(0, c, 2)],
+           2: np.r_[np.arange(0, c, 2), c + np.arange(1, c, 2)]}
+    for k in (1, 2):
+        init(f"idx{k}", idx[k].astype(np.int64))
+        nodes.append(helper.make_node("Gather", ["cat", f"idx{k}"], [f"f{k}"], axis=1))
+        init(f"w{k}", pack_weights(rng.standard_normal((c, c, 1, 1)).astype(np.float32)))
+        init(f"s{k}", (rng.random(c) + 0.5).astype(np.float32))
+        init(f"t{k}", (0.1 * rng.standard_normal(c)).astype(np.float32))
+        nodes.append(make_binary_conv_node(f"f{k}", f"w{k}", f"s{k}", f"t{k}", f"h{k}", kernel=1,
+                                           channels=c, pad=0, name=f"bconv{k}"))
+        init(f"b0_{k}", rng.standard_normal((1, c, 1, 1)).astype(np.float32))
+        init(f"sl{k}", np.full((c, 1, 1), 0.25, np.float32))
+        init(f"b1_{k}", rng.standard_normal((1, c, 1, 1)).astype(np.float32))
+        nodes += [helper.make_node("Add", [f"h{k}", f"b0_{k}"], [f"a{k}"]),
+                  helper.make_node("PRelu", [f"a{k}", f"sl{k}"], [f"p{k}"]),
+                  helper.make_node("Add", [f"p{k}", f"b1_{k}"], [f"q{k}"]),
+                  helper.make_node("Add", [f"q{k}", f"f{k}"], [f"y{k}"])]
+    nodes.append(helper.make_node("Add", ["y1", "y2"], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, h, w])]
+    if extra_reader:                        # f2 read elsewhere too: its Gather must stay
+        nodes.append(helper.make_node("Relu", ["f2"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, c, h, w]))
+    graph = helper.make_graph(nodes, "cs_fusion", [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, h, w]) for n in ("x", "skip")],
+        outputs, inits)
+    model = helper.make_model(graph, opset_imports=opset_imports(),
+                              functions=[binary_conv_function()])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_cs_fusion_gathers_fold_into_the_kernels(extra_reader):
+    """Each Gather read only by its conv chain becomes the kernel's channel_index (no take
+    kernel left); one read elsewhere stays a Gather. Both equal onnxruntime."""
+    from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
+    model = _cs_fusion_model(extra_reader)
+    fused, n = fuse_binary_epilogues(model)
+    assert n == 2
+    nodes = {nd.name: nd for nd in fused.graph.node if nd.op_type == FUSED_OP}
+    folded = {name: "channel_index" in {a.name for a in nd.attribute} for name, nd in nodes.items()}
+    assert folded == {"bconv1.fused": True, "bconv2.fused": not extra_reader}
+    assert [nd.op_type for nd in fused.graph.node].count("Gather") == int(extra_reader)
+    index = next(a.ints for a in nodes["bconv1.fused"].attribute if a.name == "channel_index")
+    assert list(index) == list(range(1, 32, 2)) + list(range(32, 64, 2))
+    assert nodes["bconv1.fused"].input[0] == "cat"
+    vm, selected = _compile(model)
+    assert ("_from64_" in selected[0][0]) and (("_from64_" in selected[1][0]) != extra_reader)
+    rng = np.random.default_rng(12)
+    feeds = {n: rng.standard_normal((1, 32, 6, 16)).astype(np.float32) for n in ("x", "skip")}
+    got = vm["main"](*(tvm.runtime.tensor(feeds[n], tvm.cpu()) for n in ("x", "skip")))
+    got = [t.numpy() for t in got] if extra_reader else [got.numpy()]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

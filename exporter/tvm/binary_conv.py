@@ -79,6 +79,10 @@ class BinaryConvShape:
     epilogue: str = "none"          # "none" | "rprelu" (y = PReLU(y + b0, slope) + b1)
     residual: bool = False          # add the conv's own input x (needs filters == channels)
     batch: int = 1
+    # a channel Gather folded into the kernel (CS-Fusion's odd/even mix): conv input channel c
+    # is channel channel_map[c] of x, which has source_channels channels; () = x as it is
+    channel_map: tuple[int, ...] = ()
+    source_channels: int = 0
 
     def __post_init__(self):
         if self.kernel not in (1, 3):
@@ -88,6 +92,14 @@ class BinaryConvShape:
         if self.residual and self.filters != self.channels:
             raise ValueError(f"identity residual needs filters == channels, got "
                              f"{self.filters} != {self.channels}")
+        if self.channel_map:
+            if len(self.channel_map) != self.channels or \
+                    not all(0 <= i < self.source_channels for i in self.channel_map):
+                raise ValueError(f"channel_map needs {self.channels} indices into "
+                                 f"{self.source_channels} channels")
+            if len(affine_pieces(self.channel_map)) > MAX_MAP_PIECES:
+                raise ValueError(f"channel_map is not piecewise affine in at most "
+                                 f"{MAX_MAP_PIECES} pieces")
 
     @property
     def pad(self) -> int:
@@ -102,6 +114,38 @@ class BinaryConvShape:
     @property
     def words(self) -> int:
         return (self.channels + self.word_bits - 1) // self.word_bits
+
+
+MAX_MAP_PIECES = 4
+
+
+def affine_pieces(index: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``index`` as runs ``(start, first value, stride)``: index[c] = value + stride * (c - start)
+    until the next run. A channel Gather folds into the kernel as a few compares per packed
+    word instead of a lookup table (CS-Fusion's halves are 2 runs of stride 2)."""
+    pieces: list[tuple[int, int, int]] = []
+    c = 0
+    while c < len(index):
+        stride = index[c + 1] - index[c] if c + 1 < len(index) else 1
+        end = c + 1
+        while end < len(index) and index[end] - index[end - 1] == stride:
+            end += 1
+        pieces.append((c, index[c], stride))
+        c = end
+    return pieces
+
+
+def _channel_source(shape: BinaryConvShape, c):
+    """The channel of x that conv input channel ``c`` (an expression) reads."""
+    if not shape.channel_map:
+        return c
+    pieces = affine_pieces(shape.channel_map)
+    ends = [start for start, _, _ in pieces[1:]]
+    start, value, stride = pieces[-1]
+    src = value + stride * (c - start)
+    for (start, value, stride), end in zip(reversed(pieces[:-1]), reversed(ends)):
+        src = tirx.Select(c < end, value + stride * (c - start), src)
+    return src
 
 
 def _round_up(v: int, m: int) -> int:
@@ -124,7 +168,8 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
     wdt = f"uint{wb}"
     wc = _round_up(w_, col_multiple)
 
-    x = te.placeholder((n_, c_, h_, w_), "float32", name="x")
+    x = te.placeholder((n_, shape.source_channels if shape.channel_map else c_, h_, w_),
+                       "float32", name="x")
     w32 = te.placeholder((f_, k, k, num_words(c_)), "uint32", name="w_packed")
     scale = te.placeholder((f_,), "float32", name="scale")
     thr = te.placeholder((c_,), "float32", name="threshold")
@@ -138,7 +183,8 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
             c = wd * wb + b
             # channel index clamped so the load stays in bounds; the bit is masked instead
             cc = tirx.min(c, c_ - 1) if (nwords * wb > c_) else c
-            bit = tirx.Select(x[n, cc, y, xx] >= thr[cc], tirx.const(1 << b, wdt),
+            bit = tirx.Select(x[n, _channel_source(shape, cc), y, xx] >= thr[cc],
+                              tirx.const(1 << b, wdt),
                               tirx.const(0, wdt))
             if nwords * wb > c_:
                 bit = tirx.Select(c < c_, bit, tirx.const(0, wdt))
@@ -196,7 +242,7 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
             v = v + b0[f]
             v = tirx.Select(v >= tirx.const(0.0, "float32"), v, slope[f] * v) + b1[f]
         if shape.residual:
-            v = v + x[n, f, y, xx]
+            v = v + x[n, _channel_source(shape, f), y, xx]
         return v
 
     out = te.compute((n_, f_, h_, w_), epi, name="epilogue")

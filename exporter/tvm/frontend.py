@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from bidiff.exporter.tvm.binary_conv import BinaryConvShape, KernelVariant, binary_conv_primfunc, \
-    select_variant
+from bidiff.exporter.tvm.binary_conv import (MAX_MAP_PIECES, BinaryConvShape, KernelVariant,
+                                             affine_pieces, binary_conv_primfunc, select_variant)
 from bidiff.runtime.binary_op import OP_NAME, num_words
 
 _TARGET: contextvars.ContextVar[tvm.target.Target | None] = contextvars.ContextVar(
@@ -50,6 +51,9 @@ def _static_shape(expr: relax.Expr, what: str) -> tuple[int, ...]:
 def kernel_name(shape: BinaryConvShape, variant: KernelVariant) -> str:
     """Global symbol of the kernel for ``shape``: one PrimFunc per distinct layer shape."""
     epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "")
+    if shape.channel_map:
+        digest = hashlib.sha256(np.asarray(shape.channel_map, np.int64).tobytes()).hexdigest()
+        epi += f"_from{shape.source_channels}_{digest[:8]}"
     return (f"bidiff_bconv_{variant.value}_c{shape.channels}_f{shape.filters}"
             f"_h{shape.height}_w{shape.width}_k{shape.kernel}{epi}")
 
@@ -84,6 +88,10 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
     pad = int(attr.get("pad", kernel // 2))
     stride = int(attr.get("stride", 1))
     n, c, h, wd = _static_shape(x, "X")
+    channel_map = tuple(int(i) for i in attr.get("channel_index", ()))
+    source_channels = c if channel_map else 0
+    if channel_map:                          # a folded channel Gather (fuse_binary_epilogues)
+        c = len(channel_map)
     f, kh, kw, nw = _static_shape(w, "W_packed")
     if channels is not None and channels != c:
         raise ValueError(f"BinaryConv2d: attribute channels={channels} but X has {c}")
@@ -101,7 +109,8 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
     if epilogue == "rprelu":
         args += [_flat_param(e, f, nm) for e, nm in zip(inputs[4:7], ("bias0", "slope", "bias1"))]
     shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel,
-                            epilogue=epilogue, residual=residual)
+                            epilogue=epilogue, residual=residual, channel_map=channel_map,
+                            source_channels=source_channels)
     variant = select_variant(target)
     name = kernel_name(shape, variant)
     gvar = _lookup_or_add(bb, name, lambda: binary_conv_primfunc(shape, variant, name=name))
@@ -141,6 +150,10 @@ def fuse_binary_epilogues(model):
     [1, C] result, the exporter's timestep embedding) folded into b1 by a small Add of [C]
     vectors before the kernel. Intermediate results must have no other consumer. The fused node
     takes the place of the chain's last node, so every input it reads is computed by then.
+    A channel ``Gather`` (constant, piecewise-affine indices: CS-Fusion's odd/even mix) whose
+    result only this chain reads folds in too: the node reads the Gather's input, with the
+    indices as attribute ``channel_index``, and the kernel picks the channels while packing
+    (the Gather wrote a full copy of its input per conv).
     Returns (new model, number of chains fused); ``model`` is not modified.
     """
     import onnx
@@ -172,6 +185,21 @@ def fuse_binary_epilogues(model):
             return False
         axes = init_values.get(node.input[1])
         return axes is not None and onnx.numpy_helper.to_array(axes).tolist() == [2, 3]
+
+    def foldable_gather(name, readers):
+        """The channel Gather producing ``name`` if only ``readers`` read it and its indices
+        are a constant, piecewise-affine channel map."""
+        node = producers.get(name)
+        if node is None or node.op_type != "Gather" or name in outputs or \
+                {id(c) for c in consumers.get(name, [])} != readers or \
+                next((a.i for a in node.attribute if a.name == "axis"), 0) != 1 or \
+                node.input[1] not in init_values:
+            return None
+        index = onnx.numpy_helper.to_array(init_values[node.input[1]])
+        if index.ndim != 1 or index.size == 0 or (index < 0).any() or \
+                len(affine_pieces(tuple(index.tolist()))) > MAX_MAP_PIECES:
+            return None
+        return node
 
     flat_shape = None
 
@@ -216,6 +244,12 @@ def fuse_binary_epilogues(model):
             [last.output[0]], name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
         fused.attribute.extend(node.attribute)
         fused.attribute.append(onnx.helper.make_attribute("residual", residual))
+        gather = foldable_gather(x, {id(node)} | ({id(add2)} if residual else set()))
+        if gather is not None:
+            fused.input[0] = gather.input[0]
+            fused.attribute.append(onnx.helper.make_attribute(
+                "channel_index", onnx.numpy_helper.to_array(init_values[gather.input[1]]).tolist()))
+            remove.add(id(gather))
         replace[id(last)] = [*before, fused]
         remove.add(id(node))
         remove.update(id(c) for c in chain if c is not last)
