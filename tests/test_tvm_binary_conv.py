@@ -67,6 +67,10 @@ def _run(shape: BinaryConvShape, target, seed: int = 0):
         ref = np.where(z >= 0, z, slope[None, :, None, None] * z) + b1[None, :, None, None]
     if shape.residual:
         ref = ref + x
+    if shape.addend:
+        z = rng.standard_normal((1, f, h, w)).astype(np.float32)
+        args.append(z)
+        ref = ref + z
     dev = tvm.cpu()
     out = tvm.runtime.empty((1, f, h, w), "float32", dev)
     _jitted(shape, str(target))[FN](*[tvm.runtime.tensor(a, dev) for a in args], out)
@@ -128,11 +132,15 @@ def test_avx512_matches_reference(case):
 
 
 @pytest.mark.parametrize("c,h,w,k,residual", [(64, 16, 16, 3, True), (48, 17, 31, 3, False),
-                                               (48, 17, 31, 3, True), (32, 7, 9, 1, True)])
-def test_fused_epilogue(c, h, w, k, residual):
+                                               (48, 17, 31, 3, True), (32, 7, 9, 1, True),
+                                               (128, 5, 80, 3, True), (128, 3, 72, 1, True)])
+@pytest.mark.parametrize("addend", [False, True])
+def test_fused_epilogue(c, h, w, k, residual, addend):
+    """(128 channels x 72-80 columns: accumulators over 32 KB per row, so the write-back runs
+    per column tile instead of per row.)"""
     target = AVX512_TARGET if HOST_HAS_AVX512 else AVX2_TARGET
-    out, ref = _run(BinaryConvShape(c, c, h, w, kernel=k, epilogue="rprelu", residual=residual),
-                    target, seed=1)
+    out, ref = _run(BinaryConvShape(c, c, h, w, kernel=k, epilogue="rprelu", residual=residual,
+                                    addend=addend), target, seed=1)
     # |y| <= scale * C * 9 ~ 1e3: two extra float32 adds round at ~1e-4 absolute
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 

@@ -255,7 +255,9 @@ def test_cs_fusion_gathers_fold_into_the_kernels(extra_reader):
     assert list(index) == list(range(1, 32, 2)) + list(range(32, 64, 2))
     assert nodes["bconv1.fused"].input[0] == "cat"
     vm, selected = _compile(model)
-    assert ("_from64_" in selected[0][0]) and (("_from64_" in selected[1][0]) != extra_reader)
+    names = [name for name, _ in selected]
+    assert sum("_from64_" in nm for nm in names) == 2 - extra_reader, names
+    assert sum("_res_add" in nm for nm in names) == 1, names     # the halves' sum: in one
     rng = np.random.default_rng(12)
     feeds = {n: rng.standard_normal((1, 32, 6, 16)).astype(np.float32) for n in ("x", "skip")}
     got = vm["main"](*(tvm.runtime.tensor(feeds[n], tvm.cpu()) for n in ("x", "skip")))
@@ -266,3 +268,31 @@ def test_cs_fusion_gathers_fold_into_the_kernels(extra_reader):
                                providers=["CPUExecutionProvider"]).run(None, feeds)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip_shape", [(1, C, H, W), (1, 1, H, W)])
+def test_skip_add_fuses_into_the_kernel(skip_shape):
+    """An Add of another full tensor after the chain (a ResBlock's skip) runs in the kernel's
+    epilogue; a broadcasting one stays an Add after it. Both equal onnxruntime."""
+    from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
+    model = _model()
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, list(skip_shape)))
+    for node in g.node:                         # h4 (the chain's end) + skip -> h4s -> bconv1
+        if node.name == "bconv1":
+            node.input[0] = "h4s"
+    g.node.insert(len(g.node) - 1, helper.make_node("Add", ["skip", "h4"], ["h4s"]))
+    fused, n = fuse_binary_epilogues(model)
+    node = next(nd for nd in fused.graph.node if nd.op_type == FUSED_OP)
+    assert n == 1 and node.output[0] == "h4s" and node.input[7] == "skip"
+    vm, selected = _compile(model)
+    assert selected[0][0].endswith("_res_add") == (skip_shape == (1, C, H, W)), selected
+    rng = np.random.default_rng(13)
+    feeds = {"x": rng.standard_normal((1, 3, H, W)).astype(np.float32),
+             "skip": rng.standard_normal(skip_shape).astype(np.float32)}
+    got = vm["main"](*(tvm.runtime.tensor(feeds[k], tvm.cpu()) for k in ("x", "skip"))).numpy()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -50,7 +50,8 @@ def _static_shape(expr: relax.Expr, what: str) -> tuple[int, ...]:
 
 def kernel_name(shape: BinaryConvShape, variant: KernelVariant) -> str:
     """Global symbol of the kernel for ``shape``: one PrimFunc per distinct layer shape."""
-    epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "")
+    epi = {"none": "", "rprelu": "_rprelu"}[shape.epilogue] + ("_res" if shape.residual else "") \
+        + ("_add" if shape.addend else "")
     if shape.channel_map:
         digest = hashlib.sha256(np.asarray(shape.channel_map, np.int64).tobytes()).hexdigest()
         epi += f"_from{shape.source_channels}_{digest[:8]}"
@@ -108,16 +109,24 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
     args = [x, w, scale, thr]
     if epilogue == "rprelu":
         args += [_flat_param(e, f, nm) for e, nm in zip(inputs[4:7], ("bias0", "slope", "bias1"))]
+    addend = inputs[7] if epilogue == "rprelu" and len(inputs) > 7 else None
+    if addend is not None and _static_shape(addend, "addend") == (n, f, h, wd):
+        args.append(addend)
     shape = BinaryConvShape(channels=c, filters=f, height=h, width=wd, kernel=kernel,
                             epilogue=epilogue, residual=residual, channel_map=channel_map,
-                            source_channels=source_channels)
+                            source_channels=source_channels,
+                            addend=addend is not None and len(args) == 8)
     variant = select_variant(target)
     name = kernel_name(shape, variant)
     gvar = _lookup_or_add(bb, name, lambda: binary_conv_primfunc(shape, variant, name=name))
     selected = _SELECTED.get()
     if selected is not None:
         selected.append((name, variant))
-    return relax.call_tir(gvar, args, out_ty=relax.TensorType((n, f, h, wd), "float32"))
+    y = relax.call_tir(gvar, args, out_ty=relax.TensorType((n, f, h, wd), "float32"))
+    if addend is not None and not shape.addend:       # a broadcasting Add: not in the kernel
+        y = bb.emit(y)
+        return relax.op.add(y, addend)
+    return y
 
 
 class BinaryConv2d(onnx_frontend.OnnxOpConverter):
@@ -143,12 +152,14 @@ FUSED_DOMAIN = "bidiff.tvm"
 
 
 def fuse_binary_epilogues(model):
-    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)] [-> Add(e)]``
-    chains (TaA after a binary conv, then the BIConv shortcut, then a ResBlock's timestep
-    embedding) into one internal node, so the kernel applies them in its epilogue. b0 / slope /
-    b1 must be initializers; ``e`` is a per-channel vector (``Unsqueeze(axes=[2, 3])`` of a
-    [1, C] result, the exporter's timestep embedding) folded into b1 by a small Add of [C]
-    vectors before the kernel. Intermediate results must have no other consumer. The fused node
+    """Rewrite ``BinaryConv2d -> Add(b0) -> PRelu(slope) -> Add(b1) [-> Add(X)] [-> Add(e)]
+    [-> Add(z)]`` chains (TaA after a binary conv, then the BIConv shortcut, then a ResBlock's
+    timestep embedding, then a ResBlock's skip or CS-Fusion's other half) into one internal
+    node, so the kernel applies them in its epilogue. b0 / slope / b1 must be initializers;
+    ``e`` is a per-channel vector (``Unsqueeze(axes=[2, 3])`` of a [1, C] result, the exporter's
+    timestep embedding) folded into b1 by a small Add of [C] vectors before the kernel; ``z``
+    is any other tensor, an 8th input (the converter keeps a broadcasting one as an Add after
+    the kernel). Intermediate results must have no other consumer. The fused node
     takes the place of the chain's last node, so every input it reads is computed by then.
     A channel ``Gather`` (constant, piecewise-affine indices: CS-Fusion's odd/even mix) whose
     result only this chain reads folds in too: the node reads the Gather's input, with the
@@ -239,8 +250,16 @@ def fuse_binary_epilogues(model):
             b1 = stem
             chain.append(add3)
             last = add3
+        addend = []
+        add4 = only_consumer(last.output[0])
+        if add4 is not None and add4.op_type == "Add" and id(add4) not in replace and \
+                other(add4, last.output[0]) not in (None, last.output[0], *inits) and \
+                not channel_vector(other(add4, last.output[0])):
+            addend = [other(add4, last.output[0])]
+            chain.append(add4)
+            last = add4
         fused = onnx.helper.make_node(
-            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1], b1],
+            FUSED_OP, [*node.input, other(add0, node.output[0]), prelu.input[1], b1, *addend],
             [last.output[0]], name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
         fused.attribute.extend(node.attribute)
         fused.attribute.append(onnx.helper.make_attribute("residual", residual))
