@@ -74,12 +74,43 @@ def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Exp
     return bb.call_te(_fast_sigmoid_te, x, primfunc_name_hint="fast_sigmoid")
 
 
+_SOFTMAX_BLOCKS = ("softmax_pmax", "softmax_max", "softmax_shift", "T_fast_exp", "softmax_psum",
+                   "softmax_sum", "softmax_inv", "softmax_norm")
+_SOFTMAX_PARTIALS = 16      # lanes of the max / sum partials (a vector of each CPU's width)
+
+
+def _row_softmax_te(x: te.Tensor) -> te.Tensor:
+    """Softmax over the last axis as max, exp(x - max) (fast_exp), sum, scale by 1 / sum, the
+    max and sum each over ``_SOFTMAX_PARTIALS`` interleaved partials first (so they vectorise):
+    the ``softmax`` rule runs all of it per row in one parallel pass, exp once, kept in a row
+    buffer (topi's fast_softmax is three parallel passes and computes exp twice)."""
+    *lead, n = x.shape
+    lanes = pick_divisor(int(n), (_SOFTMAX_PARTIALS, 8, 4))
+
+    def reduce(src, op, name):
+        ko = te.reduce_axis((0, n // lanes), name="ko")
+        part = te.compute((*lead, lanes), lambda *i: op(src[(*i[:-1], ko * lanes + i[-1])],
+                                                          axis=ko), name=f"softmax_p{name}")
+        kl = te.reduce_axis((0, lanes), name="kl")
+        return te.compute(tuple(lead), lambda *i: op(part[(*i, kl)], axis=kl),
+                          name=f"softmax_{name}")
+    mx = reduce(x, te.max, "max")
+    e = topi.fast_exp(te.compute(x.shape, lambda *i: x[i] - mx[i[:-1]], name="softmax_shift"))
+    total = reduce(e, te.sum, "sum")
+    inv = te.compute(tuple(lead), lambda *i: tirx.const(1.0, x.dtype) / total[i],
+                     name="softmax_inv")          # one division per row, not per element
+    return te.compute(x.shape, lambda *i: e[i] * inv[i[:-1]], name="softmax_norm")
+
+
 def legalize_fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """LegalizeOps rule for ``relax.nn.softmax`` on float32: topi's fast_softmax (fast_exp)."""
+    """LegalizeOps rule for ``relax.nn.softmax`` on float32: over the last axis the one-pass
+    :func:`_row_softmax_te`, else topi's fast_softmax (both with fast_exp)."""
     x = call.args[0]
     axis = int(call.attrs.axis)
     if x.ty.dtype != "float32":
         return bb.call_te(topi.nn.softmax, x, axis)
+    if axis in (-1, len(x.ty.shape) - 1):
+        return bb.call_te(_row_softmax_te, x, primfunc_name_hint="row_softmax")
     return bb.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="fast_softmax")
 
 
@@ -441,6 +472,37 @@ def _pack_matmul_rhs(sch: s_tir.Schedule, mm, n_sp: int, width: int, row_tiles: 
             return
 
 
+def schedule_row_softmax(sch: s_tir.Schedule, variant: KernelVariant) -> None:
+    """:func:`_row_softmax_te` (plus fused neighbours): parallel over rows, each row's max,
+    exp, sum and scaling inside its iteration, the exp row and the partials in local buffers,
+    vectorised."""
+    lanes = _LANES[variant]
+    names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    for name in names[:names.index("softmax_pmax")]:         # e.g. a fused scaling before it
+        sch.compute_inline(sch.get_sblock(name))
+    sch.compute_inline(sch.get_sblock("softmax_shift"))
+    norm = sch.get_sblock("softmax_norm")
+    _inline_epilogue(sch, names[names.index("softmax_norm") + 1:])
+    loops = sch.get_loops(norm)
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(row)
+    for name in ("softmax_inv", "softmax_sum", "softmax_psum", "T_fast_exp", "softmax_max",
+                 "softmax_pmax"):
+        sch.compute_at(sch.get_sblock(name), row)
+    for name in ("T_fast_exp", "softmax_pmax", "softmax_psum"):
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    for name in ("softmax_pmax", "softmax_psum"):            # (lane, ko) -> ko, lane (vector)
+        blk = sch.get_sblock(name)
+        if int(sch.get(blk).iter_vars[-2].dom.extent) > 1:   # (a row of 7: one partial)
+            lane, ko = sch.get_loops(blk)[-2:]
+            sch.reorder(ko, lane)
+            sch.vectorize(lane)
+    for blk in (sch.get_sblock("T_fast_exp"), norm):
+        inner = sch.get_loops(blk)[-1]
+        if (_extent(sch, inner) or 0) % lanes == 0:
+            sch.vectorize(sch.split(inner, [None, lanes])[1])
+
+
 def schedule_with_reduction(sch: s_tir.Schedule, variant: KernelVariant, *,
                             vector_reductions: bool = True) -> None:
     _inline_spatial_producers(sch)
@@ -471,6 +533,8 @@ def schedule_primfunc(func: tirx.PrimFunc, variant: KernelVariant,
         rules.append(("conv2d_nchw", schedule_conv2d_nchw))
     if "matmul" in names:
         rules.append(("matmul", schedule_matmul))
+    if set(_SOFTMAX_BLOCKS) <= names:
+        rules.append(("softmax", schedule_row_softmax))
     if has_red:
         rules.append(("reduction", schedule_with_reduction))
         rules.append(("reduction", lambda s, v: schedule_with_reduction(s, v, vector_reductions=False)))
