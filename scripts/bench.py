@@ -31,8 +31,9 @@ and checkpoint (or seed) on the measuring machine (the official config's float O
 binary ONNX, which also shows that both machines built the same weights.
 
 Timings are medians over interleaved rounds (each round times a block of at least ``--repeat``
-calls and ``--min-block-ms`` of every contender in turn, after a short pause and one untimed
-call), so load from other jobs on a shared machine hits all contenders alike; on a busy machine
+calls and ``--min-block-ms`` of every contender in turn, in an order that rotates per round,
+after a short pause and one untimed call), so load from other jobs on a shared machine hits all
+contenders alike; on a busy machine
 absolute times mean little, ratios more.
 Every TVM contender is checked against a reference before it is timed.
 """
@@ -93,18 +94,21 @@ def _interleaved(contenders: dict, rounds: int, repeat: int,
     A block is ``repeat`` calls, or as many as fill ``min_block_ms`` (calibrated once per
     contender): sub-millisecond ops timed 10 calls at a time measured mostly the wake-up of
     idle pool threads and the previous contender's still-spinning ones (a TVM add of 4 MB: 0.78
-    ms per call in blocks of 10, 0.14 ms back to back; onnxruntime 0.43 vs 0.18-0.24 ms)."""
+    ms per call in blocks of 10, 0.14 ms back to back; onnxruntime 0.43 vs 0.18-0.24 ms).
+    The order rotates from round to round, so no contender always runs right after the same
+    other one (on 2 cores, the one after onnxruntime's block measured up to 2x slower)."""
     calls = {}
     for k, fn in contenders.items():
         fn()
         t = _timer(fn, repeat)
         calls[k] = max(repeat, int(min_block_ms / max(t, 1e-6)) + 1 if min_block_ms else 0)
     samples: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(rounds):
-        for k, fn in contenders.items():
+    names = list(contenders)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             time.sleep(0.05)     # let the previous contender's spinning pool threads go idle
-            fn()
-            samples[k].append(_timer(fn, calls[k]))
+            contenders[k]()
+            samples[k].append(_timer(contenders[k], calls[k]))
     return samples
 
 

@@ -92,3 +92,14 @@ def test_bench_kit_refuses_an_existing_folder(tmp_path) -> None:
     assert r.returncode == 2
     assert r.stderr == f"scripts/bench_kit.sh: {kit} exists; remove it or name a new folder\n"
     assert [p.name for p in kit.iterdir()] == ["keep.txt"]
+
+
+def test_contender_order_rotates_per_round() -> None:
+    """No contender always runs right after the same other one."""
+    bench = _bench()
+    order = []
+    contenders = {k: (lambda k=k: order.append(k)) for k in ("a", "b", "c")}
+    bench._interleaved(contenders, 3, 1, 0)
+    timed = order[6:]                            # after the warm-up and calibration calls
+    firsts = [timed[i] for i in range(0, len(timed), 2 * 3)]   # untimed + timed call each
+    assert firsts == ["a", "b", "c"]
