@@ -44,3 +44,16 @@ def golden_small_model(golden_dir):
     from bidiff.models import load_checkpoint
     model, cfg = load_checkpoint(golden_dir / "small" / "net_g.pth", "golden-small")
     return model, cfg
+
+
+def float_onnx(nodes, inputs: dict, outputs: dict, inits=()):
+    """A standard-op ONNX model (opset 21, IR 10) from nodes, {name: shape} of the float32
+    inputs and outputs, and initializers: the small graphs the float-schedule tests compile."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        nodes, "test", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in outputs.items()],
+        list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model

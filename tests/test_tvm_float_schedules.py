@@ -9,7 +9,7 @@ tvm = pytest.importorskip("tvm")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm.relax.frontend import onnx as relax_onnx  # noqa: E402
@@ -17,6 +17,7 @@ from tvm.relax.frontend import onnx as relax_onnx  # noqa: E402
 from bidiff.exporter.tvm.float_schedules import (LEGALIZE, SCHEDULE_ATTR, ScheduleFloatOps,  # noqa: E402
                                                  legalize_fast_sigmoid, relax_pipeline)
 from bidiff.exporter.tvm.target import host_target  # noqa: E402
+from conftest import float_onnx  # noqa: E402
 
 C, H, W = 32, 16, 24
 
@@ -43,12 +44,7 @@ def _model():
         helper.make_node("Conv", ["r", "w1"], ["h2"]),                             # 1x1
         helper.make_node("Conv", ["h2", "wl"], ["y"], pads=[1, 1, 1, 1]),          # last conv
     ]
-    graph = helper.make_graph(
-        nodes, "float_ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, H, W])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, H, W])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return float_onnx(nodes, {"x": (1, 3, H, W)}, {"y": (1, 3, H, W)}, inits)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +97,9 @@ def _attention_model(tokens: int = 64, c: int = 32):
         helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["v", "pt"], ["y"]),
     ]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
-              [("qt", [1, tokens, c]), ("k", [1, c, tokens]), ("v", [1, c, tokens])]]
-    graph = helper.make_graph(
-        nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, tokens])],
-        [numpy_helper.from_array(np.array(np.sqrt(c), np.float32), "scale")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return float_onnx(nodes, {"qt": (1, tokens, c), "k": (1, c, tokens), "v": (1, c, tokens)},
+                      {"y": (1, c, tokens)},
+                      [numpy_helper.from_array(np.array(np.sqrt(c), np.float32), "scale")])
 
 
 def test_attention_core_is_scheduled_and_matches_onnxruntime():
@@ -153,13 +144,8 @@ def _pointwise_model():
              numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b")]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"]),
              helper.make_node("Conv", ["x", "w", "b"], ["z"], pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(
-        nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k, h, w]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, k, h + 2, w + 2])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return float_onnx(nodes, {"x": (1, c, h, w)}, {"y": (1, k, h, w), "z": (1, k, h + 2, w + 2)},
+                      inits)
 
 
 @pytest.mark.parametrize("target_name", ["host", "x86_64-avx512", "x86_64-avx2", "arm64"])
@@ -216,12 +202,7 @@ def _bottleneck_pointwise_model():
     nodes = [helper.make_node("Conv", ["x", "wq"], ["qkv"]),
              helper.make_node("Conv", ["qkv", "wo", "bo"], ["o"]),
              helper.make_node("Add", ["o", "x"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "bottleneck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, h, w])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return float_onnx(nodes, {"x": (1, c, h, w)}, {"y": (1, c, h, w)}, inits)
 
 
 @pytest.mark.parametrize("target_name", ["x86_64-avx512", "x86_64-avx2", "arm64"])
@@ -256,11 +237,8 @@ def test_row_softmax(target_name, shape):
     from bidiff.exporter.targets import get_target
     from bidiff.exporter.tvm.target import tvm_target
     target = host_target() if target_name == "host" else tvm_target(get_target(target_name))
-    graph = helper.make_graph(
-        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = float_onnx([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], {"x": shape},
+                       {"y": shape})
     mod = relax_onnx.from_onnx(model)
     lowered = relax_pipeline(target)(mod)
     rules = [str(f.attrs[SCHEDULE_ATTR]) for _, f in lowered.functions_items()

@@ -9,13 +9,14 @@ tvm = pytest.importorskip("tvm")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from bidiff.exporter.tvm import winograd  # noqa: E402
 from bidiff.exporter.tvm.float_schedules import SCHEDULE_ATTR, relax_pipeline  # noqa: E402
 from bidiff.exporter.tvm.frontend import from_onnx  # noqa: E402
 from bidiff.exporter.tvm.target import host_target  # noqa: E402
+from conftest import float_onnx  # noqa: E402
 
 
 def _correlate(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -77,12 +78,7 @@ def _conv_model(c: int, k: int, h: int, w: int, *, stride: int = 1, seed: int = 
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], pads=[1, 1, 1, 1],
                               strides=[stride, stride]),
              helper.make_node("Add", ["h", "r"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k, ho, wo])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return float_onnx(nodes, {"x": (1, c, h, w)}, {"y": (1, k, ho, wo)}, inits)
 
 
 def _rules(mod, target) -> dict[str, str]:
