@@ -198,9 +198,10 @@ def test_timestep_embedding_folds_into_the_epilogue():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def _cs_fusion_model(extra_reader: bool = False):
+def _cs_fusion_model(extra_reader: bool = False, pick: str = "Gather"):
     """A binary CS-Fusion as the exporter writes it: Concat(x, skip), two channel Gathers
-    (odd/even mix), each through BinaryConv2d 1x1 + TaA + its shortcut, summed."""
+    (odd/even mix), each through BinaryConv2d 1x1 + TaA + its shortcut, summed. With
+    ``pick="Split"`` the halves are CP-Down's instead (Split into [0, c) and [c, 2c))."""
     rng = np.random.default_rng(11)
     c, h, w = 32, 6, 16
     inits, nodes = [], [helper.make_node("Concat", ["x", "skip"], ["cat"], axis=1)]
@@ -210,9 +211,13 @@ def _cs_fusion_model(extra_reader: bool = False):
         return name
     idx = {1: np.r_[np.arange(1, c, 2), c + np.arange(0, c, 2)],
            2: np.r_[np.arange(0, c, 2), c + np.arange(1, c, 2)]}
+    if pick == "Split":
+        init("halves", np.array([c, c], np.int64))
+        nodes.append(helper.make_node("Split", ["cat", "halves"], ["f1", "f2"], axis=1))
     for k in (1, 2):
-        init(f"idx{k}", idx[k].astype(np.int64))
-        nodes.append(helper.make_node("Gather", ["cat", f"idx{k}"], [f"f{k}"], axis=1))
+        if pick == "Gather":
+            init(f"idx{k}", idx[k].astype(np.int64))
+            nodes.append(helper.make_node("Gather", ["cat", f"idx{k}"], [f"f{k}"], axis=1))
         init(f"w{k}", pack_weights(rng.standard_normal((c, c, 1, 1)).astype(np.float32)))
         init(f"s{k}", (rng.random(c) + 0.5).astype(np.float32))
         init(f"t{k}", (0.1 * rng.standard_normal(c)).astype(np.float32))
@@ -237,6 +242,33 @@ def _cs_fusion_model(extra_reader: bool = False):
                               functions=[binary_conv_function()])
     model.ir_version = 10
     return model
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_cp_down_split_folds_into_the_kernels(extra_reader):
+    """Both halves of a Split read only by their conv chains: the Split goes and each kernel
+    reads its channel range of the whole input; with one half read elsewhere the Split stays
+    (the other half still folds). Both equal onnxruntime."""
+    from bidiff.exporter.tvm.frontend import FUSED_OP, fuse_binary_epilogues
+    model = _cs_fusion_model(extra_reader, pick="Split")
+    fused, n = fuse_binary_epilogues(model)
+    assert n == 2
+    assert [nd.op_type for nd in fused.graph.node].count("Split") == int(extra_reader)
+    index = {nd.name: list(next((a.ints for a in nd.attribute if a.name == "channel_index"), []))
+             for nd in fused.graph.node if nd.op_type == FUSED_OP}
+    assert index == {"bconv1.fused": list(range(32)),
+                     "bconv2.fused": [] if extra_reader else list(range(32, 64))}
+    vm, _ = _compile(model)
+    rng = np.random.default_rng(15)
+    feeds = {n: rng.standard_normal((1, 32, 6, 16)).astype(np.float32) for n in ("x", "skip")}
+    got = vm["main"](*(tvm.runtime.tensor(feeds[n], tvm.cpu()) for n in ("x", "skip")))
+    got = [t.numpy() for t in got] if extra_reader else [got.numpy()]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("extra_reader", [False, True])

@@ -161,10 +161,10 @@ def fuse_binary_epilogues(model):
     is any other tensor, an 8th input (the converter keeps a broadcasting one as an Add after
     the kernel). Intermediate results must have no other consumer. The fused node
     takes the place of the chain's last node, so every input it reads is computed by then.
-    A channel ``Gather`` (constant, piecewise-affine indices: CS-Fusion's odd/even mix) whose
-    result only this chain reads folds in too: the node reads the Gather's input, with the
-    indices as attribute ``channel_index``, and the kernel picks the channels while packing
-    (the Gather wrote a full copy of its input per conv).
+    A channel ``Gather`` (constant, piecewise-affine indices: CS-Fusion's odd/even mix) or a
+    ``Split`` part (CP-Down's halves) whose result only this chain reads folds in too: the node
+    reads the whole input, with the channels as attribute ``channel_index``, and the kernel
+    picks them while packing (the Gather / Split wrote a copy of its input per conv).
     Returns (new model, number of chains fused); ``model`` is not modified.
     """
     import onnx
@@ -197,24 +197,32 @@ def fuse_binary_epilogues(model):
         axes = init_values.get(node.input[1])
         return axes is not None and onnx.numpy_helper.to_array(axes).tolist() == [2, 3]
 
-    def foldable_gather(name, readers):
-        """The channel Gather producing ``name`` if only ``readers`` read it and its indices
-        are a constant, piecewise-affine channel map."""
+    def channel_selection(name, readers):
+        """(source tensor, channel index, producing node) when ``name`` is channels of another
+        tensor picked by a Gather (constant, piecewise-affine indices) or one output of a
+        Split (constant sizes) on axis 1, and only ``readers`` read it; else None."""
         node = producers.get(name)
-        if node is None or node.op_type != "Gather" or name in outputs or \
+        if node is None or node.op_type not in ("Gather", "Split") or name in outputs or \
                 {id(c) for c in consumers.get(name, [])} != readers or \
                 next((a.i for a in node.attribute if a.name == "axis"), 0) != 1 or \
-                node.input[1] not in init_values:
+                len(node.input) < 2 or node.input[1] not in init_values:
             return None
-        index = onnx.numpy_helper.to_array(init_values[node.input[1]])
-        if index.ndim != 1 or index.size == 0 or (index < 0).any() or \
-                len(affine_pieces(tuple(index.tolist()))) > MAX_MAP_PIECES:
+        values = onnx.numpy_helper.to_array(init_values[node.input[1]]).astype(np.int64)
+        if node.op_type == "Split":
+            k = list(node.output).index(name)
+            start = int(values[:k].sum())
+            index = list(range(start, start + int(values[k])))
+        else:
+            index = values.tolist()
+        if values.ndim != 1 or not index or min(index) < 0 or \
+                len(affine_pieces(tuple(index))) > MAX_MAP_PIECES:
             return None
-        return node
+        return node.input[0], index, node
 
     flat_shape = None
 
     remove, replace = set(), {}
+    folded: dict[int, set[str]] = {}        # channel-picking node -> its outputs folded so far
     for node in g.node:
         if node.op_type != OP_NAME or len(node.input) != 4:
             continue
@@ -263,12 +271,14 @@ def fuse_binary_epilogues(model):
             [last.output[0]], name=(node.name or node.output[0]) + ".fused", domain=FUSED_DOMAIN)
         fused.attribute.extend(node.attribute)
         fused.attribute.append(onnx.helper.make_attribute("residual", residual))
-        gather = foldable_gather(x, {id(node)} | ({id(add2)} if residual else set()))
-        if gather is not None:
-            fused.input[0] = gather.input[0]
-            fused.attribute.append(onnx.helper.make_attribute(
-                "channel_index", onnx.numpy_helper.to_array(init_values[gather.input[1]]).tolist()))
-            remove.add(id(gather))
+        picked = channel_selection(x, {id(node)} | ({id(add2)} if residual else set()))
+        if picked is not None:
+            source, index, producer = picked
+            fused.input[0] = source
+            fused.attribute.append(onnx.helper.make_attribute("channel_index", index))
+            folded.setdefault(id(producer), set()).add(x)
+            if folded[id(producer)] == set(producer.output):   # a Split: once all its parts
+                remove.add(id(producer))
         replace[id(last)] = [*before, fused]
         remove.add(id(node))
         remove.update(id(c) for c in chain if c is not last)
