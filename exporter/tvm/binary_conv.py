@@ -79,11 +79,12 @@ class BinaryConvShape:
     epilogue: str = "none"          # "none" | "rprelu" (y = PReLU(y + b0, slope) + b1)
     residual: bool = False          # add the conv's own input x (needs filters == channels)
     batch: int = 1
-    # a channel Gather folded into the kernel (CS-Fusion's odd/even mix): conv input channel c
-    # is channel channel_map[c] of x, which has source_channels channels; () = x as it is
+    # a channel Gather or Split folded into the kernel (CS-Fusion's odd/even mix, CP-Down's
+    # halves): conv input channel c is channel channel_map[c] of x, which has source_channels
+    # channels; () = x as it is
     channel_map: tuple[int, ...] = ()
     source_channels: int = 0
-    addend: bool = False            # add a second [N, F, H, W] input last (a ResBlock's skip)
+    addend: bool = False            # add an [N, F, H, W] input last (a ResBlock's skip, ...)
 
     def __post_init__(self):
         if self.kernel not in (1, 3):

@@ -91,7 +91,7 @@ def _convert(bb, inputs, attr, *, epilogue: str, residual: bool):
     n, c, h, wd = _static_shape(x, "X")
     channel_map = tuple(int(i) for i in attr.get("channel_index", ()))
     source_channels = c if channel_map else 0
-    if channel_map:                          # a folded channel Gather (fuse_binary_epilogues)
+    if channel_map:                          # a folded Gather / Split (fuse_binary_epilogues)
         c = len(channel_map)
     f, kh, kw, nw = _static_shape(w, "W_packed")
     if channels is not None and channels != c:
@@ -208,13 +208,15 @@ def fuse_binary_epilogues(model):
                 len(node.input) < 2 or node.input[1] not in init_values:
             return None
         values = onnx.numpy_helper.to_array(init_values[node.input[1]]).astype(np.int64)
+        if values.ndim != 1:
+            return None
         if node.op_type == "Split":
             k = list(node.output).index(name)
             start = int(values[:k].sum())
             index = list(range(start, start + int(values[k])))
         else:
             index = values.tolist()
-        if values.ndim != 1 or not index or min(index) < 0 or \
+        if not index or min(index) < 0 or \
                 len(affine_pieces(tuple(index))) > MAX_MAP_PIECES:
             return None
         return node.input[0], index, node
