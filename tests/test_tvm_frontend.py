@@ -198,6 +198,19 @@ def test_timestep_embedding_folds_into_the_epilogue():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def _assert_equals_onnxruntime(model, vm, feeds: dict) -> None:
+    """Every output of the compiled graph equals onnxruntime's (unoptimised) within 1e-4."""
+    got = vm["main"](*(tvm.runtime.tensor(feeds[i.name], tvm.cpu()) for i in model.graph.input))
+    got = [t.numpy() for t in got] if len(model.graph.output) > 1 else [got.numpy()]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
 def _cs_fusion_model(extra_reader: bool = False, pick: str = "Gather"):
     """A binary CS-Fusion as the exporter writes it: Concat(x, skip), two channel Gathers
     (odd/even mix), each through BinaryConv2d 1x1 + TaA + its shortcut, summed. With
@@ -261,14 +274,7 @@ def test_cp_down_split_folds_into_the_kernels(extra_reader):
     vm, _ = _compile(model)
     rng = np.random.default_rng(15)
     feeds = {n: rng.standard_normal((1, 32, 6, 16)).astype(np.float32) for n in ("x", "skip")}
-    got = vm["main"](*(tvm.runtime.tensor(feeds[n], tvm.cpu()) for n in ("x", "skip")))
-    got = [t.numpy() for t in got] if extra_reader else [got.numpy()]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(model.SerializeToString(), so,
-                               providers=["CPUExecutionProvider"]).run(None, feeds)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    _assert_equals_onnxruntime(model, vm, feeds)
 
 
 @pytest.mark.parametrize("extra_reader", [False, True])
@@ -292,14 +298,7 @@ def test_cs_fusion_gathers_fold_into_the_kernels(extra_reader):
     assert sum("_res_add" in nm for nm in names) == 1, names     # the halves' sum: in one
     rng = np.random.default_rng(12)
     feeds = {n: rng.standard_normal((1, 32, 6, 16)).astype(np.float32) for n in ("x", "skip")}
-    got = vm["main"](*(tvm.runtime.tensor(feeds[n], tvm.cpu()) for n in ("x", "skip")))
-    got = [t.numpy() for t in got] if extra_reader else [got.numpy()]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(model.SerializeToString(), so,
-                               providers=["CPUExecutionProvider"]).run(None, feeds)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    _assert_equals_onnxruntime(model, vm, feeds)
 
 
 @pytest.mark.parametrize("skip_shape", [(1, C, H, W), (1, 1, H, W)])
@@ -322,9 +321,4 @@ def test_skip_add_fuses_into_the_kernel(skip_shape):
     rng = np.random.default_rng(13)
     feeds = {"x": rng.standard_normal((1, 3, H, W)).astype(np.float32),
              "skip": rng.standard_normal(skip_shape).astype(np.float32)}
-    got = vm["main"](*(tvm.runtime.tensor(feeds[k], tvm.cpu()) for k in ("x", "skip"))).numpy()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(model.SerializeToString(), so,
-                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    _assert_equals_onnxruntime(model, vm, feeds)
