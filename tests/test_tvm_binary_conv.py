@@ -138,7 +138,10 @@ def test_avx512_matches_reference(case):
 def test_fused_epilogue(c, h, w, k, residual, addend):
     """(128 channels x 72-80 columns: accumulators over 32 KB per row, so the write-back runs
     per column tile instead of per row.)"""
+    from bidiff.exporter.tvm.binary_conv import ROW_WRITE_BACK_BYTES
     target = AVX512_TARGET if HOST_HAS_AVX512 else AVX2_TARGET
+    row_bytes = c * -(-w // 16) * 16 * 4                 # accumulators of a row (16-column tiles)
+    assert (row_bytes > ROW_WRITE_BACK_BYTES) == (c == 128)   # both write-back paths covered
     out, ref = _run(BinaryConvShape(c, c, h, w, kernel=k, epilogue="rprelu", residual=residual,
                                     addend=addend), target, seed=1)
     # |y| <= scale * C * 9 ~ 1e3: two extra float32 adds round at ~1e-4 absolute
