@@ -234,8 +234,18 @@ def run_c(spec: dict, root: Path, args) -> dict:
                                   check=False)
         s_bin = _ort_session(binary[0], args.threads)
         s_flt = _ort_session(plain[0], args.threads)
-    # the library was compiled from the same seeded/loaded weights: equal within fp32 noise
-    err = float(np.abs(np.from_dlpack(f(*targs)) - s_bin.run(None, feeds)[0]).max())
+    # the library was compiled from the same seeded/loaded weights: equal within fp32 noise.
+    # Except where a sign() flips: an activation within rounding of its threshold takes the
+    # other sign under another summation order, and the network carries that on (the shipped
+    # model on AVX-512: one flipped input bit of one 3x3 conv, 288 outputs of it). onnxruntime
+    # against itself with x_t perturbed by 1e-6 (relative, random) shows how far apart two
+    # correct runs can land.
+    y_bin = s_bin.run(None, feeds)[0]
+    diff = np.abs(np.from_dlpack(f(*targs)) - y_bin)
+    err = float(diff.max())
+    noise = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    nudged = dict(feeds, x_t=x + np.float32(1e-6) * np.abs(x) * noise)
+    floor = float(np.abs(s_bin.run(None, nudged)[0] - y_bin).max())
     tx, tc, tt = torch.from_numpy(x), torch.from_numpy(cond), torch.from_numpy(t)
 
     def torch_step():
@@ -250,7 +260,9 @@ def run_c(spec: dict, root: Path, args) -> dict:
     rows = [{"runtime": k, "median_ms": v, "speedup_vs_onnxruntime_float": base / v}
             for k, v in med.items()]
     return {"part": "c", "config": spec["config"], "tile": s, "build_s": spec["build_s"],
-            "tvm_vs_onnxruntime_binary_max_abs_err": err, "rows": rows}
+            "tvm_vs_onnxruntime_binary_max_abs_err": err,
+            "tvm_vs_onnxruntime_binary_share_over_1e-3": float((diff > 1e-3).mean()),
+            "onnxruntime_binary_perturbed_max_abs_diff": floor, "rows": rows}
 
 
 def run_k(spec: dict, root: Path, args) -> dict:
@@ -262,7 +274,9 @@ def run_k(spec: dict, root: Path, args) -> dict:
     for case in spec["cases"]:
         c, f, h, w, k = (case[n] for n in ("channels", "filters", "height", "width", "kernel"))
         data = np.load(root / case["inputs"])
-        ref = binary_conv2d_reference(data["x"], data["wp"], data["scale"], channels=c,
+        index = case.get("channel_index")
+        x = data["x"] if index is None else data["x"][:, index]
+        ref = binary_conv2d_reference(x, data["wp"], data["scale"], channels=c,
                                       kernel=k, threshold=data["thr"])
         names = ["x", "wp", "scale", "thr"]
         if case["epilogue"] == "rprelu":
@@ -271,13 +285,18 @@ def run_k(spec: dict, root: Path, args) -> dict:
             ref = np.where(z >= 0, z, data["slope"][None, :, None, None] * z) + \
                 data["b1"][None, :, None, None]
         if case["residual"]:
-            ref = ref + data["x"]
+            ref = ref + x
+        if case.get("addend"):
+            names.append("addend")
+            ref = ref + data["addend"]
         pairs = [load.tensor(data[n]) for n in names]
         out_np, out = load.tensor(np.zeros((1, f, h, w), np.float32))
         load.function(root / case["lib"], "k")(*[t for _, t in pairs], out)
         err = float(np.abs(out_np - ref).max())
         rows.append({**{n: case[n] for n in ("variant", "channels", "filters", "height", "width",
                                               "kernel", "epilogue", "residual")},
+                     "source": data["x"].shape[1] if index is not None else 0,
+                     "addend": bool(case.get("addend")),
                      "max_abs_err": err,
                      "ok": bool(np.allclose(out_np, ref, rtol=1e-5, atol=1e-4))})
     return {"part": "k", "rows": rows}
@@ -407,7 +426,11 @@ def build_c(args, target, root: Path) -> dict:
 
 
 def _kernel_cases():
-    """(channels, filters, height, width, kernel, epilogue, residual) of part k."""
+    """(channels, filters, height, width, kernel, epilogue, residual, source, addend) of part k.
+
+    ``source`` > 0: the kernel reads its channels from a ``source``-channel input through a
+    folded channel map (:func:`_channel_map`); ``addend``: an [N, F, H, W] input is added last.
+    The fused cases have the models' own shapes, so the row write-back of wide layers is run."""
     sizes = ((7, 9), (16, 16), (17, 31))
     cases = set()
     for i, c in enumerate((3, 16, 32, 33, 48, 64, 96)):
@@ -418,7 +441,24 @@ def _kernel_cases():
     cases |= {(33, 24, 17, 31, 3, "none", False), (64, 64, 7, 9, 3, "rprelu", True),
               (96, 48, 16, 16, 1, "rprelu", False), (32, 32, 9, 7, 3, "rprelu", True),
               (128, 128, 9, 7, 3, "rprelu", True), (256, 64, 5, 5, 1, "none", False)}
-    return sorted(cases)
+    plain = {case + (0, False) for case in cases}
+    fused = {(32, 32, 128, 128, 1, "rprelu", True, 64, True),     # CS-Fusion 1x1 + skip add
+             (32, 32, 128, 128, 3, "rprelu", True, 0, True),      # ResBlock conv + skip add
+             (64, 64, 64, 64, 1, "rprelu", True, 128, False),
+             (64, 64, 33, 35, 3, "rprelu", True, 128, True),      # CP-Down half, odd size
+             (48, 24, 17, 31, 3, "rprelu", False, 96, True),
+             (256, 256, 32, 32, 1, "rprelu", True, 512, True),
+             (512, 512, 16, 16, 3, "rprelu", True, 0, True)}
+    return sorted(plain | fused)
+
+
+def _channel_map(channels: int, source: int) -> list[int]:
+    """The folded channel map of a part-k case: CS-Fusion's two stride-2 runs when ``source``
+    is twice ``channels``, else CP-Down's split (the last ``channels`` of ``source``)."""
+    if source == 2 * channels and channels % 2 == 0:
+        half = channels // 2
+        return [2 * i for i in range(half)] + [channels + 1 + 2 * i for i in range(half)]
+    return list(range(source - channels, source))
 
 
 def build_k(args, target, root: Path) -> dict:
@@ -428,11 +468,12 @@ def build_k(args, target, root: Path) -> dict:
     from bidiff.exporter.tvm.binary_conv import BinaryConvShape, binary_conv_primfunc
     from bidiff.runtime.binary_op import pack_weights
     cases = []
-    for i, (c, f, h, w, k, epi, res) in enumerate(_kernel_cases()):
+    for i, (c, f, h, w, k, epi, res, source, addend) in enumerate(_kernel_cases()):
         rng = np.random.default_rng(i)
-        x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+        index = _channel_map(c, source) if source else list(range(c))
+        x = rng.standard_normal((1, source or c, h, w)).astype(np.float32)
         thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
-        x[0, :, 0, 0] = thr                    # exact ties must give bit 1
+        x[0, index, 0, 0] = thr                # exact ties must give bit 1
         wt = rng.standard_normal((f, c, k, k)).astype(np.float32)
         wt[0, 0] = 0.0                         # packs as +1
         arrays = {"x": x, "thr": thr, "wp": pack_weights(wt),
@@ -440,14 +481,19 @@ def build_k(args, target, root: Path) -> dict:
         if epi == "rprelu":
             arrays.update((n, rng.standard_normal(f).astype(np.float32))
                           for n in ("b0", "slope", "b1"))
+        if addend:
+            arrays["addend"] = rng.standard_normal((1, f, h, w)).astype(np.float32)
         np.savez(root / f"k{i}.npz", **arrays)
-        shape = BinaryConvShape(c, f, h, w, kernel=k, epilogue=epi, residual=res)
+        shape = BinaryConvShape(c, f, h, w, kernel=k, epilogue=epi, residual=res,
+                                channel_map=tuple(index) if source else (),
+                                source_channels=source, addend=addend)
         for variant, tgt in _variants(target):
             lib = f"k{i}_{variant.value}.so"
             tvm.compile(tvm.IRModule({"k": binary_conv_primfunc(shape, variant, name="k")}),
                         target=tgt).export_library(str(root / lib), **_cc(args))
             cases.append({"variant": variant.value, "channels": c, "filters": f, "height": h,
                           "width": w, "kernel": k, "epilogue": epi, "residual": res,
+                          "channel_index": index if source else None, "addend": addend,
                           "inputs": f"k{i}.npz", "lib": lib})
     return {"cases": cases}
 
@@ -534,15 +580,21 @@ def _report(result: dict) -> None:
                   f"{r['speedup_vs_onnxruntime_float']:.2f}x |")
         print(f"\nTVM vs onnxruntime (binary ONNX) max abs difference: "
               f"{result['tvm_vs_onnxruntime_binary_max_abs_err']:.1e}")
+        if "onnxruntime_binary_perturbed_max_abs_diff" in result:
+            print(f"({100 * result['tvm_vs_onnxruntime_binary_share_over_1e-3']:.3f}% of outputs "
+                  f"differ by more than 1e-3; onnxruntime against itself with x_t perturbed by "
+                  f"1e-6: {result['onnxruntime_binary_perturbed_max_abs_diff']:.1e})")
     elif result["part"] == "k":
         bad = [r for r in result["rows"] if not r["ok"]]
         print(f"### Part k: {len(result['rows'])} binary-conv kernels vs the numpy reference, "
               f"{head}: {len(bad)} mismatches\n")
-        print("| variant | C -> F | H x W | kernel | epilogue | max abs err | ok |")
+        print("| variant | [source:] C -> F | H x W | kernel | epilogue | max abs err | ok |")
         print("|---|---|---|---|---|---|---|")
         for r in result["rows"]:
-            epi = r["epilogue"] + (" + residual" if r["residual"] else "")
-            print(f"| {r['variant']} | {r['channels']} -> {r['filters']} | {r['height']}x"
+            epi = r["epilogue"] + (" + residual" if r["residual"] else "") + \
+                (" + addend" if r.get("addend") else "")
+            src = f"{r['source']}: " if r.get("source") else ""
+            print(f"| {r['variant']} | {src}{r['channels']} -> {r['filters']} | {r['height']}x"
                   f"{r['width']} | {r['kernel']}x{r['kernel']} | {epi} | {r['max_abs_err']:.1e} | "
                   f"{'yes' if r['ok'] else 'NO'} |")
     else:

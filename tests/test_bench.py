@@ -48,20 +48,26 @@ def test_bundle_of_another_version_is_refused(tmp_path) -> None:
 
 def test_part_k_flags_a_wrong_kernel(tmp_path, monkeypatch, capsys) -> None:
     bench = _bench()
-    monkeypatch.setattr(bench, "_kernel_cases", lambda: [(33, 32, 7, 9, 3, "none", False),
-                                                         (32, 32, 9, 7, 3, "rprelu", True)])
+    monkeypatch.setattr(bench, "_kernel_cases",
+                        lambda: [(33, 32, 7, 9, 3, "none", False, 0, False),
+                                 (32, 32, 9, 7, 3, "rprelu", True, 0, False),
+                                 (16, 16, 9, 11, 3, "rprelu", True, 32, True),
+                                 (8, 8, 5, 7, 1, "rprelu", True, 12, False)])
     root = tmp_path / "k"
     assert bench.main(["--part", "k", "--target", "x86_64-avx2", "--bundle", str(root)]) == 0
     assert bench.main(["--run", str(root), "--threads", "1"]) == 0
-    assert "2 binary-conv kernels vs the numpy reference" in capsys.readouterr().out
+    assert "4 binary-conv kernels vs the numpy reference" in capsys.readouterr().out
     # a kernel that computes something else: the bundle now says the 2nd one has no residual
     # add, so the reference leaves it out while the compiled kernel still adds it
     meta = json.loads((root / "bench.json").read_text())
     meta["spec"]["cases"][1]["residual"] = False
+    # and one that reads other channels than the folded map the reference is given
+    meta["spec"]["cases"][2]["channel_index"] = meta["spec"]["cases"][2]["channel_index"][::-1]
     (root / "bench.json").write_text(json.dumps(meta))
     assert bench.main(["--run", str(root), "--threads", "1"]) == 1
     out = capsys.readouterr().out
-    assert ": 1 mismatches" in out and "| NO |" in out
+    assert ": 2 mismatches" in out and "| 32: 16 -> 16 | 9x11 | 3x3 | rprelu + residual + addend" \
+        in out and out.count("| NO |") == 2
 
 
 def test_blocks_last_at_least_min_block_ms() -> None:
