@@ -19,7 +19,7 @@ tvm = pytest.importorskip("tvm")
 
 from bidiff.exporter.targets import get_target  # noqa: E402
 from bidiff.exporter.tvm.binary_conv import (  # noqa: E402
-    BinaryConvShape, KernelVariant, binary_conv_primfunc, select_variant)
+    BinaryConvShape, KernelVariant, binary_conv_primfunc, select_variant, word_bits)
 from bidiff.exporter.tvm.target import host_target, tvm_target  # noqa: E402
 from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
 
@@ -106,11 +106,16 @@ def test_variant_selection():
 
 
 def test_word_size():
-    # 64-bit words exactly when the channels fill them; otherwise the 32-bit packing as is
-    assert BinaryConvShape(64, 64, 8, 8).word_bits == 64
-    assert BinaryConvShape(128, 64, 8, 8).words == 2
-    assert BinaryConvShape(32, 32, 8, 8).word_bits == 32
-    assert BinaryConvShape(96, 32, 8, 8).words == 3
+    # x86: 64-bit words exactly when the channels fill them; otherwise the 32-bit packing as is
+    for variant in (KernelVariant.X86_AVX2, KernelVariant.X86_AVX512, KernelVariant.GENERIC):
+        assert word_bits(BinaryConvShape(64, 64, 8, 8), variant) == 64
+        assert word_bits(BinaryConvShape(96, 32, 8, 8), variant) == 32
+    # NEON: 16-bit words while a uint16 sum holds k*k*C popcounts
+    neon = KernelVariant.ARM_NEON
+    assert word_bits(BinaryConvShape(64, 64, 8, 8), neon) == 16
+    assert word_bits(BinaryConvShape(7281, 8, 8, 8), neon) == 16
+    assert word_bits(BinaryConvShape(7282, 8, 8, 8), neon) == 32
+    assert word_bits(BinaryConvShape(7296, 8, 8, 8, kernel=1), neon) == 16
     with pytest.raises(ValueError, match="valid: none, rprelu"):
         BinaryConvShape(16, 16, 8, 8, epilogue="relu")
 

@@ -3,9 +3,9 @@
 The arithmetic is the one of :func:`bidiff.runtime.binary_op.binary_conv2d_reference`
 (bit conventions are imported from there, never restated):
 
-1. ``pack``: activation bits ``x[c] >= threshold[c]`` packed along channels into words
-   (``uint32``; ``uint64`` when ``C % 64 == 0``, so a 64-channel layer uses one word per tap),
-   layout ``[N, words, H, W]`` so that the inner loop over output columns reads contiguous words;
+1. ``pack``: activation bits ``x[c] >= threshold[c]`` packed along channels into words (their
+   size per variant: :func:`word_bits`), layout ``[N, words, H, W]`` so that the inner loop over
+   output columns reads contiguous words;
 2. ``pad``: the packed words with a zero border (only the packed words are padded, C/32 times
    smaller than the float input);
 3. ``bconv``: ``acc = sum over valid taps and words of popcount(a ^ w)`` (taps in the zero
@@ -107,15 +107,24 @@ class BinaryConvShape:
     def pad(self) -> int:
         return self.kernel // 2
 
-    @property
-    def word_bits(self) -> int:
-        """64-bit words when the channels fill them exactly (the uint64 view of the uint32
-        packing: word k = uint32 words 2k | 2k+1 << 32), else the 32-bit words as packed."""
-        return 64 if self.channels % 64 == 0 else WORD_BITS
 
-    @property
-    def words(self) -> int:
-        return (self.channels + self.word_bits - 1) // self.word_bits
+def word_bits(shape: BinaryConvShape, variant: KernelVariant) -> int:
+    """Bits per packed word of the kernel for ``shape`` under ``variant``.
+
+    x86 and generic: 64 when the channels fill 64-bit words exactly (word k = uint32 words
+    2k | 2k+1 << 32), else the 32-bit words as packed; AVX2 / AVX-512 reduce a vector of 64-bit
+    popcounts with one ``vpsadbw`` / have ``vpopcntq``. NEON: 16 bits, because ``cnt`` counts
+    bytes and every widening step is another pairwise add: a uint16 lane's count is ``cnt`` plus
+    one ``uadalp`` into the accumulator, a uint64 lane's ``cnt`` plus three ``uaddlp`` and an
+    add. A uint16 sum holds 9 * C <= 65535 (C <= 7281 channels); wider layers keep 32 bits.
+    """
+    if variant is KernelVariant.ARM_NEON and shape.kernel ** 2 * shape.channels <= 0xFFFF:
+        return 16
+    return 64 if shape.channels % 64 == 0 else WORD_BITS
+
+
+def _num_words(shape: BinaryConvShape, bits: int) -> int:
+    return (shape.channels + bits - 1) // bits
 
 
 MAX_MAP_PIECES = 4
@@ -154,7 +163,8 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
+def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1,
+                        word: int = WORD_BITS):
     """TE compute; returns (inputs list, output tensor). Inputs are, in order:
     ``x`` f32 [N,C,H,W], ``w_packed`` u32 [F,k,k,ceil(C/32)], ``scale`` f32 [F],
     ``threshold`` f32 [C], then ``b0, slope, b1`` f32 [F] for the RPReLU epilogue, then
@@ -162,12 +172,13 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
 
     ``col_multiple``: the accumulation runs over a width rounded up to this multiple (extra
     columns read zero words and are never stored), so the column loop vectorises for any W.
+    ``word``: bits per packed word (:func:`word_bits`); the popcounts are summed at that width.
     """
     n_, c_, h_, w_, f_, k = (shape.batch, shape.channels, shape.height, shape.width,
                              shape.filters, shape.kernel)
     p = shape.pad
-    wb = shape.word_bits
-    nwords = shape.words
+    wb = word
+    nwords = _num_words(shape, wb)
     wdt = f"uint{wb}"
     wc = _round_up(w_, col_multiple)
 
@@ -215,6 +226,12 @@ def binary_conv_compute(shape: BinaryConvShape, *, col_multiple: int = 1):
             lambda f, i, j, q: w32[f, i, j, 2 * q].astype(wdt)
             | (w32[f, i, j, 2 * q + 1].astype(wdt) << tirx.const(32, wdt)),
             name="wpack64")
+    elif wb == 16:
+        wq = te.compute(
+            (f_, k, k, nwords),
+            lambda f, i, j, q: ((w32[f, i, j, q // 2] >> ((q % 2) * 16).astype("uint32"))
+                                & tirx.const(0xFFFF, "uint32")).astype(wdt),
+            name="wsplit16")
     else:
         wq = w32
 
@@ -265,8 +282,9 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
                          variant: KernelVariant) -> tirx.PrimFunc:
     """Hand schedule: tile (filters x columns) with register accumulators, parallel over rows."""
     ob, nvec, lanes32 = _TILES[variant]
-    vec = lanes32 * 32 // shape.word_bits            # lanes of one register in words
-    if variant is KernelVariant.X86_AVX512 and shape.word_bits == 32:
+    wb = word_bits(shape, variant)
+    vec = lanes32 * 32 // wb                          # lanes of one register in words
+    if variant is KernelVariant.X86_AVX512 and wb == 32:
         nvec = 1                                      # 16 lanes x 8 filters = 8 zmm already
         ob = 8
     ob = pick_divisor(shape.filters, tuple(d for d in (ob, 8, 4, 2) if d <= ob))
@@ -274,7 +292,8 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     sch = s_tir.Schedule(func)
     # small layers (the low-resolution levels of a tile) run on one thread: waking the pool
     # costs more than ~64K word operations
-    work = (shape.filters * shape.height * shape.width * shape.kernel ** 2 * shape.words)
+    work = (shape.filters * shape.height * shape.width * shape.kernel ** 2
+            * _num_words(shape, 64))
     par = sch.parallel if work >= MIN_PARALLEL_WORK else (lambda loop: None)
 
     # pack: parallel over (n, word, row), vectorised over columns
@@ -294,8 +313,8 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
         n, wd, y, xx = sch.get_loops(pad)
         par(sch.fuse(n, wd, y))
 
-    if shape.word_bits == 64:
-        wblk = sch.get_sblock("wpack64")
+    if wb in (16, 64):
+        wblk = sch.get_sblock("wpack64" if wb == 64 else "wsplit16")
         sch.fuse(*sch.get_loops(wblk))       # F*k*k*words: tiny, one thread
 
     conv = sch.get_sblock("bconv")
@@ -329,7 +348,7 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
     e_loops = sch.get_loops(epi)
     ef, ex = e_loops[-2], e_loops[-1]
     if shape.width % tile_x == 0:
-        ex_o, ex_v = sch.split(ex, [None, vec if shape.word_bits == 32 else vec * 2])
+        ex_o, ex_v = sch.split(ex, [None, lanes32])
         if not row_wb:
             sch.unroll(ex_o)
         sch.vectorize(ex_v)
@@ -341,16 +360,17 @@ def schedule_binary_conv(func: tirx.PrimFunc, shape: BinaryConvShape,
 
 def col_multiple_for(shape: BinaryConvShape, variant: KernelVariant) -> int:
     ob, nvec, lanes32 = _TILES[variant]
-    vec = lanes32 * 32 // shape.word_bits
-    if variant is KernelVariant.X86_AVX512 and shape.word_bits == 32:
+    wb = word_bits(shape, variant)
+    if variant is KernelVariant.X86_AVX512 and wb == 32:
         nvec = 1
-    return vec * nvec
+    return lanes32 * 32 // wb * nvec
 
 
 def binary_conv_primfunc(shape: BinaryConvShape, variant: KernelVariant, *,
                          name: str = "bidiff_binary_conv2d") -> tirx.PrimFunc:
     """The scheduled PrimFunc (``tirx.is_scheduled``), global symbol ``name``."""
-    inputs, out = binary_conv_compute(shape, col_multiple=col_multiple_for(shape, variant))
+    inputs, out = binary_conv_compute(shape, col_multiple=col_multiple_for(shape, variant),
+                                      word=word_bits(shape, variant))
     func = te.create_prim_func([*inputs, out])
     func = schedule_binary_conv(func, shape, variant)
     # op_pattern 8 = kOpaque: FuseOps must not fuse neighbours into the hand-scheduled kernel
