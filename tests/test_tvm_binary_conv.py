@@ -218,6 +218,9 @@ def test_arm64_cross_build_has_neon_cnt(c, tmp_path):
         seg.group(1) for seg in re.finditer(rf"^[0-9a-f]+ <{FN}[^>]*>:\n(.*?)(?:\n\n|\Z)", dis,
                                             re.S | re.M))
     assert re.search(r"\bcnt\s+v\d+\.(8b|16b)", body), "no NEON cnt in the binary conv kernel"
+    # 16-bit words (word_bits): each byte count is widened once, to .8h, never on to .4s / .2d
+    widen = re.findall(r"\buada?lp\s+v\d+\.(\w+)", body)
+    assert widen and set(widen) == {"8h"}, f"byte counts widened to {sorted(set(widen))}"
 
 
 @functools.lru_cache(maxsize=None)
