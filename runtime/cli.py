@@ -1,9 +1,10 @@
-"""The ``bidiff`` command: ``bidiff upscale`` and ``bidiff info`` (the device side).
+"""The ``bidiff`` command: ``bidiff upscale``, ``bidiff info`` and ``bidiff bench`` (the device side).
 
     bidiff upscale photo.png -o out/                  # out/photo_x2.png
     bidiff upscale photos/ -o out/ --steps 20         # every image of the folder, sorted
     bidiff upscale photo.png -o big.png --artifact model.bidiff --backend onnxruntime
     bidiff info model.bidiff                          # manifest summary and checksum status
+    bidiff bench model.bidiff --size 640x480          # step time per backend, upscale estimate
 
 User errors (bad input, bad artifact, bad options) print one line on stderr and exit with
 status 2; no output file is created and no existing one is touched. Outputs are written to a
@@ -190,6 +191,72 @@ def info(artifact: Path) -> None:
     if bad:
         raise CliError(f"{len(bad)} artifact file(s) missing or modified (first: {bad[0][0]}, "
                        f"{bad[0][1]}): re-export the artifact")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if sep and w.isdigit() and h.isdigit() and int(w) >= images.MIN_SIDE and int(h) >= images.MIN_SIDE:
+        return int(w), int(h)
+    raise CliError(f"--size {text!r} is not WIDTHxHEIGHT in pixels, each >= {images.MIN_SIDE} "
+                   "(e.g. 640x480)")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(("all",) + BACKENDS), default="all", show_default=True,
+              help="all: every backend that can run the artifact here, timed side by side.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=7, show_default=True,
+              help="Interleaved rounds; each times 3 network calls per backend.")
+@click.option("--size", default="512x512", show_default=True,
+              help="Input WIDTHxHEIGHT for the estimate of a whole upscale.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps for the estimate. Default: the artifact's.")
+def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int, size: str,
+          steps: int | None) -> None:
+    """Time one denoising step per backend here, and estimate a whole upscale."""
+    from .api import default_artifact
+    from .backends import create_backend, resolve_backend
+    from .benchmark import format_duration, network_calls, time_steps
+
+    width, height = _parse_size(size)
+    art = read_artifact(default_artifact() if artifact is None else artifact)
+    m = art.manifest
+    steps = m.default_steps if steps is None else steps
+    if backend == "all":
+        names = []
+        for name in ("tvm", "onnxruntime"):
+            try:
+                names.append(resolve_backend(art, name))
+            except (BackendError, ArtifactError):
+                continue
+        if not names:
+            names = [resolve_backend(art, "auto")]     # raises with the reason
+    else:
+        names = [resolve_backend(art, backend)]
+    opened = {}
+    try:
+        for name in names:
+            opened[name] = create_backend(art, name, threads=threads)
+        timings = time_steps(opened, tile=m.tile, rounds=rounds)
+    finally:
+        for b in opened.values():
+            b.close()
+    tiles, calls = network_calls(width, height, scale=m.model.scale, tile=m.tile, steps=steps)
+    target = m.target.name if m.target else "onnx"
+    click.echo(f"artifact    {art.source}  ({m.model.name} x{m.model.scale}, tile {m.tile}, "
+               f"target {target})")
+    click.echo(f"threads     {threads or os.environ.get('BIDIFF_THREADS') or 'all cores'}")
+    click.echo(f"one step on one {m.tile}x{m.tile} tile, median of {rounds} round(s) of 3 calls:")
+    width_name = max(len(t.backend) for t in timings)
+    for t in timings:
+        click.echo(f"  {t.backend:<{width_name}}  {t.median_ms:9.2f} ms  (best {t.min_ms:.2f})")
+    click.echo(f"upscaling a {width}x{height} input to {width * m.model.scale}x"
+               f"{height * m.model.scale} at {steps} steps: {tiles} tile(s) x {steps} = {calls} "
+               f"network calls")
+    for t in timings:
+        click.echo(f"  {t.backend:<{width_name}}  about {format_duration(calls * t.median_ms / 1e3)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,6 +163,7 @@ def test_default_artifact_key_follows_checkpoint_exporter_sources_and_versions(
 def test_import_is_light() -> None:
     """Importing the runtime, its API and CLI loads no torch, onnx or TVM compiler (nor a backend)."""
     code = ("import sys, bidiff.runtime, bidiff.runtime.api, bidiff.runtime.cli, bidiff.runtime.backends\n"
+            "import bidiff.runtime.benchmark\n"
             "from bidiff import runtime; runtime.load; runtime.upscale\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'onnx', 'tvm', 'onnxruntime', 'tvm_ffi', 'bidiff.models', 'bidiff.exporter')"
