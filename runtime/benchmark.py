@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import Backend
-from .sampler import pad_to_tile
 from .tiling import TileGrid, default_overlap
 
 PAUSE_S = 0.05      # lets the previous backend's spinning pool threads go idle
@@ -33,8 +32,7 @@ class StepTime:
 def network_calls(width: int, height: int, *, scale: int, tile: int, steps: int,
                   overlap: int | None = None) -> tuple[int, int]:
     """(tiles, network calls) for upscaling a ``width`` x ``height`` input ``steps`` steps."""
-    hr = np.empty((1, height * scale, width * scale), dtype=np.uint8)
-    _, h, w = pad_to_tile(hr, tile)[0].shape
+    h, w = max(height * scale, tile), max(width * scale, tile)     # sampler.pad_to_tile
     grid = TileGrid.create(h, w, tile, default_overlap(tile) if overlap is None else overlap)
     return len(grid), len(grid) * steps
 

@@ -217,7 +217,7 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
           steps: int | None) -> None:
     """Time one denoising step per backend here, and estimate a whole upscale."""
     from .api import default_artifact
-    from .backends import create_backend, resolve_backend
+    from .backends import create_backend, resolve_backend, resolve_threads
     from .benchmark import format_duration, network_calls, time_steps
 
     width, height = _parse_size(size)
@@ -247,7 +247,7 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
     target = m.target.name if m.target else "onnx"
     click.echo(f"artifact    {art.source}  ({m.model.name} x{m.model.scale}, tile {m.tile}, "
                f"target {target})")
-    click.echo(f"threads     {threads or os.environ.get('BIDIFF_THREADS') or 'all cores'}")
+    click.echo(f"threads     {resolve_threads(threads) or 'all cores'}")
     click.echo(f"one step on one {m.tile}x{m.tile} tile, median of {rounds} round(s) of 3 calls:")
     width_name = max(len(t.backend) for t in timings)
     for t in timings:
