@@ -440,7 +440,9 @@ def _kernel_cases():
     cases |= {(33, 32, h, w, 3, "none", False) for h, w in sizes}
     cases |= {(33, 24, 17, 31, 3, "none", False), (64, 64, 7, 9, 3, "rprelu", True),
               (96, 48, 16, 16, 1, "rprelu", False), (32, 32, 9, 7, 3, "rprelu", True),
-              (128, 128, 9, 7, 3, "rprelu", True), (256, 64, 5, 5, 1, "none", False)}
+              (128, 128, 9, 7, 3, "rprelu", True), (256, 64, 5, 5, 1, "none", False),
+              (32, 32, 1, 1, 3, "none", False), (16, 16, 2, 3, 3, "rprelu", True),
+              (48, 24, 5, 1, 3, "none", False)}     # every tap row / column outside
     plain = {case + (0, False) for case in cases}
     fused = {(32, 32, 128, 128, 1, "rprelu", True, 64, True),     # CS-Fusion 1x1 + skip add
              (32, 32, 128, 128, 3, "rprelu", True, 0, True),      # ResBlock conv + skip add

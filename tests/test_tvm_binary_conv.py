@@ -237,6 +237,10 @@ def _jitted_schedule_on_host(shape: BinaryConvShape, variant: KernelVariant):
     (KernelVariant.X86_AVX512, 64, 64, 7, 9, 3, "rprelu", True),
     (KernelVariant.ARM_NEON, 64, 64, 7, 9, 3, "rprelu", True),
     (KernelVariant.ARM_NEON, 96, 48, 16, 16, 1, "none", False),
+    (KernelVariant.ARM_NEON, 33, 16, 17, 31, 3, "none", False),
+    (KernelVariant.ARM_NEON, 32, 32, 1, 1, 3, "rprelu", True),      # all 8 outer taps outside
+    (KernelVariant.ARM_NEON, 48, 24, 2, 3, 3, "none", False),
+    (KernelVariant.ARM_NEON, 16, 16, 5, 1, 3, "none", False),
 ], ids=lambda v: v.value if isinstance(v, KernelVariant) else str(v))
 def test_every_schedule_matches_reference_on_host(variant, c, f, h, w, k, epi, res):
     shape = BinaryConvShape(c, f, h, w, kernel=k, epilogue=epi, residual=res)
