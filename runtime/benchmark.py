@@ -1,9 +1,8 @@
 """How fast an artifact runs on this machine: what ``bidiff bench`` measures and prints.
 
 One denoising step is one network call on one tile, so that is what is timed, per backend, on
-random inputs at the artifact's tile. The backends are timed in interleaved rounds (each once
-per round, the order rotating, a short pause between them), so a busy or throttling machine
-slows them alike and their ratio stays meaningful. A whole upscale is estimated from it: the
+random inputs at the artifact's tile, in interleaved rounds (:func:`interleaved`, which
+``scripts/bench.py`` uses too). A whole upscale is estimated from it: the
 sampler makes ``tiles x steps`` network calls (:func:`network_calls`, the same tiling as
 ``sampler.sample``); the DDIM updates, the bicubic condition and back-projection are left out
 (they are small next to the network).
@@ -11,6 +10,7 @@ sampler makes ``tiles x steps`` network calls (:func:`network_calls`, the same t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from .backends import Backend
 from .tiling import TileGrid, default_overlap
 
-PAUSE_S = 0.05      # lets the previous backend's spinning pool threads go idle
+PAUSE_S = 0.05      # before each timed block (interleaved)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,29 @@ def network_calls(width: int, height: int, *, scale: int, tile: int, steps: int,
     return len(grid), len(grid) * steps
 
 
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int,
+                calls: dict[str, int]) -> dict[str, list[float]]:
+    """Milliseconds per call of each contender, one sample (a block of ``calls[name]`` calls)
+    per round.
+
+    Every contender runs once per round, in turn, so machine load hits them all alike. The
+    order rotates from round to round: on 2 cores, whichever ran right after onnxruntime's block
+    measured up to 2x slower. Each block follows a pause, which lets the previous contender's
+    spinning pool threads go idle, and one untimed call, which wakes this one's."""
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(PAUSE_S)
+            fn, n = contenders[name], calls[name]
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n * 1e3)
+    return samples
+
+
 def time_steps(backends: dict[str, Backend], *, tile: int, rounds: int = 7, calls: int = 3,
                group: int = 0, seed: int = 0) -> list[StepTime]:
     """Median and best time of one network call per backend, ``rounds`` rounds of ``calls``."""
@@ -46,18 +69,8 @@ def time_steps(backends: dict[str, Backend], *, tile: int, rounds: int = 7, call
     x_t = rng.standard_normal((1, 3, tile, tile), dtype=np.float32)
     cond = rng.random((1, 3, tile, tile), dtype=np.float32)
     t = np.array([[999]], dtype=np.int64)
-    for b in backends.values():          # warm-up: first-call allocation, lazy sessions
-        b.run(group, x_t, cond, t)
-    samples: dict[str, list[float]] = {name: [] for name in backends}
-    names = list(backends)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(PAUSE_S)
-            run = backends[name].run
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run(group, x_t, cond, t)
-            samples[name].append((time.perf_counter() - t0) / calls * 1e3)
+    steps = {name: (lambda b=b: b.run(group, x_t, cond, t)) for name, b in backends.items()}
+    samples = interleaved(steps, rounds, dict.fromkeys(steps, calls))
     return [StepTime(name, float(np.median(v)), float(np.min(v)), rounds * calls)
             for name, v in samples.items()]
 

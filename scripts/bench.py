@@ -89,27 +89,18 @@ def _timer(fn, repeat):
 
 def _interleaved(contenders: dict, rounds: int, repeat: int,
                  min_block_ms: float = 0.0) -> dict[str, list[float]]:
-    """Time every contender once per round, in turn, so machine load hits them all alike.
-
-    A block is ``repeat`` calls, or as many as fill ``min_block_ms`` (calibrated once per
-    contender): sub-millisecond ops timed 10 calls at a time measured mostly the wake-up of
+    """``bidiff.runtime.benchmark.interleaved`` (rotating order, pause, one untimed call per
+    block) with blocks of ``repeat`` calls, or as many as fill ``min_block_ms`` (calibrated once
+    per contender): sub-millisecond ops timed 10 calls at a time measured mostly the wake-up of
     idle pool threads and the previous contender's still-spinning ones (a TVM add of 4 MB: 0.78
-    ms per call in blocks of 10, 0.14 ms back to back; onnxruntime 0.43 vs 0.18-0.24 ms).
-    The order rotates from round to round, so no contender always runs right after the same
-    other one (on 2 cores, the one after onnxruntime's block measured up to 2x slower)."""
+    ms per call in blocks of 10, 0.14 ms back to back; onnxruntime 0.43 vs 0.18-0.24 ms)."""
+    from bidiff.runtime.benchmark import interleaved
     calls = {}
     for k, fn in contenders.items():
         fn()
         t = _timer(fn, repeat)
         calls[k] = max(repeat, int(min_block_ms / max(t, 1e-6)) + 1 if min_block_ms else 0)
-    samples: dict[str, list[float]] = {k: [] for k in contenders}
-    names = list(contenders)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(0.05)     # let the previous contender's spinning pool threads go idle
-            contenders[k]()
-            samples[k].append(_timer(contenders[k], calls[k]))
-    return samples
+    return interleaved(contenders, rounds, calls)
 
 
 def _medians(samples: dict[str, list[float]]) -> dict[str, float]:

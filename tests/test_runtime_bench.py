@@ -48,8 +48,8 @@ def test_time_steps_times_every_backend_in_turn() -> None:
     out = time_steps({"a": Fake("a"), "b": Fake("b")}, tile=TILE, rounds=2, calls=2)
     assert [t.backend for t in out] == ["a", "b"] and all(t.calls == 4 for t in out)
     assert all(0 <= t.min_ms <= t.median_ms for t in out)
-    # warm-up a, b; round 0: a a b b; round 1 starts with b
-    assert order == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
+    # one untimed call + 2 timed per block; round 0: a then b, round 1: b then a
+    assert order == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
     with pytest.raises(ValueError, match="rounds and calls must be >= 1"):
         time_steps({"a": Fake("a")}, tile=TILE, rounds=0)
 
