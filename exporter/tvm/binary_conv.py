@@ -115,8 +115,9 @@ def word_bits(shape: BinaryConvShape, variant: KernelVariant) -> int:
     2k | 2k+1 << 32), else the 32-bit words as packed; AVX2 / AVX-512 reduce a vector of 64-bit
     popcounts with one ``vpsadbw`` / have ``vpopcntq``. NEON: 16 bits, because ``cnt`` counts
     bytes and every widening step is another pairwise add: a uint16 lane's count is ``cnt`` plus
-    one ``uadalp`` into the accumulator, a uint64 lane's ``cnt`` plus three ``uaddlp`` and an
-    add. A uint16 sum holds 9 * C <= 65535 (C <= 7281 channels); wider layers keep 32 bits.
+    one ``uaddlp`` (fused with the accumulate into ``uadalp`` where no padding mask sits between,
+    as in the 1x1 kernels), a uint64 lane's ``cnt`` plus three ``uaddlp``. A uint16 sum holds
+    9 * C <= 65535 (C <= 7281 channels); wider layers keep 32 bits.
     """
     if variant is KernelVariant.ARM_NEON and shape.kernel ** 2 * shape.channels <= 0xFFFF:
         return 16
