@@ -21,8 +21,17 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "bidiff-s-x2.
 
 
 def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
+    """A freshly initialised network. An x0-predicting model (``prediction == "sample"``) gets a
+    zero last conv, so before any training its output is x0 = 0: the condition itself for the
+    ``residual`` formulation, never worse than bicubic."""
     cfg = get_config(config) if isinstance(config, str) else config
-    return BIDiffSRUNet(**cfg.network)
+    model = BIDiffSRUNet(**cfg.network)
+    if cfg.formulation.prediction == "sample":
+        with torch.no_grad():
+            last = model.final_conv.block[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+    return model
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,

@@ -99,6 +99,15 @@ def bidiff_s_x2() -> ModelConfig:
 
 
 @register_config
+def bidiff_s2_x2() -> ModelConfig:
+    return ModelConfig("bidiff-s2-x2", _net(inner_channel=32, norm_groups=8, channel_mults=[1, 2, 4],
+                                            dropout=0.0, image_size=64, fp_res=[64]),
+                       2, Formulation("residual", 4.0, "sample"),
+                       "x2: binary UNet with a full-precision top decoder level, predicts the "
+                       "residual x0 (a few DDIM steps)")
+
+
+@register_config
 def tiny_binary() -> ModelConfig:
     return ModelConfig("tiny-binary", _net(inner_channel=16, norm_groups=4, channel_mults=[1, 2],
                                            res_blocks=1, dropout=0.0, image_size=32, fp_res=[]),

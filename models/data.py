@@ -1,12 +1,16 @@
-"""Training pairs: random HR patches, their Pillow-bicubic LR and the shared bicubic condition.
+"""Training pairs: random HR patches, their LR and the shared bicubic condition.
 
-The degradation is the one users feed the model (Pillow BICUBIC downscaling, antialiased,
-rounded to 8-bit like a saved image); the condition is ``bidiff.runtime.bicubic``'s
+The degradation is ``bicubic`` (Pillow BICUBIC downscaling, antialiased, rounded to 8-bit like a
+saved image: what the first models trained on) or ``mixed``: per patch one of Pillow's
+antialiased bicubic, Lanczos, box (area) or bilinear downscalers, then with probability
+``JPEG_PROBABILITY`` a JPEG round trip at a quality drawn from ``JPEG_QUALITY``, so a model does
+not depend on one downscaler (users' photos come from many). The condition is ``bidiff.runtime.bicubic``'s
 INTER_CUBIC-compatible upscaling, the same function the device runs. Images are preloaded as
 uint8 arrays because decoding PNGs every step would cost more than the patch itself.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -20,6 +24,11 @@ from PIL import Image
 from bidiff.runtime.bicubic import upscale_condition
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEGRADATIONS = ("bicubic", "mixed")
+MIXED_RESAMPLERS = (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX,
+                    Image.Resampling.BILINEAR)
+JPEG_PROBABILITY = 0.3
+JPEG_QUALITY = (70, 95)             # inclusive range
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,35 @@ def load_images(folder: str | Path) -> list[np.ndarray]:
     return [load_rgb(p) for p in list_images(folder)]
 
 
-def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
-    """LR = Pillow BICUBIC (antialiased) downscale of an HWC uint8 image by ``scale``."""
+def downsample(hr: np.ndarray, scale: int,
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """LR = Pillow (antialiased) downscale of an HWC uint8 image by ``scale``."""
     h, w = hr.shape[:2]
     if h % scale or w % scale:
         raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {scale}")
-    img = Image.fromarray(hr).resize((w // scale, h // scale), Image.Resampling.BICUBIC)
+    img = Image.fromarray(hr).resize((w // scale, h // scale), resample)
     return np.asarray(img, dtype=np.uint8)
+
+
+def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
+    """HWC uint8 -> JPEG at ``quality`` (Pillow, 4:2:0) -> HWC uint8."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as dec:
+        return np.asarray(dec.convert("RGB"), dtype=np.uint8)
+
+
+def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generator) -> np.ndarray:
+    """The LR of one HWC uint8 HR patch under ``degradation`` (see the module docstring)."""
+    if degradation == "bicubic":
+        return downsample(hr, scale)
+    if degradation != "mixed":
+        raise ValueError(f"unknown degradation {degradation!r}; valid: {', '.join(DEGRADATIONS)}")
+    lr = downsample(hr, scale, MIXED_RESAMPLERS[rng.integers(0, len(MIXED_RESAMPLERS))])
+    if rng.random() < JPEG_PROBABILITY:
+        lr = jpeg_round_trip(lr, rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+    return lr
 
 
 def make_pair(hr: np.ndarray, scale: int) -> Batch:
@@ -79,12 +110,12 @@ def random_patch(image: np.ndarray, patch: int, rng: np.random.Generator) -> np.
 
 
 def sample_batch(images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
-                 rng: np.random.Generator) -> Batch:
+                 rng: np.random.Generator, degradation: str = "bicubic") -> Batch:
     """n random training pairs; images are drawn uniformly so small photos are not drowned out."""
     if patch % scale:
         raise ValueError(f"patch {patch} is not a multiple of the scale {scale}")
     hr = np.stack([random_patch(images[i], patch, rng) for i in rng.integers(0, len(images), n)])
-    lr = np.stack([downsample(p, scale) for p in hr])
+    lr = np.stack([degrade(p, scale, degradation, rng) for p in hr])
     lr = np.moveaxis(lr, -1, 1).astype(np.float32) / 255
     return Batch(hr=np.moveaxis(hr, -1, 1).astype(np.float32) / 255, lr=lr,
                  cond=upscale_condition(lr, scale))
@@ -104,8 +135,9 @@ def _set_worker_images(images: Sequence[np.ndarray]) -> None:
     _WORKER_IMAGES = images
 
 
-def _worker_batch(n: int, patch: int, scale: int, seed: int, step: int) -> Batch:
-    return sample_batch(_WORKER_IMAGES, n, patch=patch, scale=scale, rng=step_rng(seed, step))
+def _worker_batch(n: int, patch: int, scale: int, seed: int, degradation: str, step: int) -> Batch:
+    return sample_batch(_WORKER_IMAGES, n, patch=patch, scale=scale, rng=step_rng(seed, step),
+                        degradation=degradation)
 
 
 class BatchStream:
@@ -118,8 +150,8 @@ class BatchStream:
     """
 
     def __init__(self, images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
-                 seed: int, start: int, workers: int = 0) -> None:
-        self._args = (n, patch, scale, seed)
+                 seed: int, start: int, workers: int = 0, degradation: str = "bicubic") -> None:
+        self._args = (n, patch, scale, seed, degradation)
         self._images = images
         self._next = start  # step of the batch __next__ returns
         self._ahead = start  # step of the next batch handed to a worker
@@ -141,9 +173,9 @@ class BatchStream:
 
     def __next__(self) -> Batch:
         if self._pool is None:
-            n, patch, scale, seed = self._args
+            n, patch, scale, seed, degradation = self._args
             batch = sample_batch(self._images, n, patch=patch, scale=scale,
-                                 rng=step_rng(seed, self._next))
+                                 rng=step_rng(seed, self._next), degradation=degradation)
         else:
             batch = self._queue.popleft().result()
             self._submit()

@@ -4,7 +4,8 @@ Objective (official): eps-prediction with an L1 loss, T = 2000 linear schedule
 (``bidiff.runtime.schedule``), ONE timestep per batch (the network picks its expert group from
 t[0]), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, Adam betas (0.9, 0.99). What x0 is comes
 from the model config's formulation (``official``: the HR image; ``residual``:
-4 (HR - condition)).
+4 (HR - condition)), and so does what the loss compares: eps, or x0 itself for a model whose
+``prediction`` is ``sample``.
 
 Additions for a small model on few cores (documented in docs/TRAINING.md): an EMA of the
 weights whose decay warms up as min(decay, (1 + n) / (10 + n)) so early exports are not
@@ -37,7 +38,7 @@ from torch import nn
 
 from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import read_metadata
-from bidiff.models.data import BatchStream, load_images
+from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
 from bidiff.runtime.schedule import alphas_cumprod
 
 STATE_FILE = "state.pt"
@@ -57,6 +58,7 @@ class TrainConfig:
     warmup_steps: int = 500
     decay_start: int = 0
     min_lr: float = 1e-6
+    degradation: str = "bicubic"
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 50
@@ -65,6 +67,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: constant, cosine")
+        if self.degradation not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation {self.degradation!r}; valid: {', '.join(DEGRADATIONS)}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -97,12 +101,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: int,
                    noise: torch.Tensor, model_config: ModelConfig,
                    abar: torch.Tensor) -> torch.Tensor:
-    """L1 between the true and predicted eps at one timestep ``t`` for the whole batch."""
-    x0 = model_config.formulation.target(hr, cond)
+    """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
+    timestep ``t`` for the whole batch."""
+    form = model_config.formulation
+    x0 = form.target(hr, cond)
     a = abar[t]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
-    return (model(x_t, cond, t_batch) - noise).abs().mean()
+    want = x0 if form.prediction == "sample" else noise
+    return (model(x_t, cond, t_batch) - want).abs().mean()
 
 
 def hardware_description(device: torch.device) -> str:
@@ -253,7 +260,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     t_ckpt = t_log = time.monotonic()
     run.model.train()
     batches = BatchStream(images, cfg.batch, patch=cfg.patch, scale=scale, seed=cfg.seed,
-                          start=run.step, workers=workers)
+                          start=run.step, workers=workers, degradation=cfg.degradation)
     stop: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}

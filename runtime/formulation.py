@@ -1,10 +1,17 @@
-"""What the diffusion sample x0 means for a model, recorded in checkpoints and artifacts.
+"""What the diffusion sample x0 means for a model, and what its network predicts; recorded in
+checkpoints and artifacts.
 
+``type`` (what x0 is):
 - ``official``: x0 is the HR image itself in [0, 1] (BI-DiffSR / SR3 as released); the
   official checkpoints use it.
 - ``residual``: x0 = residual_scale * (HR - cond), the HR detail missing from the bicubic
   condition, scaled into the [-1, 1] clipping range. A small model learns it far faster
-  (TRAINING_NOTES.md): at init its output is already the bicubic image.
+  (docs/TRAINING.md): at init its output is already the bicubic image.
+
+``prediction`` (what the network outputs, as diffusers' ``prediction_type``):
+- ``epsilon``: the noise (the paper's objective; every sampler step adds its error);
+- ``sample``: x0 itself. With a zero-initialised last conv the network starts at x0 = 0, i.e.
+  at the condition for ``residual``, and a few DDIM steps suffice (docs/TRAINING.md).
 """
 from __future__ import annotations
 
@@ -15,21 +22,33 @@ import numpy as np
 
 FormulationType = Literal["official", "residual"]
 FORMULATIONS = ("official", "residual")
+PredictionType = Literal["epsilon", "sample"]
+PREDICTIONS = ("epsilon", "sample")
 
 
 @dataclass(frozen=True)
 class Formulation:
     type: FormulationType = "official"
     residual_scale: float = 4.0
+    prediction: PredictionType = "epsilon"
 
     def __post_init__(self) -> None:
         if self.type not in FORMULATIONS:
             raise ValueError(f"unknown formulation {self.type!r}; valid: {', '.join(FORMULATIONS)}")
         if not self.residual_scale > 0:
             raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
 
     def to_dict(self) -> dict:
-        return asdict(self) if self.type == "residual" else {"type": "official"}
+        """Only what differs from the paper is written, so older checkpoints and artifacts
+        (which know no ``prediction``) keep their exact bytes."""
+        d = asdict(self) if self.type == "residual" else {"type": "official"}
+        if self.prediction == "epsilon":
+            d.pop("prediction", None)
+        else:
+            d["prediction"] = self.prediction
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Formulation":

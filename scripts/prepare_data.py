@@ -1,7 +1,10 @@
 """Build the training set offline from package archives: `python scripts/prepare_data.py`.
 
-Sources (issue 3): the photographs bundled in the scikit-image 0.26.0 wheel and the nature
-photographs of Debian's ``mate-backgrounds``. Synthetic images (charts, logos, text, line art,
+Sources: the photographs bundled in the scikit-image 0.26.0 and scikit-learn 1.9.1 wheels, the
+nature photographs of Debian's ``mate-backgrounds`` and the photographs among the sample data
+of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
+skipped). The wallpapers of ``gnome-backgrounds``, ``ukui-wallpapers`` and ``sway-backgrounds``
+were looked at and are all renderings, so none is used. Synthetic images (charts, logos, text, line art,
 gradients, the painted wallpapers) are skipped, and so is ``motorcycle_right`` (a stereo twin
 of ``motorcycle_left`` that would leak across the split). Matplotlib's sample data and the
 plasma/lomiri wallpapers are reserved for independent evaluation and never touched here.
@@ -33,7 +36,22 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", 
 MATE_PACKAGE = "mate-backgrounds"
 MATE_PHOTO_DIR = "usr/share/backgrounds/mate/nature"
 # Chosen by hand for variety (grey, colour, texture, smooth bokeh), fixed by name.
-HELDOUT = ("skimage-camera", "skimage-coffee", "skimage-rocket", "mate-Dune", "mate-LadyBird")
+SKLEARN_VERSION = "1.9.1"
+SKLEARN_PHOTOS = ("china", "flower")
+OPENCV_PACKAGE = "opencv-doc"
+OPENCV_DATA_DIR = "usr/share/doc/opencv-doc/examples/data"
+# Photographs only; of a stereo or viewpoint pair both halves go to the same split.
+OPENCV_PHOTOS = ("aero1", "aero3", "aloeL", "apple", "baboon", "basketball1", "board",
+                 "box_in_scene", "building", "butterfly", "chicky_512", "ela_original", "fruits",
+                 "graf1", "graf3", "home", "leuvenA", "leuvenB", "messi5", "orange",
+                 "rubberwhale1", "squirrel_cls", "stuff")
+# Chosen by hand for variety (grey, colour, texture, smooth bokeh, architecture, fur, faces,
+# aerial views), fixed by name. The first five are easy (bicubic scores about 36 dB on them);
+# the opencv photographs are typical (about 28 dB).
+HELDOUT = ("skimage-camera", "skimage-coffee", "skimage-rocket", "mate-Dune", "mate-LadyBird",
+           "opencv-aero1", "opencv-aero3", "opencv-baboon", "opencv-building", "opencv-butterfly",
+           "opencv-fruits", "opencv-home", "opencv-leuvenA", "opencv-leuvenB", "opencv-messi5",
+           "opencv-squirrel_cls")
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -52,20 +70,42 @@ def skimage_photos(cache: Path) -> dict[str, bytes]:
         return {f"skimage-{p}": whl.read(files[p]) for p in SKIMAGE_PHOTOS}
 
 
-def mate_photos(cache: Path) -> dict[str, bytes]:
-    """Encoded photo bytes from the mate-backgrounds .deb (apt-get download, no root install)."""
-    debs = sorted(cache.glob(f"{MATE_PACKAGE}_*.deb"))
+def sklearn_photos(cache: Path) -> dict[str, bytes]:
+    """The two sample photographs of the scikit-learn wheel."""
+    wheels = sorted(cache.glob(f"scikit_learn-{SKLEARN_VERSION}-*.whl"))
+    if not wheels:
+        _run([sys.executable, "-m", "pip", "download", f"scikit-learn=={SKLEARN_VERSION}",
+              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
+        wheels = sorted(cache.glob(f"scikit_learn-{SKLEARN_VERSION}-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as whl:
+        return {f"sklearn-{p}": whl.read(f"sklearn/datasets/images/{p}.jpg") for p in SKLEARN_PHOTOS}
+
+
+def _deb_files(cache: Path, package: str, folder: str) -> dict[str, bytes]:
+    """Files of one folder of a Debian package (apt-get download + dpkg -x, no root install)."""
+    debs = sorted(cache.glob(f"{package}_*.deb"))
     if not debs:
         try:
-            _run(["apt-get", "download", MATE_PACKAGE], cache)
+            _run(["apt-get", "download", package], cache)
         except subprocess.CalledProcessError:
             _run(["apt-get", "update"], cache)
-            _run(["apt-get", "download", MATE_PACKAGE], cache)
-        debs = sorted(cache.glob(f"{MATE_PACKAGE}_*.deb"))
+            _run(["apt-get", "download", package], cache)
+        debs = sorted(cache.glob(f"{package}_*.deb"))
     with tempfile.TemporaryDirectory() as tmp:
         _run(["dpkg", "-x", str(debs[0].resolve()), tmp], cache)
-        photos = sorted((Path(tmp) / MATE_PHOTO_DIR).glob("*.jpg"))
-        return {f"mate-{p.stem}": p.read_bytes() for p in photos}
+        return {p.name: p.read_bytes() for p in sorted((Path(tmp) / folder).iterdir()) if p.is_file()}
+
+
+def mate_photos(cache: Path) -> dict[str, bytes]:
+    """The nature photographs of mate-backgrounds."""
+    files = _deb_files(cache, MATE_PACKAGE, MATE_PHOTO_DIR)
+    return {f"mate-{Path(n).stem}": b for n, b in files.items() if n.endswith(".jpg")}
+
+
+def opencv_photos(cache: Path) -> dict[str, bytes]:
+    """The photographs (``OPENCV_PHOTOS``) among opencv-doc's sample data."""
+    files = {Path(n).stem: b for n, b in _deb_files(cache, OPENCV_PACKAGE, OPENCV_DATA_DIR).items()}
+    return {f"opencv-{p}": files[p] for p in OPENCV_PHOTOS}
 
 
 def to_training_image(data: bytes, max_side: int) -> Image.Image:
@@ -81,7 +121,8 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
     """Write data/train and data/heldout PNGs plus a manifest; returns the manifest."""
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    sources = {**skimage_photos(cache), **mate_photos(cache)}
+    sources = {**skimage_photos(cache), **sklearn_photos(cache), **mate_photos(cache),
+               **opencv_photos(cache)}
     missing = sorted(set(HELDOUT) - set(sources))
     if missing:
         raise SystemExit(f"held-out images missing from the sources: {', '.join(missing)}")

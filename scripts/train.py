@@ -23,6 +23,7 @@ _FLAGS = {  # TrainConfig field -> help
     "warmup_steps": "linear LR warm-up steps",
     "decay_start": "step where the cosine decay starts (>= warm-up)",
     "min_lr": "final LR of the cosine",
+    "degradation": "LR degradation: bicubic | mixed (downscalers + JPEG)",
     "ema_decay": "maximum EMA decay (warmed up as (1+n)/(10+n))",
     "seed": "seed of init, data and noise",
     "log_every": "steps per log line",
