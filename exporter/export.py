@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bidiff.runtime.artifact import (FORMAT_VERSION, ArtifactWriter, GroupInfo, Manifest, ModelInfo,
+from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelInfo, required_format_version,
                                      TargetInfo, host_info, sha256_file)
 from bidiff.runtime.binary_op import OP_VERSION
 
@@ -179,11 +179,12 @@ def _tuned_sampler(ckpt_path: Path) -> dict:
         raise ExportError(str(e)) from None
 
 
-def _graph_metadata(cfg, ckpt_sha: str) -> dict[str, str]:
+def _graph_metadata(cfg, ckpt_sha: str, sampler: dict) -> dict[str, str]:
     from bidiff.runtime.artifact import _bidiff_version
+    version = required_format_version(cfg.formulation.to_dict(), sampler["timestep_spacing"])
     return {"config": cfg.to_json(), "config_name": cfg.name, "scale": str(cfg.scale),
             "formulation": json.dumps(cfg.formulation.to_dict(), sort_keys=True),
-            "bidiff_version": _bidiff_version(), "format_version": str(FORMAT_VERSION),
+            "bidiff_version": _bidiff_version(), "format_version": str(version),
             "checkpoint_sha256": ckpt_sha}
 
 
@@ -307,7 +308,8 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 bar.update(1)
 
             ckpt_sha = sha256_file(ckpt_path)
-            meta = _graph_metadata(cfg, ckpt_sha)
+            sampler = _tuned_sampler(ckpt_path)
+            meta = _graph_metadata(cfg, ckpt_sha, sampler)
             from .onnx_export import write_onnx_graphs
             paths = write_onnx_graphs(model, writer.staging / ONNX_DIR, tile=tile, binary=True,
                                       metadata=meta, progress=lambda m: step(m))
@@ -318,8 +320,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                                 formulation=cfg.formulation.to_dict(), checkpoint_sha256=ckpt_sha),
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
-                **_tuned_sampler(ckpt_path),
-                versions=_versions())
+                **sampler, versions=_versions())
             if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
                 bar.set_postfix_str(f"compiling for {spec.name}")
                 try:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bidiff.runtime.consistency import check_back_projection
-from bidiff.runtime.schedule import check_time_shift, check_time_shifts
+from bidiff.runtime.schedule import check_time_shift, check_time_shifts, check_timestep_spacing
 
 from .configs import ModelConfig, get_config
 from .unet import BIDiffSRUNet
@@ -51,21 +51,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-SAMPLER_METADATA: dict[str, Callable[[object], Any]] = {
-    "time_shift": check_time_shift,            # schedule.DDIMScheduler, at the default steps
-    "time_shifts": check_time_shifts,          # {steps: shift} (schedule.time_shift_for)
-    "back_projection": check_back_projection,  # consistency.back_project
+SAMPLER_METADATA: dict[str, tuple[Callable[[object], Any], str]] = {
+    "time_shift": (check_time_shift, "0"),             # schedule.DDIMScheduler, at the default steps
+    "time_shifts": (check_time_shifts, "{}"),          # {steps: shift} (schedule.time_shift_for)
+    "back_projection": (check_back_projection, "0"),   # consistency.back_project
+    "timestep_spacing": (check_timestep_spacing, "leading"),   # schedule.DDIMScheduler
 }
-"""Sampler settings measured for a checkpoint (scripts/tune_sampler.py) and stored in its
-metadata; exports copy them into the manifest. 0 (the official sampler) where absent."""
+"""Sampler settings measured for a checkpoint (scripts/tune_sampler.py, scripts/eval.py) and
+stored in its metadata, with the value where absent (the official sampler); exports copy them
+into the manifest."""
 
 
 def checkpoint_sampler(meta: Mapping[str, str], source: str) -> dict[str, Any]:
     """The checkpoint's tuned sampler settings, one value per ``SAMPLER_METADATA`` key (ints;
     the ``time_shifts`` table as {str(steps): shift}, as the manifest stores it)."""
     settings: dict[str, Any] = {}
-    for key, check in SAMPLER_METADATA.items():
-        value = meta.get(key, "{}" if key == "time_shifts" else "0")
+    for key, (check, default) in SAMPLER_METADATA.items():
+        value = meta.get(key, default)
         try:
             settings[key] = check(int(value) if value.isdigit() else value)
         except ValueError as e:

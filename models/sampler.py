@@ -30,12 +30,14 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
            noise: torch.Tensor | None = None, seed: int = 0,
            formulation: Formulation | None = None, dtype: torch.dtype = torch.float32,
            time_shift: int = 0, lr: np.ndarray | None = None, back_projection: int = 0,
-           record: bool = False) -> SampleResult:
+           timestep_spacing: str = "leading", record: bool = False) -> SampleResult:
     """DDIM (eta = 0) from x_T to x0 for a condition [B, 3, H, W] (any H, W).
 
     The condition is reflect-padded (bottom/right) to the model's input multiple, x_T is
     ``noise`` (padded size) or N(0, 1) from ``torch.Generator().manual_seed(seed)``; the result
-    is cropped back and clamped to [0, 1]. ``time_shift``: see ``DDIMScheduler`` (0 = official).
+    is cropped back and clamped to [0, 1]. ``time_shift``, ``timestep_spacing``: see
+    ``DDIMScheduler`` (0 and "leading" = official); the network's output is ε or x0 as
+    ``formulation.prediction`` says (``eps`` records it either way).
     ``back_projection``: rounds of ``consistency.back_project`` onto ``lr`` [B, 3, h, w] (the
     LR image the condition was upscaled from) before clamping, as the device sampler does.
     """
@@ -51,7 +53,8 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
         noise = torch.randn(cond_p.shape, generator=torch.Generator().manual_seed(seed))
     if tuple(noise.shape) != tuple(cond_p.shape):
         raise ValueError(f"noise must have the padded shape {tuple(cond_p.shape)}, got {tuple(noise.shape)}")
-    sched = DDIMScheduler(time_shift=time_shift)
+    sched = DDIMScheduler(time_shift=time_shift, timestep_spacing=timestep_spacing,
+                          prediction_type=form.prediction)
     timesteps = sched.set_timesteps(steps)
     x = noise.to(dtype)
     result = SampleResult(image=x, raw=x)

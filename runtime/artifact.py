@@ -50,13 +50,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .consistency import check_back_projection
-from .schedule import check_time_shift, check_time_shifts, time_shift_for
+from .formulation import Formulation
+from .schedule import check_time_shift, check_time_shifts, check_timestep_spacing, time_shift_for
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # 1: the first format. 2: the sampler fields ``time_shift``, ``time_shifts``, ``back_projection``
 # (a version-1 reader ignores unknown keys, so it would sample such an artifact differently
 # without a word; it refuses version 2 instead). Version-1 artifacts read as ever (the fields
-# absent = 0 / {} = the paper's sampler).
+# absent = 0 / {} = the paper's sampler). 3: ``model.formulation.prediction`` ("sample": the
+# graphs output x0, not ε) and ``timestep_spacing`` ("trailing"). The writer stamps the lowest
+# version that describes the artifact, so an ε-model with the paper's spacing stays version 2
+# (byte-identical re-exports) and a version-2 reader refuses exactly the artifacts it would
+# sample wrongly.
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".bidiff"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -106,6 +111,7 @@ class Manifest:
     time_shift: int = 0         # sampler: eps at max(0, t - time_shift) (schedule.DDIMScheduler)
     time_shifts: dict[str, int] = field(default_factory=dict)   # per measured step count (JSON keys)
     back_projection: int = 0    # sampler: LR-consistency iterations (consistency.back_project)
+    timestep_spacing: str = "leading"   # sampler: schedule.DDIMScheduler's spacing
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     target: TargetInfo | None = None
     library: str | None = None
@@ -128,9 +134,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         order = ["format_version", "bidiff_version", "model", "groups", "tile", "input_multiple",
-                 "default_steps", "time_shift", "time_shifts", "back_projection", "value_range", "target", "library", "backends", "versions",
-                 "files"]
+                 "default_steps", "time_shift", "time_shifts", "back_projection", "timestep_spacing",
+                 "value_range", "target", "library", "backends", "versions", "files"]
+        if self.required_version() < 3:
+            order.remove("timestep_spacing")
         return {k: d[k] for k in order}
+
+    def required_version(self) -> int:
+        """The lowest format version whose readers sample this artifact correctly."""
+        return required_format_version(self.model.formulation, self.timestep_spacing)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -163,7 +175,9 @@ class Manifest:
             check_time_shift(self.time_shift)
             check_time_shifts(self.time_shifts)
             check_back_projection(self.back_projection)
-        except ValueError as e:
+            check_timestep_spacing(self.timestep_spacing)
+            Formulation.from_dict(self.model.formulation)
+        except (ValueError, TypeError) as e:
             raise bad(str(e)) from None
         if not self.groups:
             raise bad("no groups")
@@ -188,7 +202,8 @@ class Manifest:
         shift = (f", time shift {self.time_shift}" if self.time_shift or others else "") + (
             " (" + ", ".join(f"{n} steps: {v}" for n, v in sorted(others.items(), reverse=True)) + ")"
             if others else "")
-        return shift + (f", back-projection x{self.back_projection}" if self.back_projection else "")
+        return (f", {self.timestep_spacing} spacing" if self.timestep_spacing != "leading" else "") \
+            + shift + (f", back-projection x{self.back_projection}" if self.back_projection else "")
 
     def time_shift_for(self, steps: int) -> int:
         """The sampler time shift measured for ``steps`` (``schedule.time_shift_for``); artifacts
@@ -208,7 +223,8 @@ class Manifest:
         lines = [
             f"format      {self.format_version} (bidiff {self.bidiff_version})",
             f"model       {self.model.name}  x{self.model.scale}  formulation "
-            f"{self.model.formulation.get('type', 'official')}",
+            f"{self.model.formulation.get('type', 'official')}, predicts "
+            f"{self.model.formulation.get('prediction', 'epsilon')}",
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
             f"steps       {self.default_steps} by default" + self._sampler_summary(),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),
@@ -226,6 +242,13 @@ _MANIFEST_FIELDS = {f.name for f in dataclasses.fields(Manifest)}
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names}
+
+
+def required_format_version(formulation: dict[str, Any], timestep_spacing: str) -> int:
+    """3 for an x0-predicting model or a non-leading spacing (see ``FORMAT_VERSION``), else 2."""
+    if timestep_spacing != "leading" or formulation.get("prediction", "epsilon") != "epsilon":
+        return 3
+    return 2
 
 
 def check_format_version(v: Any, *, source: str = "manifest") -> int:
@@ -288,7 +311,7 @@ def write_artifact(staging_dir: str | os.PathLike, manifest: Manifest) -> Manife
     """
     root = Path(staging_dir)
     manifest.files = {rel: sha256_file(root / rel) for rel in _tree_files(root)}
-    manifest.format_version = FORMAT_VERSION
+    manifest.format_version = manifest.required_version()
     if manifest.target is not None:
         manifest.target.features = sorted({cpuinfo_feature(f) for f in manifest.target.features})
     manifest.validate()
@@ -602,6 +625,6 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST", "ARCHIVE_SUFFIX", "ArtifactError", "ModelInfo", "GroupInfo",
     "TargetInfo", "Manifest", "Artifact", "ArtifactWriter", "write_artifact", "make_staging_dir",
     "publish", "pack_archive", "read_artifact", "verify_files", "file_status", "sha256_file",
-    "check_format_version", "check_target", "target_mismatch", "host_info", "HostInfo",
+    "check_format_version", "required_format_version", "check_target", "target_mismatch", "host_info", "HostInfo",
     "normalize_arch", "cpuinfo_feature", "default_cache_dir",
 ]

@@ -3,10 +3,11 @@
 1. cond = bicubic x scale of the LR image (``bicubic.upscale_condition``), reflect-padded up to
    one tile where the image is smaller than a tile.
 2. x_T ~ N(0, 1), float32, of the padded HR size, from ``np.random.default_rng(seed)``.
-3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0), the network timestep
-   t' = max(0, t - time_shift) (0 unless the model was tuned with one) and its group
-   k = timestep_group(t'): run the network on every tile (one at a time), blend the ε estimates in the overlaps with
-   the tile windows (``tiling``), then take one DDIM step on the whole image.
+3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0, the artifact's timestep
+   spacing), the network timestep t' = max(0, t - time_shift) (0 unless the model was tuned
+   with one) and its group k = timestep_group(t'): run the network on every tile (one at a
+   time), blend its outputs (ε, or x0 for an x0-predicting model) in the overlaps with the tile
+   windows (``tiling``), then take one DDIM step on the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size, back-projected onto the
    LR image ``back_projection`` times (``consistency``; 0 unless the model was tuned with it)
    and clamped to [0, 1].
@@ -39,11 +40,12 @@ views, valid during the call), for step-by-step comparisons with a reference sam
 
 
 class EpsModel(Protocol):
-    """What the sampler needs from a backend: ε for one tile of one group."""
+    """What the sampler needs from a backend: the network output (ε or x0, as the model's
+    ``Formulation.prediction`` says) for one tile of one group."""
     tile: int
 
     def run(self, group: int, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> eps float32 [1, 3, S, S]."""
+        """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> output float32 [1, 3, S, S]."""
 
 
 def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -58,8 +60,8 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
            steps: int = 50, seed: int = 0, overlap: int | None = None, time_shift: int = 0,
-           back_projection: int = 0, progress: Progress | None = None,
-           on_step: StepHook | None = None) -> np.ndarray:
+           back_projection: int = 0, timestep_spacing: str = "leading",
+           progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
     ``overlap`` (HR pixels between neighbouring tiles) defaults to a quarter of the tile.
@@ -70,7 +72,8 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
         raise ValueError(f"lr must be [3, h, w], got {lr.shape}")
     tile = int(model.tile)
     back_projection = check_back_projection(back_projection)
-    sched = schedule.DDIMScheduler(time_shift=time_shift)
+    sched = schedule.DDIMScheduler(time_shift=time_shift, timestep_spacing=timestep_spacing,
+                                   prediction_type=formulation.prediction)
     timesteps = sched.set_timesteps(steps)
 
     cond, (hr_h, hr_w) = pad_to_tile(upscale_condition(lr, scale), tile)

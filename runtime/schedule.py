@@ -20,6 +20,8 @@ NUM_TRAIN_TIMESTEPS = 2000
 BETA_START = 1e-6
 BETA_END = 1e-2
 NUM_GROUPS = 5
+TIMESTEP_SPACINGS = ("leading", "trailing")
+PREDICTION_TYPES = ("epsilon", "sample")
 
 
 @lru_cache(maxsize=None)
@@ -102,6 +104,13 @@ def check_time_shifts(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> 
     return dict(sorted(table.items()))
 
 
+def check_timestep_spacing(value: object) -> str:
+    """A DDIM timestep spacing name (raises ValueError otherwise)."""
+    if value not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {value!r}")
+    return str(value)
+
+
 def time_shift_for(steps: int, table: Mapping[int, int], default: int) -> int:
     """The measured shift for ``steps``: the table's entry for the nearest measured step count
     (on a log scale, ties to the fewer steps), or ``default`` when the table is empty.
@@ -123,10 +132,20 @@ class DDIMStepOutput:
 
 
 class DDIMScheduler:
-    """Deterministic DDIM (eta = 0) with "leading" timestep spacing, as the official sampler.
+    """Deterministic DDIM (eta = 0), as diffusers' ``DDIMScheduler``.
 
     Two phases, as in diffusers: ``set_timesteps(n)`` fills ``timesteps``; ``step`` then
-    consumes them in order. With 50 steps: t = 1960, 1920, ..., 40, 0.
+    consumes them in order. ``timestep_spacing``:
+
+    - ``leading`` (the official sampler): t = (n-1)·T/n, ..., T/n, 0; with 50 steps
+      1960, 1920, ..., 40, 0. Its first step is not at the last timestep, which does not matter
+      for 50 steps but does for a few (one step would be t = 0 on pure noise);
+    - ``trailing``: t = T-1, T-1-T/n, ..., T/n-1 (diffusers' "trailing"); with 5 steps
+      1999, 1599, 1199, 799, 399: the first step sees pure noise, as in training, and each of
+      the five expert groups is visited once.
+
+    ``prediction_type`` says what ``model_output`` is: ``epsilon`` (the noise, the paper's) or
+    ``sample`` (x0 itself; ε is then derived from x_t and x0 for the update).
 
     ``time_shift`` (default 0, the official sampler): the network is asked for eps at
     ``model_timesteps = max(0, t - time_shift)`` while the update uses t. Along a sampling
@@ -138,10 +157,13 @@ class DDIMScheduler:
 
     def __init__(self, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                  beta_start: float = BETA_START, beta_end: float = BETA_END,
-                 timestep_spacing: Literal["leading"] = "leading", clip_sample: bool = True,
+                 timestep_spacing: Literal["leading", "trailing"] = "leading",
+                 prediction_type: Literal["epsilon", "sample"] = "epsilon", clip_sample: bool = True,
                  clip_range: float = 1.0, time_shift: int = 0) -> None:
-        if timestep_spacing != "leading":
-            raise ValueError(f"timestep_spacing {timestep_spacing!r} is not supported; valid: 'leading'")
+        self.timestep_spacing = check_timestep_spacing(timestep_spacing)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
         self.num_train_timesteps = num_train_timesteps
         self.time_shift = check_time_shift(time_shift, num_train_timesteps)
         self.alphas_cumprod = alphas_cumprod(num_train_timesteps, beta_start, beta_end)
@@ -154,8 +176,12 @@ class DDIMScheduler:
         n = int(num_inference_steps)
         if not 1 <= n <= self.num_train_timesteps:
             raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {num_inference_steps}")
-        ratio = self.num_train_timesteps // n
-        self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
+        if self.timestep_spacing == "leading":
+            ratio = self.num_train_timesteps // n
+            self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
+        else:
+            ratio = self.num_train_timesteps / n
+            self.timesteps = (np.round(np.arange(self.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1)
         self.model_timesteps = np.maximum(self.timesteps - self.time_shift, 0)
         return self.timesteps
 
@@ -181,10 +207,18 @@ class DDIMScheduler:
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else f32(1.0)
         sqrt_a_t, sqrt_1m_a_t = (dtype.type(np.sqrt(a_t)), dtype.type(np.sqrt(f32(1) - a_t)))
         sqrt_a_prev, sqrt_1m_a_prev = (dtype.type(np.sqrt(a_prev)), dtype.type(np.sqrt(f32(1) - a_prev)))
-        # 2. x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped
-        x0 = (sample - sqrt_1m_a_t * model_output) / sqrt_a_t
-        if self.clip_sample:
-            x0 = np.clip(x0, -self.clip_range, self.clip_range).astype(dtype, copy=False)
+        if self.prediction_type == "epsilon":
+            # 2. x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped
+            eps = model_output
+            x0 = (sample - sqrt_1m_a_t * eps) / sqrt_a_t
+            if self.clip_sample:
+                x0 = np.clip(x0, -self.clip_range, self.clip_range).astype(dtype, copy=False)
+        else:
+            # 2'. x0 predicted, clipped; eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)
+            x0 = model_output.astype(dtype, copy=False)
+            if self.clip_sample:
+                x0 = np.clip(x0, -self.clip_range, self.clip_range).astype(dtype, copy=False)
+            eps = (sample - sqrt_a_t * x0) / sqrt_1m_a_t
         # 3. x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps   (eta = 0: no fresh noise)
-        prev = sqrt_a_prev * x0 + sqrt_1m_a_prev * model_output
+        prev = sqrt_a_prev * x0 + sqrt_1m_a_prev * eps
         return DDIMStepOutput(prev_sample=prev.astype(dtype, copy=False), pred_original_sample=x0)

@@ -84,7 +84,7 @@ def art(tmp_path_factory) -> Path:
 def test_round_trip_and_checksums(art: Path) -> None:
     a = A.read_artifact(art)
     m = a.manifest
-    assert m.format_version == A.FORMAT_VERSION and m.tile == TILE and m.model.scale == 2
+    assert m.format_version == 2 and m.tile == TILE and m.model.scale == 2   # an ε-model: 2
     assert sorted(m.files) == [f"onnx/group_{k}.onnx" for k in range(5)]
     for rel, digest in m.files.items():
         assert A.sha256_file(art / rel) == digest
@@ -102,7 +102,7 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
     with pytest.raises(A.ArtifactError, match="group_3.onnx is missing"):
         A.read_artifact(root)
     edit_manifest(root, format_version=A.FORMAT_VERSION + 1)
-    with pytest.raises(A.ArtifactError, match=r"artifact format 3 is newer than this runtime supports \(2\): upgrade bidiff"):
+    with pytest.raises(A.ArtifactError, match=r"artifact format 4 is newer than this runtime supports \(3\): upgrade bidiff"):
         A.read_artifact(root)
     edit_manifest(root, format_version=1, files={"../etc/passwd": "0" * 64})
     with pytest.raises(A.ArtifactError, match="unsafe path"):
@@ -124,6 +124,31 @@ def test_version_1_artifact_reads_with_the_papers_sampler(tmp_path: Path) -> Non
     assert m.time_shift_for(50) == 0
 
 
+@pytest.mark.parametrize("formulation,spacing,version", [
+    ({"type": "official"}, "leading", 2),
+    ({"type": "residual", "residual_scale": 4.0}, "leading", 2),
+    ({"type": "residual", "residual_scale": 4.0, "prediction": "sample"}, "leading", 3),
+    ({"type": "official"}, "trailing", 3),
+])
+def test_x0_prediction_and_spacing_round_trip_as_format_3(tmp_path: Path, formulation, spacing,
+                                                          version) -> None:
+    """The writer stamps the lowest version that describes the sampler, so a version-2 reader
+    refuses exactly the artifacts it would sample wrongly; the fields survive the round trip."""
+    m = tiny_manifest()
+    m.model.formulation, m.timestep_spacing = formulation, spacing
+    root = tmp_path / "a"
+    with A.ArtifactWriter(root) as w:
+        for k in range(5):
+            (w.staging / "onnx").mkdir(exist_ok=True)
+            (w.staging / f"onnx/group_{k}.onnx").write_bytes(fake_group_onnx(k, TILE))
+        w.finish(m)
+    d = json.loads((root / A.MANIFEST).read_text())
+    assert d["format_version"] == version
+    assert ("timestep_spacing" in d) == (version == 3)       # version-2 manifests keep their bytes
+    got = A.read_artifact(root).manifest
+    assert (got.model.formulation, got.timestep_spacing) == (formulation, spacing)
+
+
 @pytest.mark.parametrize("field,bad,message", [
     ("time_shift", -5, r"time_shift must be an integer in 0\.\.1999, got -5"),
     ("back_projection", 17, r"back_projection must be an integer in 0\.\.16, got 17"),
@@ -141,6 +166,20 @@ def test_sampler_fields(tmp_path: Path, field: str, bad: int, message: str) -> N
     assert getattr(A.read_artifact(root).manifest, field) == empty
     edit_manifest(root, **{field: bad})
     with pytest.raises(A.ArtifactError, match=rf"^manifest is malformed \({message}\): re-export the artifact$"):
+        A.read_artifact(root)
+
+
+def test_unknown_spacing_or_prediction_is_malformed(tmp_path: Path) -> None:
+    root = make_fake_artifact(tmp_path / "a")
+    edit_manifest(root, timestep_spacing="linspace")
+    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(timestep_spacing must be one of "
+                                              r"leading, trailing, got 'linspace'\): re-export the artifact$"):
+        A.read_artifact(root)
+    edit_manifest(root, timestep_spacing="trailing",
+                  model={"name": "fake", "network": {}, "scale": 2,
+                         "formulation": {"type": "residual", "prediction": "v"}})
+    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(unknown prediction 'v'; valid: "
+                                              r"epsilon, sample\): re-export the artifact$"):
         A.read_artifact(root)
 
 

@@ -65,6 +65,60 @@ def test_onnxruntime_matches_pytorch_step_by_step(exported) -> None:
     assert diff.mean() < 1e-4 and np.percentile(diff, 99.9) < 2e-3, (diff.mean(), diff.max())
 
 
+@pytest.fixture(scope="module")
+def exported_x0(tmp_path_factory):
+    """The tiny network as an x0 predictor whose checkpoint recommends 4 trailing steps."""
+    from dataclasses import replace
+    from bidiff.runtime.formulation import Formulation
+    d = tmp_path_factory.mktemp("e2e_x0")
+    cfg = replace(get_config("tiny-binary"), formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(1)
+    model = create_model(cfg)
+    assert not model.final_conv.block[-1].weight.any()         # x0 head starts at zero
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = d / "tiny_x0.safetensors"
+    save_checkpoint(ckpt, model, cfg, extra_metadata={"default_steps": "4", "timestep_spacing": "trailing",
+                                                      "back_projection": "2"})
+    art = exporter.export_artifact(ckpt, target="onnx", out=d / "tiny_x0", tile=TILE, progress=False,
+                                   measure_float=False).path
+    set_deploy(model, True)
+    model.eval()
+    return art, model, cfg
+
+
+def test_x0_model_numpy_sampler_matches_pytorch_step_by_step(exported_x0) -> None:
+    """prediction = sample through export, manifest and both samplers (trailing spacing: the
+    network sees t = 1999, 1499, 999, 499, groups 4, 3, 2, 1)."""
+    art, model, cfg = exported_x0
+    up = runtime.load(art, backend="onnxruntime", threads=1)
+    m = up.manifest
+    assert (m.format_version, m.default_steps, m.timestep_spacing, m.back_projection) == (3, 4, "trailing", 2)
+    assert up.formulation.prediction == "sample"
+    lr = np.random.default_rng(5).random((3, TILE // 2, TILE // 2), dtype=np.float32)
+    seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+    out = rt_sample(up.backend, lr, scale=cfg.scale, formulation=up.formulation, steps=4, seed=3,
+                    timestep_spacing="trailing", back_projection=2,
+                    on_step=lambda i, t, x, e: seen.append((t, x.copy(), e.copy())))
+    assert [t for t, _, _ in seen] == [1999, 1499, 999, 499]
+    noise = np.random.default_rng(3).standard_normal((3, TILE, TILE), dtype=np.float32)
+    cond = torch.from_numpy(upscale_condition(lr, cfg.scale))[None]
+    ref = torch_sample(model, cond, steps=4, noise=torch.from_numpy(noise)[None], lr=lr[None],
+                       formulation=cfg.formulation, timestep_spacing="trailing", back_projection=2,
+                       record=True)
+    for i, ((_, x_rt, o_rt), x_ref, o_ref) in enumerate(zip(seen, ref.x_t, ref.eps)):
+        do = np.abs(o_rt - o_ref[0].numpy())
+        dx = np.abs(x_rt - x_ref[0].numpy())
+        assert do.mean() < 1e-4 and np.percentile(do, 99.9) < 1e-3, (i, do.mean(), do.max())
+        assert dx.mean() < 1e-4 and np.percentile(dx, 99.9) < 1e-3, (i, dx.mean(), dx.max())
+    diff = np.abs(out - ref.image[0].numpy())
+    assert diff.mean() < 1e-4 and np.percentile(diff, 99.9) < 2e-3, (diff.mean(), diff.max())
+    # the API takes every sampler setting from the manifest
+    api = up.upscale((lr.transpose(1, 2, 0) * 255).round().astype(np.uint8), seed=3)
+    assert api.shape == (TILE, TILE, 3)
+
+
 def test_real_graphs_tiled_deterministic_and_cli(exported, tmp_path: Path) -> None:
     from PIL import Image
     from bidiff.runtime.cli import main

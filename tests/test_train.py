@@ -150,3 +150,36 @@ def test_loss_noises_the_formulations_x0(formulation):
     torch.testing.assert_close(seen["x_t"], float(np.sqrt(alphas_cumprod()[700])) * x0)
     assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [[700], [700]]
     assert loss.item() == 0.0
+
+
+def test_x0_prediction_loss_compares_x0_and_starts_at_the_condition(tmp_path):
+    """prediction = sample: the loss is L1 to x0, and the zero-initialised head outputs x0 = 0,
+    so at step 0 the loss is exactly mean |x0| (the condition's error, for ``residual``)."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3))
+    hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
+    noise = torch.randn(hr.shape, generator=torch.Generator().manual_seed(4))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    loss = diffusion_loss(model, hr, cond, 1500, noise, cfg, abar)
+    assert loss.item() == pytest.approx((4 * (hr - cond)).abs().mean().item(), rel=1e-6)
+    run = train(_cfg(steps=3, model="tiny-binary"), tmp_path, images=_images(), model_config=cfg,
+                progress=False)
+    assert run.model.final_conv.block[-1].weight.abs().sum() > 0         # it trained the head
+    saved, saved_cfg = load_checkpoint(tmp_path / "latest_raw.safetensors")
+    assert saved_cfg.formulation.prediction == "sample"                  # the checkpoint says so
+
+
+def test_mixed_degradation_varies_the_lr_and_keeps_bicubic_batches_unchanged():
+    images = _images()
+    plain = sample_batch(images, 8, patch=16, scale=2, rng=np.random.default_rng(7))
+    again = sample_batch(images, 8, patch=16, scale=2, rng=np.random.default_rng(7), degradation="bicubic")
+    assert np.array_equal(plain.lr, again.lr) and np.array_equal(plain.hr, again.hr)
+    mixed = sample_batch(images, 8, patch=16, scale=2, rng=np.random.default_rng(7), degradation="mixed")
+    assert np.array_equal(mixed.hr, plain.hr)                 # same patches ...
+    assert not np.array_equal(mixed.lr, plain.lr)            # ... other downscalers / JPEG
+    other_patch = np.abs(plain.lr - plain.lr[::-1]).mean()
+    assert np.abs(mixed.lr - plain.lr).mean() < 0.5 * other_patch   # still the same picture
+    with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed"):
+        TrainConfig(degradation="gauss")
