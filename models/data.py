@@ -78,6 +78,22 @@ def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(dec.convert("RGB"), dtype=np.uint8)
 
 
+EVAL_DEGRADATIONS = ("bicubic", "lanczos", "bicubic+jpeg85")
+"""How scripts/eval.py makes LR images: Pillow BICUBIC (the first models' training degradation),
+Pillow LANCZOS, and Pillow BICUBIC followed by a JPEG round trip at quality 85."""
+
+
+def eval_downsample(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
+    """The LR of an HWC uint8 HR image under one of ``EVAL_DEGRADATIONS``."""
+    if degradation == "bicubic":
+        return downsample(hr, scale)
+    if degradation == "lanczos":
+        return downsample(hr, scale, Image.Resampling.LANCZOS)
+    if degradation == "bicubic+jpeg85":
+        return jpeg_round_trip(downsample(hr, scale), 85)
+    raise ValueError(f"unknown degradation {degradation!r}; valid: {', '.join(EVAL_DEGRADATIONS)}")
+
+
 def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generator) -> np.ndarray:
     """The LR of one HWC uint8 HR patch under ``degradation`` (see the module docstring)."""
     if degradation == "bicubic":
@@ -90,9 +106,10 @@ def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generat
     return lr
 
 
-def make_pair(hr: np.ndarray, scale: int) -> Batch:
-    """A one-image Batch (HR, LR, condition) from an HWC uint8 HR image."""
-    lr = np.moveaxis(downsample(hr, scale), -1, 0)[None].astype(np.float32) / 255
+def make_pair(hr: np.ndarray, scale: int, degradation: str = "bicubic") -> Batch:
+    """A one-image Batch (HR, LR, condition) from an HWC uint8 HR image (LR made by one of
+    ``EVAL_DEGRADATIONS``)."""
+    lr = np.moveaxis(eval_downsample(hr, scale, degradation), -1, 0)[None].astype(np.float32) / 255
     return Batch(hr=np.moveaxis(hr, -1, 0)[None].astype(np.float32) / 255, lr=lr,
                  cond=upscale_condition(lr, scale))
 

@@ -1,7 +1,10 @@
 """Score a checkpoint against bicubic: `python scripts/eval.py -i data/heldout -o runs/eval`.
 
-Writes results.md (mean and per-image Y PSNR/SSIM), results.json and comparison.png
-(bicubic | SR | HR crops) into the output folder. By default images are sampled whole with the
+Rows: bicubic, bicubic + the model's back-projection (no network), the model at its default
+steps and at twice that (or ``--steps``), and with ``--paper`` the paper's 50-step sampler;
+columns: each LR degradation (``--degradations``, default all three of
+``models.data.EVAL_DEGRADATIONS``). Writes results.md (mean and per-image Y PSNR/SSIM),
+results.json and comparison.png (bicubic | SR | HR crops) into the output folder. By default images are sampled whole with the
 PyTorch sampler; ``--runtime onnx|x86_64`` exports the checkpoint to a temporary artifact and
 samples through the device runtime instead, tile by tile, exactly as ``bidiff upscale`` does
 (the network's GroupNorm statistics depend on the tile, so large images can differ).
@@ -17,6 +20,7 @@ import torch
 
 from bidiff import runtime
 from bidiff.exporter import export_artifact
+from bidiff.models.data import EVAL_DEGRADATIONS
 from bidiff.models.evaluate import markdown_table, run_eval
 from bidiff.runtime.sampler import sample
 
@@ -29,8 +33,12 @@ def main() -> None:
                         help="folder of HR images (default: data/heldout)")
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/eval"),
                         help="output folder (default: runs/eval)")
-    parser.add_argument("-s", "--steps", type=int, nargs="+", default=[50, 20, 10],
-                        help="sampler step counts (default: 50 20 10)")
+    parser.add_argument("-s", "--steps", type=int, nargs="+", default=None,
+                        help="sampler step counts (default: the checkpoint's default_steps and twice that)")
+    parser.add_argument("--degradations", nargs="+", default=list(EVAL_DEGRADATIONS),
+                        choices=EVAL_DEGRADATIONS, help="how LR images are made (default: all)")
+    parser.add_argument("--paper", action="store_true",
+                        help="also score the paper's sampler (50 leading DDIM steps, no time shift)")
     parser.add_argument("--max-side", type=int, default=None,
                         help="centre-crop every HR image to at most this many pixels per side "
                              "(default: whole images; 128-256 keeps a CPU run to minutes)")
@@ -49,11 +57,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(n < 1 for n in args.steps):
+    if args.steps is not None and any(n < 1 for n in args.steps):
         raise SystemExit(f"--steps must be positive, got {args.steps}")
     kw = dict(steps=args.steps, seed=args.seed, max_side=args.max_side, limit=args.limit,
               picture_crop=args.picture_crop, time_shift=args.time_shift,
-              back_projection=args.back_projection)
+              back_projection=args.back_projection, degradations=args.degradations, paper=args.paper)
     if args.runtime is None:
         result = run_eval(args.checkpoint, args.input, args.output, **kw)
     else:

@@ -40,7 +40,8 @@ def test_eval_writes_table_json_and_picture(tmp_path, photos):
     for row in ("| bicubic |", "| 2 steps |", "| 1 steps |", "| a |", "| b |"):
         assert row in md
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["scores"]) == {"bicubic", "2 steps", "1 steps"}
+    assert list(saved["scores"]) == ["bicubic"]
+    assert set(saved["scores"]["bicubic"]) == {"bicubic", "2 steps", "1 steps"}
     assert saved["info"]["config"] == "tiny-binary"
     assert Image.open(out / "comparison.png").size == (3 * 16 + 2 * 4, 2 * 16 + 4)
 
@@ -52,7 +53,7 @@ def test_eval_writes_table_json_and_picture(tmp_path, photos):
                     interpolation=cv2.INTER_CUBIC)
     up = np.round(np.clip(up, 0, 1) * 255) / 255  # the 8-bit output evaluate() scores
     expected = [psnr_y(up, hr / 255, border=2), ssim_y(up, hr / 255, border=2)]
-    assert result.scores["bicubic"]["b"] == pytest.approx(expected, abs=1e-6)
+    assert result.scores["bicubic"]["bicubic"]["b"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_center_crop():
@@ -75,14 +76,18 @@ def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
     b = run_eval(tuned, photos, tmp_path / "b", **kw)
     c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, back_projection=0, **kw)
     d = run_eval(plain, photos, tmp_path / "d", back_projection=3, **kw)
-    info = [(r.info["time_shift"], r.info["back_projection"]) for r in (a, b, c, d)]
-    assert info == [("3 steps: 0", "0"), ("3 steps: 700", "3"), ("3 steps: 0", "0"), ("3 steps: 0", "3")]
-    assert a.scores == c.scores and a.scores["3 steps"] != b.scores["3 steps"]
-    assert a.scores["bicubic"] == d.scores["bicubic"] and a.scores["3 steps"] != d.scores["3 steps"]
+    info = [r.info["samplers"] for r in (a, b, c, d)]
+    assert info == ["3 steps: leading, shift 0, back-projection x0",
+                    "3 steps: leading, shift 700, back-projection x3",
+                    "3 steps: leading, shift 0, back-projection x0",
+                    "3 steps: leading, shift 0, back-projection x3"]
+    a, b, c, d = (r.scores["bicubic"] for r in (a, b, c, d))
+    assert a == c and a["3 steps"] != b["3 steps"]
+    assert a["bicubic"] == d["bicubic"] and a["3 steps"] != d["3 steps"]
     # back-projected runs also score the same correction applied to bicubic (the fair baseline)
-    assert list(a.scores) == ["bicubic", "3 steps"]
-    assert list(d.scores) == ["bicubic", "bicubic + back-projection x3", "3 steps"]
-    assert d.scores["bicubic + back-projection x3"] != d.scores["bicubic"]
+    assert list(a) == ["bicubic", "3 steps"]
+    assert list(d) == ["bicubic", "bicubic + back-projection x3", "3 steps"]
+    assert d["bicubic + back-projection x3"] != d["bicubic"]
     assert "| bicubic + back-projection x3 |" in (tmp_path / "d" / "results.md").read_text()
 
 
@@ -105,7 +110,7 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
     assert res.returncode == 0, res.stderr
     saved = json.loads((out / "results.json").read_text())
     assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128"
-    assert list(saved["scores"]) == ["bicubic", "bicubic + back-projection x1", "2 steps"]
+    assert list(saved["scores"]["bicubic"]) == ["bicubic", "bicubic + back-projection x1", "2 steps"]
     export_artifact(ckpt, out=tmp_path / "art", progress=False, measure_float=False)
     hr = center_crop(np.asarray(Image.open(photos / "a.png")), max_side=32, multiple=2)
     pair = make_pair(hr, 2)
@@ -113,4 +118,34 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
         img = sample(up.backend, pair.lr[0], scale=2, formulation=up.formulation, steps=2,
                      time_shift=300, back_projection=1)
     want = [psnr_y(to_uint8(img) / 255, hr / 255, border=2), ssim_y(to_uint8(img) / 255, hr / 255, border=2)]
-    assert saved["scores"]["2 steps"]["a"] == pytest.approx(want, abs=1e-9)
+    assert saved["scores"]["bicubic"]["2 steps"]["a"] == pytest.approx(want, abs=1e-9)
+
+
+def test_eval_three_degradations_default_steps_and_the_papers_sampler(tmp_path, photos):
+    """The issue-17 table: every degradation a column, the checkpoint's default steps and twice
+    that (its trailing spacing), the paper's 50 leading steps, and both bicubic baselines."""
+    from dataclasses import replace
+    from bidiff.models.data import EVAL_DEGRADATIONS, eval_downsample
+    from bidiff.runtime.formulation import Formulation
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "x0.safetensors"
+    save_checkpoint(ckpt, create_model(cfg), cfg, {"default_steps": "2", "timestep_spacing": "trailing",
+                                                   "back_projection": "2"})
+    res = run_eval(ckpt, photos, tmp_path / "e", max_side=16, picture_crop=16,
+                   degradations=EVAL_DEGRADATIONS, paper=True)
+    assert list(res.scores) == ["bicubic", "lanczos", "bicubic+jpeg85"]
+    assert res.methods == ["bicubic", "bicubic + back-projection x2", "2 steps", "4 steps",
+                           "paper's sampler (50 leading steps)"]
+    assert "4 steps: trailing, shift 0, back-projection x2" in res.info["samplers"]
+    # the untrained x0 head outputs x0 = 0: the model is exactly bicubic + back-projection
+    for d in res.scores:
+        for k, v in res.scores[d]["2 steps"].items():
+            assert v == pytest.approx(res.scores[d]["bicubic + back-projection x2"][k], abs=1e-12)
+    assert res.scores["lanczos"]["bicubic"] != res.scores["bicubic"]["bicubic"]
+    md = (tmp_path / "e" / "results.md").read_text()
+    assert "| method | bicubic LR | lanczos LR | bicubic+jpeg85 LR | mean PSNR | vs " in md
+    hr = np.zeros((16, 16, 3), np.uint8) + 128
+    assert eval_downsample(hr, 2, "bicubic+jpeg85").shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="unknown degradation 'area'"):
+        eval_downsample(hr, 2, "area")
