@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--min-lr", type=float, default=1e-6)
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--data", default="data/train")
+    parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed (models.data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -53,6 +54,7 @@ def main() -> None:
     cfg = TrainConfig(model=args.config, data=args.data, steps=10**9, batch=args.batch,
                       patch=args.patch, lr=args.lr, lr_schedule="constant",
                       warmup_steps=args.warmup_steps, min_lr=args.min_lr, seed=args.seed,
+                      degradation=args.degradation,
                       checkpoint_minutes=1e9)
     run_dir = args.runs / (args.name or args.config)
     common = dict(device=args.device, workers=args.workers)
