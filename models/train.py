@@ -39,6 +39,8 @@ from torch import nn
 from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
+from bidiff.models.projection import back_project
+from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import alphas_cumprod
 
 STATE_FILE = "state.pt"
@@ -59,6 +61,7 @@ class TrainConfig:
     decay_start: int = 0
     min_lr: float = 1e-6
     degradation: str = "bicubic"
+    loss_back_projection: int = 0
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 50
@@ -67,6 +70,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: constant, cosine")
+        check_back_projection(self.loss_back_projection)
         if self.degradation not in DEGRADATIONS:
             raise ValueError(f"unknown degradation {self.degradation!r}; valid: {', '.join(DEGRADATIONS)}")
 
@@ -100,16 +104,30 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: int,
                    noise: torch.Tensor, model_config: ModelConfig,
-                   abar: torch.Tensor) -> torch.Tensor:
+                   abar: torch.Tensor, *, lr: torch.Tensor | None = None,
+                   back_projection: int = 0) -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
-    timestep ``t`` for the whole batch."""
+    timestep ``t`` for the whole batch.
+
+    ``back_projection`` > 0 (x0 models only): the predicted image is back-projected onto ``lr``
+    that many rounds, as the runtime does after sampling, and the L1 is taken on the image
+    (times the residual scale, so its size matches the x0 loss): the network is then trained
+    only on the error back-projection leaves (``models.projection``).
+    """
     form = model_config.formulation
     x0 = form.target(hr, cond)
     a = abar[t]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
+    out = model(x_t, cond, t_batch)
+    if back_projection:
+        if form.prediction != "sample" or lr is None:
+            raise ValueError("a back-projected loss needs an x0-predicting model and the LR batch")
+        image = back_project(form.to_image(out, cond), lr, model_config.scale, back_projection)
+        weight = form.residual_scale if form.type == "residual" else 1.0
+        return (image - hr).abs().mean() * weight
     want = x0 if form.prediction == "sample" else noise
-    return (model(x_t, cond, t_batch) - want).abs().mean()
+    return (out - want).abs().mean()
 
 
 def hardware_description(device: torch.device) -> str:
@@ -274,7 +292,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                 group["lr"] = learning_rate(run.step, cfg)
             loss = diffusion_loss(run.model, torch.from_numpy(batch.hr).to(dev),
                                   torch.from_numpy(batch.cond).to(dev), t, noise,
-                                  run.model_config, abar)
+                                  run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
+                                  back_projection=cfg.loss_back_projection)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -24,6 +24,7 @@ _FLAGS = {  # TrainConfig field -> help
     "decay_start": "step where the cosine decay starts (>= warm-up)",
     "min_lr": "final LR of the cosine",
     "degradation": "LR degradation: bicubic | mixed (downscalers + JPEG)",
+    "loss_back_projection": "x0 models: back-project the prediction this many rounds before the loss",
     "ema_decay": "maximum EMA decay (warmed up as (1+n)/(10+n))",
     "seed": "seed of init, data and noise",
     "log_every": "steps per log line",

@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--data", default="data/train")
     parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed (models.data)")
+    parser.add_argument("--loss-back-projection", type=int, default=0,
+                        help="x0 models: back-project the prediction before the loss (models.train)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -54,7 +56,7 @@ def main() -> None:
     cfg = TrainConfig(model=args.config, data=args.data, steps=10**9, batch=args.batch,
                       patch=args.patch, lr=args.lr, lr_schedule="constant",
                       warmup_steps=args.warmup_steps, min_lr=args.min_lr, seed=args.seed,
-                      degradation=args.degradation,
+                      degradation=args.degradation, loss_back_projection=args.loss_back_projection,
                       checkpoint_minutes=1e9)
     run_dir = args.runs / (args.name or args.config)
     common = dict(device=args.device, workers=args.workers)

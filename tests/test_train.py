@@ -183,3 +183,33 @@ def test_mixed_degradation_varies_the_lr_and_keeps_bicubic_batches_unchanged():
     assert np.abs(mixed.lr - plain.lr).mean() < 0.5 * other_patch   # still the same picture
     with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed"):
         TrainConfig(degradation="gauss")
+
+
+def test_torch_back_projection_equals_the_runtime_one_and_trains_through_it():
+    """models.projection is the runtime's back-projection, differentiable: a loss taken after
+    it equals the runtime's correction of the same prediction, and its gradient reaches x0."""
+    from bidiff.models.projection import back_project
+    from bidiff.runtime.consistency import back_project as runtime_back_project
+    rng = np.random.default_rng(0)
+    sr, lr = rng.random((2, 3, 32, 24), dtype=np.float32), rng.random((2, 3, 16, 12), dtype=np.float32)
+    got = back_project(torch.from_numpy(sr).double(), torch.from_numpy(lr).double(), 2, 3).numpy()
+    want = np.stack([runtime_back_project(s, low, 2, 3) for s, low in zip(sr, lr)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="do not match at x2"):
+        back_project(torch.zeros(1, 3, 32, 24), torch.zeros(1, 3, 16, 16), 2, 1)
+
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3))
+    hr, cond, low = (torch.from_numpy(a) for a in (batch.hr, batch.cond, batch.lr))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    loss = diffusion_loss(model, hr, cond, 1500, torch.randn(hr.shape), cfg, abar, lr=low,
+                          back_projection=2)
+    bicubic_bp = np.stack([runtime_back_project(c, x, 2, 2) for c, x in zip(batch.cond, batch.lr)])
+    assert loss.item() == pytest.approx(4 * np.abs(bicubic_bp - batch.hr).mean(), rel=1e-5)
+    loss.backward()
+    assert model.final_conv.block[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs an x0-predicting model"):
+        diffusion_loss(create_model(TINY), hr, cond, 10, torch.randn(hr.shape), TINY, abar, lr=low,
+                       back_projection=1)
