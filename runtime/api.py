@@ -80,7 +80,8 @@ class Upscaler:
                                      else time_shift),
                          back_projection=(self.manifest.back_projection if back_projection is None
                                           else back_projection),
-                         timestep_spacing=self.manifest.timestep_spacing, progress=progress)
+                         timestep_spacing=self.manifest.timestep_spacing,
+                         group_of=lambda t: self.manifest.group_for(t).index, progress=progress)
         alpha = images.upscale_alpha(inp.alpha, self.scale) if inp.alpha is not None else None
         return images.to_output(rgb, alpha, inp)
 

@@ -5,7 +5,8 @@
 2. x_T ~ N(0, 1), float32, of the padded HR size, from ``np.random.default_rng(seed)``.
 3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0, the artifact's timestep
    spacing), the network timestep t' = max(0, t - time_shift) (0 unless the model was tuned
-   with one) and its group k = timestep_group(t'): run the network on every tile (one at a
+   with one) and its group k = group_of(t') (the artifact's group table; default
+   ``schedule.timestep_group``): run the network on every tile (one at a
    time), blend its outputs (ε, or x0 for an x0-predicting model) in the overlaps with the tile
    windows (``tiling``), then take one DDIM step on the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size, back-projected onto the
@@ -61,6 +62,7 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
            steps: int = 50, seed: int = 0, overlap: int | None = None, time_shift: int = 0,
            back_projection: int = 0, timestep_spacing: str = "leading",
+           group_of: Callable[[int], int] = schedule.timestep_group,
            progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
@@ -92,7 +94,7 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
 
     for i, t in enumerate(timesteps):
         t_net = int(sched.model_timesteps[i])
-        group = schedule.timestep_group(t_net)
+        group = int(group_of(t_net))
         t_buf[0, 0] = t_net
         if not single:
             eps.fill(0)

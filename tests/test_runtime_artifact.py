@@ -243,3 +243,21 @@ def test_archive_deterministic_and_readable(tmp_path: Path, art: Path) -> None:
     shutil.copytree(art, s, dirs_exist_ok=True)
     A.publish(s, tmp_path / "p.bidiff")
     assert (tmp_path / "p.bidiff").read_bytes() == z1.read_bytes() and not s.exists()
+
+
+def test_the_runtime_runs_the_group_the_manifest_names(tmp_path: Path) -> None:
+    """The sampler takes the timestep -> group map from the manifest, not from constants: a
+    table unlike the paper's is what runs."""
+    from bidiff import runtime
+    root = make_fake_artifact(tmp_path / "a")
+    d = json.loads((root / A.MANIFEST).read_text())
+    ranges = [(0, 999), (1000, 1000), (1001, 1001), (1002, 1002), (1003, 1999)]
+    for g, (lo, hi) in zip(d["groups"], ranges):
+        g["t_min"], g["t_max"] = lo, hi
+    (root / A.MANIFEST).write_text(json.dumps(d))
+    seen = []
+    with runtime.load(root, backend="onnxruntime", threads=1) as up:
+        run = up.backend.run
+        up.backend.run = lambda group, *a: seen.append((group, int(a[2][0, 0]))) or run(group, *a)
+        up.upscale(np.zeros((TILE // 2, TILE // 2, 3), np.uint8), steps=4)
+    assert seen == [(4, 1500), (1, 1000), (0, 500), (0, 0)]      # the constants: 3, 2, 1, 0
