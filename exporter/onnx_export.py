@@ -5,7 +5,7 @@ the graph must contain things tracing cannot produce — one ``bidiff::BinaryCon
 binary conv with its TaR bias folded into the threshold and alpha into the scale, bit-packed
 weights, initializers that are *shared by name* across the five group graphs (one external data
 file), stable node/tensor names, and byte-identical output on re-export. Walking the modules
-gives all of that directly, the graph reads like MODEL.md, and an unknown module type fails
+gives all of that directly, the graph reads like docs/MODEL.md, and an unknown module type fails
 loudly (``NotImplementedError`` naming its path) instead of being traced into something else.
 
 Graph interface (docs/CONTRACTS.md): inputs ``x_t`` float32 [1, 3, S, S], ``cond`` float32

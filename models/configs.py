@@ -87,7 +87,7 @@ def golden_small() -> ModelConfig:
     return ModelConfig("golden-small", _net(inner_channel=16, norm_groups=8, image_size=64,
                                             fp_res=[64, 32]),
                        2, Formulation("official"),
-                       "the official structure at width 16 (shared/golden/small)")
+                       "the official structure at width 16 (tests/golden/small)")
 
 
 @register_config

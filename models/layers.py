@@ -41,7 +41,7 @@ class _SignBiReal(torch.autograd.Function):
     """sign(x) forward, Bi-Real's piecewise-polynomial derivative max(0, 2 - 2|x|) backward.
 
     The same forward value and gradient as the official straight-through expression, at about
-    half the training cost (TRAINING_NOTES.md).
+    half the training cost (docs/TRAINING.md).
     """
 
     @staticmethod

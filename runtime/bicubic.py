@@ -1,6 +1,6 @@
 """Bicubic resampling exactly as OpenCV's ``cv2.resize(..., interpolation=INTER_CUBIC)``.
 
-The model is conditioned on this upsampling (MODEL.md): Keys kernel with a = -0.75, half-pixel
+The model is conditioned on this upsampling (docs/MODEL.md): Keys kernel with a = -0.75, half-pixel
 centres, replicated borders, no clamping. Training, export and the device all call this one
 function so the condition is the same everywhere; OpenCV itself is not a dependency.
 """

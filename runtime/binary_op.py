@@ -16,7 +16,7 @@ Bit conventions (every kernel, the exporter and the runtime import these):
   activations alike, so they never count as a mismatch in ``popcount(a ^ w)``;
 - packed weights have shape [F, kh, kw, ceil(C / 32)] (channels innermost);
 - a weight that is exactly 0.0 packs as +1 (v >= 0 -> +1, the same rule as activations); the
-  official PyTorch code would use sign(0) = 0 there. MODEL.md: trained checkpoints have
+  official PyTorch code would use sign(0) = 0 there. docs/MODEL.md: trained checkpoints have
   essentially no exact zeros; the deploy path of ``bidiff.models`` applies the same rule so
   the difference is measured, not guessed.
 

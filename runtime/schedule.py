@@ -71,12 +71,6 @@ def group_ranges(*, num_groups: int = NUM_GROUPS,
             for k in range(num_groups)]
 
 
-def check_timestep(t: int, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
-    if not 0 <= int(t) < total_steps:
-        raise ValueError(f"timestep {t} is outside 0..{total_steps - 1}")
-    return int(t)
-
-
 def check_time_shift(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
     """A sampler time shift: an integer in 0..total_steps-1 (raises ValueError otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \

@@ -1,30 +1,34 @@
-"""Shared fixtures. The golden vectors are read from ../shared/golden (never copied here)."""
+"""Shared fixtures. The golden reference vectors are part of the suite: tests/golden (its README
+says what each file is and how it was made)."""
 from __future__ import annotations
 
-import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden"
 
-try:
-    import torch
-except ImportError:          # the device-side subset of the suite runs without torch
-    torch = None
-if torch is not None:
-    # The test networks are tiny: with 2 intra-op threads, OpenMP's hand-offs cost more than the
-    # work, and on a busy machine a 32x32 forward went from 75 ms (1 thread) to 2.8 s (2 threads).
-    torch.set_num_threads(1)
-GOLDEN = Path(os.environ.get("BIDIFF_GOLDEN", REPO.parent / "shared" / "golden"))
+# The test networks are tiny: with 2 intra-op threads, OpenMP's hand-offs cost more than the
+# work, and on a busy machine a 32x32 forward went from 75 ms (1 thread) to 2.8 s (2 threads).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not (GOLDEN / "units.npz").is_file():
-        pytest.fail(f"golden reference data not found at {GOLDEN} (set BIDIFF_GOLDEN)")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def cross_toolchain() -> None:
+    """The aarch64 cross compiler and objdump are required (scripts/test.sh installs them):
+    without them the arm64 checks fail instead of vanishing from the run."""
+    missing = [t for t in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: run scripts/install_cross.sh", pytrace=False)
 
 
 @pytest.fixture(scope="session")

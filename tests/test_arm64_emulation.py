@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ TILE = 32                    # HR tile: a 16x16 input -> one 32x32 tile
 STEPS = 4                    # DDIM steps (t = 1999, 1499, 999, 499: four different groups)
 SEED = 7
 ARM_TARGETS = ("rpi4", "arm64")      # the README's Pi 4 target and generic armv8-a + NEON
-TIMINGS: dict[str, float] = {}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -40,10 +38,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], what: str, timeout: float, **kw) -> subprocess.CompletedProcess:
-    t0 = time.monotonic()
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                        cwd=kw.pop("cwd", REPO), env=kw.pop("env", _env()), **kw)
-    TIMINGS[what] = time.monotonic() - t0
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         pytest.fail(f"{what} failed (exit {r.returncode}):\n{tail}", pytrace=False)
@@ -58,9 +54,7 @@ def emu(*args: str, what: str, timeout: float = 600) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def device() -> None:
     """The emulated Pi: qemu-user, cross compiler, sysroot, aarch64 wheels (cached)."""
-    t0 = time.monotonic()
     r = subprocess.run(["bash", EMU, "setup"], capture_output=True, text=True, timeout=1800, cwd=REPO)
-    TIMINGS["setup"] = time.monotonic() - t0
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
         pytest.fail(f"arm64 emulation setup failed: {msg}", pytrace=False)
@@ -68,7 +62,7 @@ def device() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
+    import torch
     from bidiff.models import create_model, get_config, save_checkpoint
     torch.manual_seed(0)
     model = create_model("tiny-binary").eval()
@@ -83,7 +77,6 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def artifacts(checkpoint, device, tmp_path_factory) -> dict[str, Path]:
     """``bidiff-export CKPT --target T --out DIR`` for x86_64 and the arm64 targets."""
-    pytest.importorskip("tvm")
     root = tmp_path_factory.mktemp("artifacts")
     out = {}
     for target in ("x86_64", *ARM_TARGETS):
@@ -236,9 +229,3 @@ def test_missing_qemu_is_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "apt-get install qemu-user" in lines[0], r.stderr
-
-
-def test_zz_report_timings():
-    """Not a check: prints how long each stage took (run with -s to see it)."""
-    if TIMINGS:
-        print("\n" + "\n".join(f"  {k:<42} {v:7.1f} s" for k, v in TIMINGS.items()))

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tvm")
-pytest.importorskip("onnxruntime")
-
 
 def _bench():
     spec = importlib.util.spec_from_file_location(

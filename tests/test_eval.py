@@ -45,7 +45,7 @@ def test_eval_writes_table_json_and_picture(tmp_path, photos):
     assert saved["info"]["config"] == "tiny-binary"
     assert Image.open(out / "comparison.png").size == (3 * 16 + 2 * 4, 2 * 16 + 4)
 
-    cv2 = pytest.importorskip("cv2")
+    import cv2
     hr = center_crop(np.asarray(Image.open(photos / "b.png")), max_side=32, multiple=2)
     lr = np.asarray(Image.fromarray(hr).resize((hr.shape[1] // 2, hr.shape[0] // 2),
                                                Image.Resampling.BICUBIC))

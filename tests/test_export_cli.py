@@ -131,8 +131,7 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
     travel in its metadata."""
     from bidiff.models import SHIPPED_CHECKPOINT
     from bidiff.models.checkpoint import read_metadata
-    if not Path(SHIPPED_CHECKPOINT).is_file():
-        pytest.skip("the shipped checkpoint is not installed")
+    assert Path(SHIPPED_CHECKPOINT).is_file(), f"the package lacks its checkpoint {SHIPPED_CHECKPOINT}"
     meta = read_metadata(SHIPPED_CHECKPOINT)
     assert (meta["default_steps"], meta["time_shift"], meta["back_projection"]) == ("50", "240", "3")
     assert json.loads(meta["time_shifts"]) == {"50": 240, "20": 40, "10": 40, "100": 120}

@@ -4,7 +4,7 @@ For every group g, ``onnxruntime(group_g.onnx)(x_t, cond, t)`` must equal
 ``model(x_t, cond, t)`` in deploy mode (expert g) within 1e-4 on random inputs. Both run float32
 with different summation orders (GroupNorm, convs), so pre-sign values differ by ~1 ulp; a value
 within that distance of its threshold can take the other sign and move the output by more than
-1e-4 (MODEL.md, "Numerical traps"). The comparison therefore looks at sign flips instead of
+1e-4 (docs/MODEL.md, "Numerical traps"). The comparison therefore looks at sign flips instead of
 widening the tolerance: above 1e-4 the test passes only if, at the first binary conv (graph
 order) whose input bits differ, every flipped bit sat within a few float32 ulps of its threshold
 (a tie, not an export bug) and all binary-conv inputs up to there agree to 1e-5 relative. Later
@@ -49,10 +49,7 @@ def _random_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 def _model(name: str) -> torch.nn.Module:
     if name == "golden-small":
-        path = GOLDEN / "small" / "net_g.pth"
-        if not path.is_file():
-            pytest.fail(f"golden checkpoint not found at {path} (set BIDIFF_GOLDEN)")
-        model, _ = load_checkpoint(path, "golden-small")
+        model, _ = load_checkpoint(GOLDEN / "small" / "net_g.pth", "golden-small")
     else:
         model = _random_model(name)
     return set_deploy(model, True)

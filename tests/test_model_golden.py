@@ -1,4 +1,4 @@
-"""bidiff.models is the official BI-DiffSR, number for number (shared/golden)."""
+"""bidiff.models is the official BI-DiffSR, number for number (tests/golden)."""
 import json
 
 import numpy as np
@@ -44,6 +44,13 @@ def test_positional_encoding(golden_npz, dim):
     # angle t*f is t * 2^-23, so allow two of those per row. dim 16 happens to agree exactly.
     atol = 2 * np.maximum(t, 1)[:, None] * 2.0 ** -23
     assert np.all(np.abs(pe - u[f"posenc_dim{dim}"]) <= atol)
+
+
+def test_golden_small_config_is_the_golden_network(golden_dir):
+    """The registry's golden-small is the network the golden checkpoint was made with."""
+    ref = json.loads((golden_dir / "small" / "config.json").read_text())["network_g"]
+    assert ref.pop("type") == "BIDiffSRUNet"
+    assert get_config("golden-small").network == ref
 
 
 def test_small_checkpoint_loads_through_official_path(golden_small_model, golden_dir):

@@ -5,10 +5,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("tvm")
-
 
 def test_profile_table_lists_the_binary_kernels(capsys) -> None:
     spec = importlib.util.spec_from_file_location(

@@ -106,9 +106,6 @@ def test_default_artifact_is_keyed_by_checkpoint_and_exporter(art: Path, tmp_pat
     """With the exporter installed, plain-named artifacts (built by an older bidiff, or of an
     older shipped model) are passed over for one named after the default-artifact key."""
     from bidiff.exporter import default_artifact_key
-    from bidiff.models import SHIPPED_CHECKPOINT
-    if not Path(SHIPPED_CHECKPOINT).is_file():
-        pytest.skip("the shipped checkpoint is not installed")
     key = default_artifact_key()
     assert len(key) == 64 and api._default_artifact_key() == key
     cache = tmp_path / "cache"
@@ -185,7 +182,7 @@ def test_running_onnxruntime_backend_loads_no_torch_or_onnx(art: Path) -> None:
 def test_default_artifact_built_by_exporter(art: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """First use with the exporter installed: it is called for this host (native first, ONNX if
     the native build fails); its user errors become one-line ArtifactErrors."""
-    exporter = pytest.importorskip("bidiff.exporter")
+    from bidiff import exporter
     calls = []
 
     def fake_export(checkpoint, *, target, out, force):

@@ -197,7 +197,8 @@ def test_bomb_limit_env(tmp_path: Path, art: Path, photo: Path, capsys, monkeypa
 
 def test_console_script_subprocess(tmp_path: Path, art: Path) -> None:
     """The installed entry point, end to end in a fresh process (stderr: exactly one line)."""
-    exe = shutil.which("bidiff") or pytest.skip("bidiff console script not installed")
+    exe = shutil.which("bidiff")
+    assert exe, "the bidiff console script is not installed"
     r = subprocess.run([exe, "upscale", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o"),
                         "--artifact", str(art)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr

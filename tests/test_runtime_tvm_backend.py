@@ -3,7 +3,6 @@ may use the compiler; the runtime must not). The library computes the same point
 as the fake ONNX graphs of test_runtime_artifact, so both backends must agree."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,9 +15,6 @@ from bidiff.runtime import artifact as A
 from bidiff.runtime import schedule
 from test_runtime_artifact import TILE, fake_group_onnx, tiny_manifest
 
-pytest.importorskip("tvm_ffi")
-if importlib.util.find_spec("tvm") is None:
-    pytest.skip("apache-tvm (compiler) not installed", allow_module_level=True)
 pytestmark = pytest.mark.slow        # compiles a small library (~15 s)
 
 

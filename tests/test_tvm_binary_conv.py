@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
+import tvm
 
-tvm = pytest.importorskip("tvm")
-
-from bidiff.exporter.targets import get_target  # noqa: E402
-from bidiff.exporter.tvm.binary_conv import (  # noqa: E402
+from bidiff.exporter.targets import get_target
+from bidiff.exporter.tvm.binary_conv import (
     BinaryConvShape, KernelVariant, binary_conv_primfunc, select_variant, word_bits)
-from bidiff.exporter.tvm.target import host_target, tvm_target  # noqa: E402
-from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
+from bidiff.exporter.tvm.target import host_target, tvm_target
+from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights
 
 FN = "bidiff_binary_conv2d"
 AVX512_TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
@@ -199,11 +197,8 @@ def test_avx2_codegen():
     assert "vpshufb" in asm and "ymm" in asm     # LLVM's nibble-lookup popcount on ymm
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None
-                    or shutil.which("aarch64-linux-gnu-objdump") is None,
-                    reason="aarch64 cross toolchain absent: run scripts/install_cross.sh")
 @pytest.mark.parametrize("c", [32, 64])
-def test_arm64_cross_build_has_neon_cnt(c, tmp_path):
+def test_arm64_cross_build_has_neon_cnt(c, tmp_path, cross_toolchain):
     target = tvm_target(get_target("arm64"))
     ex = _compiled(BinaryConvShape(c, 32, 16, 16, kernel=3), str(target))
     lib = tmp_path / "k.so"

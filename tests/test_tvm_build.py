@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import subprocess
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
+import tvm
 
-tvm = pytest.importorskip("tvm")
-ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-
-from bidiff.exporter.targets import get_target  # noqa: E402
-from bidiff.exporter.tvm.build import BuildError, build_library  # noqa: E402
+from bidiff.exporter.targets import get_target
+from bidiff.exporter.tvm.build import BuildError, build_library
 
 GROUPS = (0, 3)
 TILE = 32
@@ -82,10 +80,7 @@ def test_portable_target_has_no_library(graphs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None
-                    or shutil.which("aarch64-linux-gnu-objdump") is None,
-                    reason="aarch64 cross toolchain absent: run scripts/install_cross.sh")
-def test_arm64_library(graphs, tmp_path):
+def test_arm64_library(graphs, tmp_path, cross_toolchain):
     info = build_library({GROUPS[0]: graphs[GROUPS[0]]}, get_target("rpi4"), tmp_path / "m.so")
     assert set(info.kernels.values()) == {"arm_neon"}
     dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(info.path)], check=True,

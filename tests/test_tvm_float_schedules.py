@@ -3,21 +3,18 @@ and the compiled graph equals onnxruntime on the same ONNX."""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import tvm
+from onnx import helper, numpy_helper
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.frontend import onnx as relax_onnx
 
-tvm = pytest.importorskip("tvm")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from onnx import helper, numpy_helper  # noqa: E402
-from tvm import relax  # noqa: E402
-from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
-from tvm.relax.frontend import onnx as relax_onnx  # noqa: E402
-
-from bidiff.exporter.tvm.float_schedules import (LEGALIZE, SCHEDULE_ATTR, ScheduleFloatOps,  # noqa: E402
+from bidiff.exporter.tvm.float_schedules import (LEGALIZE, SCHEDULE_ATTR, ScheduleFloatOps,
                                                  legalize_fast_sigmoid, relax_pipeline)
-from bidiff.exporter.tvm.target import host_target  # noqa: E402
-from conftest import float_onnx  # noqa: E402
+from bidiff.exporter.tvm.target import host_target
+from conftest import float_onnx
 
 C, H, W = 32, 16, 24
 
@@ -83,7 +80,7 @@ def test_scheduled_graph_matches_onnxruntime(model):
     ref = ort.InferenceSession(model.SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # float32 with different summation orders and the fast exp in Swish (max rel err ~4e-6,
-    # TVM_NOTES); outputs are O(1)
+    # docs/TVM_NOTES.md); outputs are O(1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 

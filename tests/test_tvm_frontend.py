@@ -6,20 +6,18 @@ onnxruntime runs the same model through the model-local function of
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
 
-tvm = pytest.importorskip("tvm")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from bidiff.exporter.onnx_binary_op import (binary_conv_function, make_binary_conv_node,  # noqa: E402
+from bidiff.exporter.onnx_binary_op import (binary_conv_function, make_binary_conv_node,
                                             opset_imports)
-from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant  # noqa: E402
-from bidiff.exporter.tvm.frontend import from_onnx  # noqa: E402
-from bidiff.exporter.tvm.target import host_target  # noqa: E402
-from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights  # noqa: E402
+from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
+from bidiff.exporter.tvm.frontend import from_onnx
+from bidiff.exporter.tvm.target import host_target
+from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights
 
 C, H, W = 32, 12, 20
 

@@ -3,20 +3,17 @@ compiled kernel (fused with its bias / residual epilogue) against onnxruntime.""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import tvm
+from onnx import helper, numpy_helper
+from tvm import relax
 
-tvm = pytest.importorskip("tvm")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from onnx import helper, numpy_helper  # noqa: E402
-from tvm import relax  # noqa: E402
-
-from bidiff.exporter.tvm import winograd  # noqa: E402
-from bidiff.exporter.tvm.float_schedules import SCHEDULE_ATTR, relax_pipeline  # noqa: E402
-from bidiff.exporter.tvm.frontend import from_onnx  # noqa: E402
-from bidiff.exporter.tvm.target import host_target  # noqa: E402
-from conftest import float_onnx  # noqa: E402
+from bidiff.exporter.tvm import winograd
+from bidiff.exporter.tvm.float_schedules import SCHEDULE_ATTR, relax_pipeline
+from bidiff.exporter.tvm.frontend import from_onnx
+from bidiff.exporter.tvm.target import host_target
+from conftest import float_onnx
 
 
 def _correlate(x: np.ndarray, w: np.ndarray) -> np.ndarray:
