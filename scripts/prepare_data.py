@@ -12,7 +12,8 @@ plasma/lomiri wallpapers are reserved for independent evaluation and never touch
 Every image is converted to RGB (greyscale photos are replicated to three channels) and, if
 its longer side exceeds ``--max-side`` (default 1024), downscaled with Pillow's antialiased
 BICUBIC, so wallpaper texture appears at the scale of ordinary photographs (and JPEG blocking
-is averaged away). The held-out split is the fixed name list ``HELDOUT``. Re-running is
+is averaged away). The held-out and validation splits are the fixed name lists ``HELDOUT`` and
+``VALIDATION``. Re-running is
 idempotent: downloads are cached in ``data/cache`` and existing PNGs are rewritten identically.
 """
 from __future__ import annotations
@@ -45,13 +46,15 @@ OPENCV_PHOTOS = ("aero1", "aero3", "aloeL", "apple", "baboon", "basketball1", "b
                  "box_in_scene", "building", "butterfly", "chicky_512", "ela_original", "fruits",
                  "graf1", "graf3", "home", "leuvenA", "leuvenB", "messi5", "orange",
                  "rubberwhale1", "squirrel_cls", "stuff")
-# Chosen by hand for variety (grey, colour, texture, smooth bokeh, architecture, fur, faces,
-# aerial views), fixed by name. The first five are easy (bicubic scores about 36 dB on them);
-# the opencv photographs are typical (about 28 dB).
-HELDOUT = ("skimage-camera", "skimage-coffee", "skimage-rocket", "mate-Dune", "mate-LadyBird",
-           "opencv-aero1", "opencv-aero3", "opencv-baboon", "opencv-building", "opencv-butterfly",
+# Never trained on, fixed by name, chosen by hand for variety. The held-out split scores models
+# (scripts/eval.py): typical photographs (bicubic x2 scores about 30 dB on them): architecture,
+# fur, fruit, aerial views, a face, foliage. The validation split tunes sampler settings
+# (scripts/tune_sampler.py): grey, colour, texture, smooth bokeh; easy (bicubic about 36 dB).
+HELDOUT = ("opencv-aero1", "opencv-aero3", "opencv-baboon", "opencv-building", "opencv-butterfly",
            "opencv-fruits", "opencv-home", "opencv-leuvenA", "opencv-leuvenB", "opencv-messi5",
            "opencv-squirrel_cls")
+VALIDATION = ("skimage-camera", "skimage-coffee", "skimage-rocket", "mate-Dune", "mate-LadyBird")
+SPLITS = ("train", "heldout", "validation")
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -118,21 +121,21 @@ def to_training_image(data: bytes, max_side: int) -> Image.Image:
 
 
 def prepare(out: Path, *, max_side: int = 1024) -> dict:
-    """Write data/train and data/heldout PNGs plus a manifest; returns the manifest."""
+    """Write data/train, data/heldout and data/validation PNGs plus a manifest; returns it."""
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
     sources = {**skimage_photos(cache), **sklearn_photos(cache), **mate_photos(cache),
                **opencv_photos(cache)}
-    missing = sorted(set(HELDOUT) - set(sources))
+    missing = sorted(set(HELDOUT + VALIDATION) - set(sources))
     if missing:
         raise SystemExit(f"held-out images missing from the sources: {', '.join(missing)}")
     manifest = {"max_side": max_side, "images": {}}
-    for split in ("train", "heldout"):
+    for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
         for stale in (out / split).glob("*.png"):
             stale.unlink()
     for name, data in sorted(sources.items()):
-        split = "heldout" if name in HELDOUT else "train"
+        split = "heldout" if name in HELDOUT else "validation" if name in VALIDATION else "train"
         img = to_training_image(data, max_side)
         path = out / split / f"{name}.png"
         img.save(path, optimize=False)
@@ -150,7 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     manifest = prepare(args.out, max_side=args.max_side)
     splits = [v["split"] for v in manifest["images"].values()]
-    print(f"{splits.count('train')} train, {splits.count('heldout')} held-out images in {args.out}/")
+    print(f"{splits.count('train')} train, {splits.count('heldout')} held-out, "
+          f"{splits.count('validation')} validation images in {args.out}/")
 
 
 if __name__ == "__main__":

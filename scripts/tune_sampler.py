@@ -89,8 +89,8 @@ def choose(rows: dict[tuple[int, int], tuple[float, float]]) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--checkpoint", type=Path, default=SHIPPED_CHECKPOINT)
-    parser.add_argument("-i", "--input", type=Path, default=Path("data/train"),
-                        help="validation photos (default: data/train)")
+    parser.add_argument("-i", "--input", type=Path, default=Path("data/validation"),
+                        help="validation photos, never trained on (default: data/validation)")
     parser.add_argument("--shifts", type=int, nargs="+", default=[0, 80, 120, 160, 200, 240, 280, 320])
     parser.add_argument("--back-projections", type=int, nargs="+", default=[0, 1, 2, 4],
                         help="back-projection rounds to try on every sample (default: 0 1 2 4)")
@@ -98,7 +98,7 @@ def main() -> None:
                         help="step counts, each tuned for its own shift (default: 50); the "
                              "checkpoint's default_steps must be one of them")
     parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--stride", type=int, default=2, help="every N-th photo (default: 2)")
+    parser.add_argument("--stride", type=int, default=1, help="every N-th photo (default: 1)")
     parser.add_argument("--target", default="x86_64", help="export target (default: x86_64; onnx "
                         "when the TVM compiler is missing)")
     parser.add_argument("--threads", type=int, default=None)
