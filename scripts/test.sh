@@ -8,7 +8,7 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; then
     scripts/install_cross.sh >/dev/null      # cross compiler for the arm64 TVM build test
 fi
 set +e
-python3 -m pytest -q -rs "$@"
+python3 -m pytest -q -rfEs "$@"      # -r: failures, errors and skips (with reasons) in the summary
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
