@@ -29,7 +29,7 @@ def _tables(n: int, start: float, end: float) -> tuple[np.ndarray, np.ndarray]:
     # torch.linspace(float32) evaluates start + step*i (first half) and end - step*(n-1-i)
     # (second half) with a fused multiply-add; float64 arithmetic rounded once to float32
     # reproduces that exactly (step*i is exact in float64). np.linspace differs by 1 ulp in
-    # most entries, and one ulp here flips signs a few steps later (MODEL.md).
+    # most entries, and one ulp here flips signs a few steps later (docs/MODEL.md).
     s, e = np.float32(start), np.float32(end)
     step = np.float64((e - s) / np.float32(n - 1))
     i = np.arange(n, dtype=np.float64)
