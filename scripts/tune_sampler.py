@@ -122,7 +122,9 @@ def main() -> None:
                 rows[steps] = {}
                 for shift in args.shifts:
                     made = [sample(up.backend, p.lr[0], scale=scale, formulation=up.formulation,
-                                   steps=steps, seed=0, time_shift=shift) for p in pairs]
+                                   steps=steps, seed=0, time_shift=shift,
+                                   timestep_spacing=up.manifest.timestep_spacing,
+                                   group_of=lambda t: up.manifest.group_for(t).index) for p in pairs]
                     for n in args.back_projections:
                         r = rows[steps][shift, n] = score(
                             pairs, [np.clip(back_project(m, p.lr[0], scale, n), 0, 1)
