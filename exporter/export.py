@@ -33,7 +33,7 @@ from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelI
                                      TargetInfo, host_info, sha256_file)
 from bidiff.runtime.binary_op import OP_VERSION
 
-from .targets import TargetSpec, get_target
+from .targets import TargetSpec, get_target, required_features
 from .unroll import group_table, is_biconv
 
 __all__ = ["ExportError", "ExportResult", "export_artifact", "export_float_onnx", "check_tile",
@@ -224,21 +224,10 @@ def _tvm_backend(spec: TargetSpec):
     return mod
 
 
-# CPU features (cpuinfo spelling) that code compiled for an LLVM mcpu relies on, beyond mattr.
-_MCPU_FEATURES = {"x86-64-v3": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
-                  "generic": (), "cortex-a72": ("asimd",), "cortex-a76": ("asimd", "asimddp")}
-# For "this machine's CPU" targets: the host features LLVM may use that matter for our kernels.
-_HOST_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-                  "avx512_vpopcntdq", "asimd", "asimddp")
-
-
 def _target_info(spec: TargetSpec, lib) -> TargetInfo:
-    feats = set(spec.mattr) | set(_MCPU_FEATURES.get(spec.mcpu or "", ()))
-    if spec.mcpu is None:                      # compiled for the host CPU: record what it has
-        host = host_info()
-        feats |= set(_HOST_FEATURES) & set(host.features or ())
     return TargetInfo(name=spec.name, arch=spec.arch, triple=getattr(lib, "triple", spec.triple),
-                      cpu=getattr(lib, "mcpu", spec.mcpu), features=sorted(feats))
+                      cpu=getattr(lib, "mcpu", spec.mcpu),
+                      features=required_features(spec, host_info().features))
 
 
 def export_float_onnx(model, out_dir: str | os.PathLike, *, tile: int, metadata: dict[str, str] | None = None,

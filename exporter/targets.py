@@ -1,10 +1,16 @@
-"""Named export targets: one place maps a user-facing name to a compiler target.
+"""Named export targets: one place maps a user-facing name to a compiler target and to the CPU
+features its code needs.
 
 ``onnx`` exports only the portable graphs; every other name also compiles a native library with
 TVM for that CPU. Valid names are listed in error messages, so keep them short.
+
+Feature names here are LLVM's (what ``mattr`` and TVM's ``target_has_features`` speak); the
+manifest stores them as ``/proc/cpuinfo`` spells them (``bidiff.runtime.artifact.cpuinfo_feature``),
+which is what the runtime compares with the host.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -43,6 +49,32 @@ TARGETS: dict[str, TargetSpec] = {t.name: t for t in [
                arch="aarch64", triple="aarch64-linux-gnu", mcpu="cortex-a76",
                mattr=("+neon", "+dotprod"), cc="aarch64-linux-gnu-gcc"),
 ]}
+
+
+# Features that code compiled for an LLVM mcpu relies on, beyond the target's mattr.
+MCPU_FEATURES: dict[str, tuple[str, ...]] = {
+    "x86-64-v3": ("avx", "avx2", "fma", "bmi", "bmi2", "f16c", "movbe"),
+    "x86-64-v4": ("avx", "avx2", "fma", "bmi", "bmi2", "f16c", "movbe",
+                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "generic": (), "cortex-a72": ("neon",), "cortex-a76": ("neon", "dotprod"),
+}
+# The features the kernels and schedules select on or LLVM uses for their vector code: what a
+# host-CPU build records (those the host has) and ``LibraryInfo.features`` reports.
+KERNEL_FEATURES = ("avx", "avx2", "fma", "popcnt", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                   "avx512vpopcntdq", "neon", "dotprod", "fp-armv8")
+
+
+def required_features(spec: TargetSpec, host_features: Iterable[str] | None = None) -> list[str]:
+    """The CPU features (cpuinfo spelling, sorted) a machine needs to run ``spec``'s library.
+
+    A target for a named CPU needs its mattr and its mcpu's features; a host-CPU target
+    (``mcpu`` None) needs those of :data:`KERNEL_FEATURES` that the build host has
+    (``host_features``, cpuinfo spelling), since LLVM compiled for all of them."""
+    from bidiff.runtime.artifact import cpuinfo_feature
+    feats = {cpuinfo_feature(f) for f in (*spec.mattr, *MCPU_FEATURES.get(spec.mcpu or "", ()))}
+    if spec.mcpu is None:
+        feats |= {cpuinfo_feature(f) for f in KERNEL_FEATURES} & set(host_features or ())
+    return sorted(feats)
 
 
 def get_target(name: str) -> TargetSpec:

@@ -561,6 +561,7 @@ _LLVM_TO_CPUINFO = {
     "avx512vpopcntdq": "avx512_vpopcntdq", "avx512vnni": "avx512_vnni",
     "avx512bitalg": "avx512_bitalg", "avx512vbmi2": "avx512_vbmi2", "avx512bf16": "avx512_bf16",
     "avx512fp16": "avx512_fp16", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "sse3": "pni",
+    "bmi": "bmi1",
 }
 
 

@@ -210,3 +210,16 @@ def test_native_target_manifest_wiring(tiny_ckpt, tmp_path, monkeypatch) -> None
     assert calls["groups"] == [0, 1, 2, 3, 4] and m.library == "model.so" and "model.so" in m.files
     assert (m.target.name, m.target.arch, m.target.cpu) == ("rpi4", "aarch64", "cortex-a72")
     assert m.target.features == ["asimd"] and [g.function for g in m.groups] == [f"group_{k}" for k in range(5)]
+
+
+def test_required_cpu_features_per_target() -> None:
+    """The manifest's features come from the one table in ``exporter.targets``, spelt as
+    /proc/cpuinfo does; a host-CPU target records the kernel features the build host has."""
+    from bidiff.exporter.targets import get_target, required_features
+    assert required_features(get_target("rpi5")) == ["asimd", "asimddp"]
+    assert required_features(get_target("x86_64-avx2")) == ["avx", "avx2", "bmi1", "bmi2", "f16c",
+                                                            "fma", "movbe"]
+    avx512 = required_features(get_target("x86_64-avx512"))
+    assert {"avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx2"} <= set(avx512)
+    assert required_features(get_target("x86_64"), {"avx2", "fma", "sse2", "popcnt"}) == \
+        ["avx2", "fma", "popcnt"]

@@ -31,7 +31,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from bidiff.exporter.targets import TargetSpec
+from bidiff.exporter.targets import KERNEL_FEATURES, TargetSpec
 from bidiff.runtime.binary_op import OP_DOMAIN, OP_VERSION
 from bidiff.exporter.tvm.float_schedules import relax_pipeline
 from bidiff.exporter.tvm.frontend import from_onnx
@@ -61,15 +61,9 @@ class LibraryInfo:
     versions: dict[str, str] = field(default_factory=dict)   # apache-tvm, apache-tvm-ffi
 
 
-# The CPU features worth recording in a manifest (what the schedules select on / LLVM uses for
-# the vector code); the full LLVM list is long and mostly irrelevant.
-_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vpopcntdq", "popcnt",
-             "neon", "dotprod", "fp-armv8")
-
-
 def target_features(target: tvm.target.Target) -> tuple[str, ...]:
-    """The relevant CPU features of ``target`` (sorted), for the manifest and host checks."""
-    return tuple(sorted(f for f in _FEATURES
+    """Those of ``targets.KERNEL_FEATURES`` that ``target`` has (sorted, LLVM spelling)."""
+    return tuple(sorted(f for f in KERNEL_FEATURES
                         if tvm.target.codegen.target_has_features(f, target)))
 
 
