@@ -102,8 +102,9 @@ def load(artifact: str | os.PathLike | Artifact | None = None, *, backend: str =
     Verifies the format version and every checksum, and the target against this host before
     any native code is loaded. backend: "auto" (TVM when the artifact has a library for this
     host and the TVM runtime is installed, else onnxruntime), "tvm" or "onnxruntime".
-    threads: backend thread count (default ``$BIDIFF_THREADS`` or all cores); for TVM it is
-    fixed when the runtime library first loads in the process.
+    threads: backend thread count (default ``$BIDIFF_THREADS``, else the usable cores: the
+    CPUs this process's affinity allows); for TVM it is fixed when the runtime library first
+    loads in the process.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -104,7 +104,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
                    "(0 = off). Default: the artifact's (measured with the model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
+              help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: TVM when the artifact has a library for this host, else onnxruntime.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
@@ -206,21 +206,22 @@ def _parse_size(text: str) -> tuple[int, int]:
 @click.option("--backend", type=click.Choice(("all",) + BACKENDS), default="all", show_default=True,
               help="all: every backend that can run the artifact here, timed side by side.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Backend threads. Default: $BIDIFF_THREADS or all cores.")
+              help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=7, show_default=True,
               help="Interleaved rounds; each times 3 network calls per backend.")
-@click.option("--size", default="512x512", show_default=True,
-              help="Input WIDTHxHEIGHT for the estimate of a whole upscale.")
+@click.option("--size", default=None,
+              help="Input WIDTHxHEIGHT: estimate a whole upscale of it and run one, file to file, "
+                   "at --steps (the sample photo resized). Default: estimate 512x512 only.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help="DDIM steps for the estimate. Default: the artifact's.")
-def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int, size: str,
+              help="DDIM steps for the estimate and the upscale. Default: the artifact's.")
+def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int, size: str | None,
           steps: int | None) -> None:
-    """Time one denoising step per backend here, and estimate a whole upscale."""
+    """Time one denoising step per backend here, estimate a whole upscale, and run one (--size)."""
     from .api import default_artifact
-    from .backends import create_backend, resolve_backend, resolve_threads
-    from .benchmark import format_duration, network_calls, time_steps
+    from .backends import THREADS_ENV, create_backend, resolve_backend, resolve_threads
+    from .benchmark import format_duration, network_calls, time_steps, time_upscale
 
-    width, height = _parse_size(size)
+    width, height = _parse_size(size or "512x512")
     art = read_artifact(default_artifact() if artifact is None else artifact)
     m = art.manifest
     steps = m.default_steps if steps is None else steps
@@ -235,19 +236,25 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
             names = [resolve_backend(art, "auto")]     # raises with the reason
     else:
         names = [resolve_backend(art, backend)]
+    n_threads = resolve_threads(threads)
     opened = {}
     try:
         for name in names:
-            opened[name] = create_backend(art, name, threads=threads)
+            opened[name] = create_backend(art, name, threads=n_threads)
         timings = time_steps(opened, tile=m.tile, rounds=rounds)
+        # the backend `bidiff upscale` would pick: TVM where it runs
+        real = time_upscale(art, opened[names[0]], width, height, steps=steps) if size else None
     finally:
         for b in opened.values():
             b.close()
-    tiles, calls = network_calls(width, height, scale=m.model.scale, tile=m.tile, steps=steps)
+    tiles, calls = network_calls(width, height, scale=m.model.scale, tile=m.tile, steps=steps,
+                                 align=m.input_multiple)
     target = m.target.name if m.target else "onnx"
     click.echo(f"artifact    {art.source}  ({m.model.name} x{m.model.scale}, tile {m.tile}, "
                f"target {target})")
-    click.echo(f"threads     {resolve_threads(threads) or 'all cores'}")
+    origin = "" if threads is not None else \
+        f" (${THREADS_ENV})" if os.environ.get(THREADS_ENV, "").strip() else " (the usable cores)"
+    click.echo(f"threads     {n_threads}{origin}")
     click.echo(f"one step on one {m.tile}x{m.tile} tile, median of {rounds} round(s) of 3 calls:")
     width_name = max(len(t.backend) for t in timings)
     for t in timings:
@@ -257,6 +264,14 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
                f"network calls")
     for t in timings:
         click.echo(f"  {t.backend:<{width_name}}  about {format_duration(calls * t.median_ms / 1e3)}")
+    if real is not None:
+        click.echo(f"one real upscale, PNG to PNG ({real.backend}, {real.steps} steps, "
+                   f"{real.calls} network calls): {real.wall_s:.2f} s wall")
+        rows = [("network", real.network_s), ("outside the network", real.outside_s)]
+        rows += [(f"  {label}", sec) for label, sec in real.parts()]
+        w = max(len(label) for label, _ in rows)
+        for label, sec in rows:
+            click.echo(f"  {label:<{w}}  {sec:9.3f} s  {100 * sec / real.wall_s:5.1f}%")
 
 
 def main(argv: list[str] | None = None) -> None:

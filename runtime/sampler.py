@@ -83,7 +83,8 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     _, H, W = cond.shape
     x_t = np.random.default_rng(seed).standard_normal((3, H, W), dtype=np.float32)
 
-    grid = TileGrid.create(H, W, tile, default_overlap(tile) if overlap is None else overlap)
+    grid = TileGrid.create(H, W, tile, default_overlap(tile) if overlap is None else overlap,
+                           align=int(getattr(model, "input_multiple", 1)))   # tiles in phase
     tiles = grid.tiles()
     inv_wsum = (np.float32(1) / grid.weight_sum())[None]          # [1, H, W]
     single = len(tiles) == 1

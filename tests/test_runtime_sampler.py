@@ -13,7 +13,7 @@ from bidiff.runtime.bicubic import upscale_condition
 from bidiff.runtime.consistency import back_project, downscale
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.sampler import sample
-from bidiff.runtime.tiling import TileGrid, axis_starts, axis_windows
+from bidiff.runtime.tiling import TileGrid, axis_starts, axis_windows, default_overlap
 
 OFFICIAL = Formulation()
 AC = schedule.alphas_cumprod().astype(np.float64)
@@ -77,7 +77,7 @@ def test_axis_tiling_covers_and_overlaps() -> None:
     for length, tile, ov in [(32, 32, 8), (33, 32, 8), (100, 32, 8), (96, 32, 0), (1000, 64, 16)]:
         st = axis_starts(length, tile, ov)
         assert st[0] == 0 and st[-1] == length - tile and st == sorted(set(st))
-        assert all(b - a <= tile - ov + 1 for a, b in zip(st, st[1:]))          # overlap >= ov - 1
+        assert all(b - a <= tile - ov for a, b in zip(st, st[1:]))              # overlap >= ov
         ws = axis_windows(st, tile)
         total = np.zeros(length)
         for s, w in zip(st, ws):
@@ -87,6 +87,52 @@ def test_axis_tiling_covers_and_overlaps() -> None:
     grid = TileGrid.create(32, 32, 32, 8)
     (tile, w), = grid.tiles()
     assert (w == 1).all()                                                       # one tile: weight 1
+
+
+@pytest.mark.parametrize("tile", [32, 64, 128])
+@pytest.mark.parametrize("align", [1, 4, 8])
+def test_tile_plan_covers_evenly_with_the_least_tiles(tile: int, align: int) -> None:
+    """Every length from one tile to 6: first and last tile flush with the edges (every pixel
+    covered), every overlap >= the minimum, strides within 1 px of each other (unaligned) or on
+    the alignment grid, and no fewer tiles could keep the minimum overlap."""
+    for ov in sorted({default_overlap(tile), 0, tile // 4}):
+        for length in range(tile, 6 * tile + 1):
+            st = axis_starts(length, tile, ov, align)
+            strides = np.diff(st)
+            assert st[0] == 0 and st[-1] == length - tile
+            assert (strides > 0).all() and (strides <= tile - ov).all(), (length, ov, st)
+            if len(st) < 3:
+                continue
+            least = axis_starts(length, tile, ov)
+            assert (length - tile) / (len(least) - 2) > tile - ov          # one fewer: too far apart
+            if align == 1:
+                assert st == least and strides.max() - strides.min() <= 1
+            else:
+                assert all(s % align == 0 for s in st[:-1]), (length, ov, st)
+                assert len(st) <= len(least) + 1 and strides.max() - strides.min() <= 2 * align
+
+
+def test_tile_plan_for_a_640x480_input() -> None:
+    """1280 x 960 at tile 128: 12 x 9 tiles (overlaps 16-24), not 13 x 10 at the former
+    quarter-tile minimum, which an explicit overlap=32 still gives."""
+    grid = TileGrid.create(960, 1280, 128, default_overlap(128), align=4)
+    assert default_overlap(128) == 16 and (len(grid.ys), len(grid.xs)) == (9, 12)
+    overlaps = [128 - d for d in np.diff(grid.xs).tolist() + np.diff(grid.ys).tolist()]
+    assert 16 <= min(overlaps) and max(overlaps) <= 24
+    assert len(TileGrid.create(960, 1280, 128, 32, align=4)) == 130
+
+
+def test_blend_weights_ramp_across_the_whole_overlap() -> None:
+    """Neighbouring ramps are mirror images over the actual (not the minimum) overlap, so the
+    weights sum to 1 everywhere the overlaps are at most half a tile: no pixel is weighted
+    towards one tile's border."""
+    for h, w in [(960, 1280), (200, 130), (128, 300)]:
+        grid = TileGrid.create(h, w, 128, default_overlap(128), align=4)
+        np.testing.assert_allclose(grid.weight_sum(), 1, rtol=0, atol=1e-6)
+    grid = TileGrid.create(300, 128, 128, 16)
+    ov = 128 - grid.ys[1]                                            # 3 tiles, overlaps of 42
+    (_, w), *_ = grid.tiles()
+    assert ov > 16 and (w[-ov:, 0] < 1).all() and (w[:-ov, 0] == 1).all()
 
 
 def test_single_tile_equals_untiled_loop_bitwise() -> None:

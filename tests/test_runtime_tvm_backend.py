@@ -87,6 +87,60 @@ def test_tvm_backend_matches_onnxruntime_and_stays_light(tvm_art: Path) -> None:
     assert words[words.index("spin") + 1] == "10000", r.stdout  # no 240 ms busy-wait per call
 
 
+@pytest.fixture(scope="module")
+def thread_ids_kernel(tmp_path_factory) -> Path:
+    """``tids(out int32[64])``: a parallel loop whose iterations store gettid() of the thread
+    that ran them, so the distinct values are the pool threads that really worked."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def tids(out: T.Buffer((64,), "int32")):
+        T.func_attr({"global_symbol": "tids", "tir.noalias": True})
+        for i in T.parallel(64):
+            out[i] = T.call_extern("int32", "gettid")
+
+    path = tmp_path_factory.mktemp("tids") / "tids.so"
+    tvm.compile(tvm.IRModule({"tids": tids}), target="llvm").export_library(str(path))
+    return path
+
+
+THREADS_SCRIPT = """
+import os, sys, numpy as np
+cpus, threads, art, kernel = sys.argv[1:]
+if cpus != "all":
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+from bidiff import runtime
+from bidiff.runtime.backends.tvm import load_tvm_runtime
+up = runtime.load(art, backend="tvm", threads=None if threads == "default" else int(threads))
+up.upscale(np.zeros((20, 20, 3), np.uint8), steps=1)
+ffi = load_tvm_runtime(up.backend.threads)                  # the same runtime, no second pool
+out = np.zeros(64, np.int32)
+ffi.load_module(kernel)["tids"](ffi.from_dlpack(out))
+print(up.backend.threads, len(set(out.tolist())), ffi.get_global_func("runtime.NumThreads")())
+"""
+
+CORES = len(os.sched_getaffinity(0))
+FIRST_CPU = min(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("cpus,threads,env,expected", [
+    ("all", "default", None, CORES),            # TVM alone would take half: 1 on 2 cores
+    (str(FIRST_CPU), "default", None, 1),       # the affinity mask bounds the default
+    ("all", "1", None, 1),                      # an explicit count wins
+    ("all", "default", {"BIDIFF_THREADS": "1"}, 1),
+])
+def test_tvm_pool_runs_that_many_threads(tvm_art: Path, thread_ids_kernel: Path, cpus, threads,
+                                         env, expected) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("BIDIFF_THREADS", "TVM_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, cpus, threads, str(tvm_art),
+                        str(thread_ids_kernel)], capture_output=True, text=True, timeout=300,
+                       env={**base, **(env or {})})
+    assert r.returncode == 0, r.stderr[-2000:]
+    configured, ran, pool = map(int, r.stdout.split())
+    assert configured == ran == pool == expected, r.stdout
+
+
 def test_tvm_backend_refusals(tvm_art: Path, tmp_path: Path) -> None:
     from bidiff import runtime
     from bidiff.runtime.backends import resolve_backend

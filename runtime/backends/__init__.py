@@ -1,7 +1,8 @@
 """Backends: what runs one timestep group's network on one tile.
 
 Every backend has the same small interface (``Backend``): ``run(group, x_t, cond, t) -> eps``
-with x_t, cond float32 [1, 3, S, S], t int64 [1, 1] and eps float32 [1, 3, S, S], S = ``tile``.
+with x_t, cond float32 [1, 3, S, S], t int64 [1, 1] and eps float32 [1, 3, S, S], S = ``tile``;
+``input_multiple`` is the manifest's (the sampler aligns tiles to it, ``tiling``).
 
 - ``onnxruntime``: the artifact's portable ONNX graphs (``backends/onnxruntime.py``).
 - ``tvm``: the artifact's TVM-compiled library through apache-tvm-ffi + libtvm_runtime, without
@@ -35,6 +36,7 @@ class BackendError(ValueError):
 class Backend(Protocol):
     name: str
     tile: int
+    input_multiple: int     # the network's downsampling factor: tiles start on its grid
 
     def run(self, group: int, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
         """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> eps float32 [1, 3, S, S]."""
@@ -43,12 +45,23 @@ class Backend(Protocol):
         """Release sessions / modules."""
 
 
-def resolve_threads(threads: int | None) -> int | None:
-    """``threads`` or ``$BIDIFF_THREADS`` (None: the backend's default, all cores)."""
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):          # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads``, else ``$BIDIFF_THREADS``, else :func:`usable_cores`.
+
+    Always an explicit count: the backends' own defaults differ (TVM takes half the hardware
+    threads on x86, assuming SMT, so a 2-core VM without it ran on one core)."""
     if threads is None:
         env = os.environ.get(THREADS_ENV, "").strip()
         if not env:
-            return None
+            return usable_cores()
         try:
             threads = int(env)
         except ValueError:
@@ -113,5 +126,5 @@ def create_backend(artifact: Artifact, name: str = "auto", *, threads: int | Non
 
 
 __all__ = ["Backend", "BackendError", "BackendName", "BACKENDS", "THREADS_ENV", "create_backend",
-           "resolve_backend", "resolve_threads", "tvm_runtime_available", "onnxruntime_available",
-           "ArtifactError"]
+           "resolve_backend", "resolve_threads", "usable_cores", "tvm_runtime_available",
+           "onnxruntime_available", "ArtifactError"]

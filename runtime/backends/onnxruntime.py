@@ -11,6 +11,7 @@ import threading
 import numpy as np
 
 from ..artifact import Artifact
+from . import resolve_threads
 
 
 class OnnxRuntimeBackend:
@@ -21,13 +22,14 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.artifact = artifact
         self.tile = int(artifact.manifest.tile)
-        self.threads = threads
+        self.input_multiple = int(artifact.manifest.input_multiple)
+        self.threads = resolve_threads(threads)     # explicit: the same default as TVM
         self._sessions: dict[int, object] = {}
         self._lock = threading.Lock()
 
     def _options(self):
         so = self._ort.SessionOptions()
-        so.intra_op_num_threads = self.threads or 0          # 0: onnxruntime's default (all cores)
+        so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -7,8 +7,10 @@ No ``import tvm`` (that is the 240 MB compiler): ``libtvm_runtime.so`` is loaded
     vm["vm_initialization"](1, 0, 2)          # CPU (kDLCPU = 1), device 0, pooled allocator
     eps = vm["group_k"](x_t, cond, t)         # one function per timestep group (manifest)
 
-- Threads: the TVM pool size is read from ``TVM_NUM_THREADS`` when libtvm_runtime loads, so it
-  is set first; a later request for another count cannot take effect (a warning says so).
+- Threads: the TVM pool size is read from ``TVM_NUM_THREADS`` when the pool starts, so it is
+  set before libtvm_runtime loads, always (default: the usable cores, ``resolve_threads``;
+  TVM's own default is half the hardware threads on x86, one core on a 2-core VM without
+  SMT). A later request for another count cannot take effect (a warning says so).
   Two more pool settings default here unless the caller set them: ``TVM_BIND_THREADS=0``
   (with TVM's core binding the shipped model's step was slower: 96-102 vs 80 ms) and
   ``TVM_THREAD_POOL_SPIN_COUNT=10000``: by default a worker busy-waits ~240 ms at 100% of a
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
-from . import BackendError
+from . import BackendError, resolve_threads
 
 RUNTIME_ENV = "BIDIFF_TVM_RUNTIME"
 ALIGN = 64
@@ -89,10 +91,14 @@ def _import_tvm_ffi_without_torch():
 
 
 def load_tvm_runtime(threads: int | None = None):
-    """Load libtvm_runtime (once per process, pool size fixed then) and return ``tvm_ffi``."""
+    """Load libtvm_runtime (once per process, pool size fixed then) and return ``tvm_ffi``.
+
+    threads: the pool size (None: ``resolve_threads``' default, the usable cores). Always set
+    explicitly: TVM's own default is half the hardware threads on x86 (it assumes SMT)."""
+    threads = resolve_threads(threads)
     with _load_lock:
         if "ffi" in _loaded:
-            if threads is not None and threads != _loaded["threads"]:
+            if threads != _loaded["threads"]:
                 warnings.warn(f"the TVM runtime is already loaded with {_loaded['threads']} threads; "
                               f"threads={threads} cannot take effect in this process", stacklevel=3)
             return _loaded["ffi"]
@@ -100,8 +106,7 @@ def load_tvm_runtime(threads: int | None = None):
         if lib is None:
             raise BackendError(f"libtvm_runtime.so not found: pip install 'bidiff[tvm]' or set "
                                f"{RUNTIME_ENV} to its path")
-        if threads is not None:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ.setdefault("TVM_BIND_THREADS", "0")
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
         try:
@@ -111,8 +116,7 @@ def load_tvm_runtime(threads: int | None = None):
             raise BackendError(f"cannot load the TVM runtime ({' '.join(str(e).split())}): "
                                "reinstall bidiff[tvm]") from None
         _loaded["ffi"] = tvm_ffi
-        _loaded["threads"] = threads if threads is not None else \
-            int(os.environ.get("TVM_NUM_THREADS", "0") or 0) or None
+        _loaded["threads"] = threads
         _loaded["lib"] = str(lib)
         return tvm_ffi
 
@@ -152,7 +156,9 @@ class TVMBackend:
             raise BackendError(f"artifact {artifact.source} has no native library")
         self.artifact = artifact
         self.tile = int(m.tile)
+        self.input_multiple = int(m.input_multiple)
         self._ffi = load_tvm_runtime(threads)
+        self.threads = int(_loaded["threads"])     # the pool's size (fixed by the first load)
         want = (m.versions or {}).get("tvm_ffi")
         have = getattr(self._ffi, "__version__", None)
         if want and have and want != have:
