@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from bidiff.runtime.bounds import STEPS
+
 from .export import DEFAULT_TILE, ExportResult, export_artifact
 from .targets import TARGETS
 
@@ -57,7 +59,7 @@ def summary(r: ExportResult) -> str:
 @click.option("--float-onnx", type=click.Path(), default=None,
               help="Also keep the plain float ONNX export (for benchmarks) in this directory.")
 @click.option("--steps", default=None, type=int,
-              help="DDIM steps the artifact runs when the caller gives none, 1..1000. Default: "
+              help=f"DDIM steps the artifact runs when the caller gives none, {STEPS.span}. Default: "
                    "the checkpoint's recommendation (50 for the shipped model), else 50.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cli(checkpoint, out, target, config, tile, force, float_onnx, steps, progress) -> None:

@@ -32,6 +32,7 @@ from typing import Callable
 from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelInfo, required_format_version,
                                      TargetInfo, host_info, sha256_file)
 from bidiff.runtime.binary_op import OP_VERSION
+from bidiff.runtime.bounds import STEPS
 
 from .targets import TargetSpec, get_target, required_features
 from .unroll import group_table, is_biconv
@@ -149,11 +150,11 @@ def _load(checkpoint, config):
     return model, cfg, path
 
 
-def _check_steps(steps, what: str) -> int:
-    from bidiff.runtime.api import MAX_STEPS
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ExportError(f"{what} must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
-    return steps
+def _check_steps(steps: object, what: str) -> int:
+    try:
+        return STEPS.check(steps, what)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _recommended_steps(ckpt_path: Path) -> int:

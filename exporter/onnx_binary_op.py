@@ -60,6 +60,9 @@ from bidiff.runtime.binary_op import OP_DOMAIN, OP_NAME, OP_VERSION, WORD_BITS
 
 #: Standard-domain opset the function body and the bidiff graphs use (GroupNormalization-21).
 ONNX_OPSET = 21
+#: The ONNX IR version of every model bidiff writes (opset 21 needs IR >= 10; onnxruntime 1.32
+#: reads it).
+IR_VERSION = 10
 #: Inputs / outputs / attributes of the op, in order (the contract above).
 OP_INPUTS = ("X", "W_packed", "scale", "threshold")
 OP_OUTPUTS = ("Y",)
@@ -73,6 +76,20 @@ __all__ = ["OP_DOMAIN", "OP_NAME", "OP_VERSION", "ONNX_OPSET", "OP_INPUTS", "OP_
 def opset_imports() -> list[onnx.OperatorSetIdProto]:
     """The opset imports of a model that uses the op: standard ONNX_OPSET + bidiff v1."""
     return [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(OP_DOMAIN, OP_VERSION)]
+
+
+def make_model(graph: onnx.GraphProto, *, custom_op: bool = True, opset: int = ONNX_OPSET,
+               producer_name: str = "bidiff") -> onnx.ModelProto:
+    """A model of ``graph`` at :data:`IR_VERSION`: with the op's function and opset imports
+    (``custom_op``), or the standard ``opset`` only."""
+    if custom_op:
+        m = helper.make_model(graph, opset_imports=opset_imports(), functions=[binary_conv_function()],
+                              producer_name=producer_name)
+    else:
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name=producer_name)
+    m.ir_version = IR_VERSION
+    return m
 
 
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
@@ -161,7 +178,4 @@ def make_single_op_model(w_packed: np.ndarray, scale: np.ndarray, threshold: np.
                      numpy_helper.from_array(np.asarray(scale, np.float32).reshape(f), "scale"),
                      numpy_helper.from_array(np.asarray(threshold, np.float32).reshape(channels),
                                              "threshold")])
-    model = helper.make_model(graph, opset_imports=opset_imports(), functions=[binary_conv_function()],
-                              producer_name="bidiff")
-    model.ir_version = 10
-    return model
+    return make_model(graph)

@@ -52,13 +52,12 @@ from onnx.external_data_helper import set_external_data
 
 from bidiff.runtime.binary_op import OP_VERSION
 
-from .onnx_binary_op import ONNX_OPSET, binary_conv_function, make_binary_conv_node, opset_imports
+from .onnx_binary_op import make_binary_conv_node, make_model
 from .unroll import FoldedBIConv, fold_biconv, group_table
 
-__all__ = ["IR_VERSION", "WEIGHTS_FILE", "GroupGraph", "build_group_graph", "write_onnx_graphs",
+__all__ = ["WEIGHTS_FILE", "GroupGraph", "build_group_graph", "write_onnx_graphs",
            "read_safetensors_index"]
 
-IR_VERSION = 10                    # opset 21 needs IR >= 10; onnxruntime 1.32 reads it
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -317,13 +316,7 @@ def build_group_graph(model: torch.nn.Module, *, group: int, tile: int, binary: 
     # moves them to the shared file.
     inits = [numpy_helper.from_array(v, k) for k, v in b.params.items()] + b.consts
     graph = helper.make_graph(b.nodes, f"bidiff_group_{group}", inputs, outputs, initializer=inits)
-    if binary:
-        m = helper.make_model(graph, opset_imports=opset_imports(), functions=[binary_conv_function()],
-                              producer_name="bidiff")
-    else:
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-                              producer_name="bidiff")
-    m.ir_version = IR_VERSION
+    m = make_model(graph, custom_op=binary)
     m.producer_version = (metadata or {}).get("bidiff_version", "")
     helper.set_model_props(m, dict(sorted((metadata or {}).items())))
     return GroupGraph(model=m, params=b.params)

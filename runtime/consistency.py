@@ -18,17 +18,16 @@ from functools import lru_cache
 import numpy as np
 
 from .bicubic import resample_axis, upscale_condition
+from .bounds import IntBound
 
 MAX_ITERATIONS = 16
+BACK_PROJECTION = IntBound("back_projection", 0, MAX_ITERATIONS)   # rounds of back_project
 _A = -0.5                       # Pillow's bicubic kernel
 
 
 def check_back_projection(value: object) -> int:
     """A back-projection iteration count: an integer in 0..MAX_ITERATIONS (ValueError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or not 0 <= value <= MAX_ITERATIONS:
-        raise ValueError(f"back_projection must be an integer in 0..{MAX_ITERATIONS}, got {value!r}")
-    return int(value)
+    return BACK_PROJECTION.check(value)
 
 
 def _pillow_bicubic(x: np.ndarray) -> np.ndarray:

@@ -16,12 +16,15 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from .bounds import IntBound
+
 NUM_TRAIN_TIMESTEPS = 2000
 BETA_START = 1e-6
 BETA_END = 1e-2
 NUM_GROUPS = 5
 TIMESTEP_SPACINGS = ("leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "sample")
+TIME_SHIFT = IntBound("time_shift", 0, NUM_TRAIN_TIMESTEPS - 1)   # DDIMScheduler(time_shift=...)
 
 
 @lru_cache(maxsize=None)
@@ -73,10 +76,7 @@ def group_ranges(*, num_groups: int = NUM_GROUPS,
 
 def check_time_shift(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> int:
     """A sampler time shift: an integer in 0..total_steps-1 (raises ValueError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or not 0 <= value < total_steps:
-        raise ValueError(f"time_shift must be an integer in 0..{total_steps - 1}, got {value!r}")
-    return int(value)
+    return TIME_SHIFT.with_hi(total_steps - 1).check(value)
 
 
 def check_time_shifts(value: object, total_steps: int = NUM_TRAIN_TIMESTEPS) -> dict[int, int]:

@@ -306,14 +306,14 @@ def _optional_torch(threads: int):
 
 def _save_onnx(nodes, inputs: dict, inits: dict, out_shape, path: Path, opset: int) -> None:
     from onnx import TensorProto, helper, numpy_helper, save
+
+    from bidiff.exporter.onnx_binary_op import make_model
     graph = helper.make_graph(
         nodes, "op", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
                       for n, s in inputs.items()],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
         [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 10
-    save(model, str(path))
+    save(make_model(graph, custom_op=False, opset=opset), str(path))
 
 
 def build_a(args, target, root: Path) -> dict:

@@ -12,8 +12,7 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from bidiff.exporter.onnx_binary_op import (binary_conv_function, make_binary_conv_node,
-                                            opset_imports)
+from bidiff.exporter.onnx_binary_op import make_binary_conv_node, make_model
 from bidiff.exporter.tvm.binary_conv import KernelVariant, select_variant
 from bidiff.exporter.tvm.frontend import from_onnx
 from bidiff.exporter.tvm.target import host_target
@@ -71,9 +70,7 @@ def _model(with_threshold: bool = True, with_temb: bool = False):
     graph = helper.make_graph(nodes, "g", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                              [1, 48, H, W])], inits)
-    model = helper.make_model(graph, opset_imports=opset_imports(),
-                              functions=[binary_conv_function()])
-    model.ir_version = 10
+    model = make_model(graph)
     return model
 
 
@@ -249,9 +246,7 @@ def _cs_fusion_model(extra_reader: bool = False, pick: str = "Gather"):
     graph = helper.make_graph(nodes, "cs_fusion", [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, h, w]) for n in ("x", "skip")],
         outputs, inits)
-    model = helper.make_model(graph, opset_imports=opset_imports(),
-                              functions=[binary_conv_function()])
-    model.ir_version = 10
+    model = make_model(graph)
     return model
 
 
