@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +62,6 @@ class ExportResult:
     binary_float32_bytes: int             # the same weights as float32
     float_onnx_bytes: int | None = None   # plain float ONNX export of the same network (all groups)
     float_onnx_path: Path | None = None   # where it was kept (None: measured, then deleted)
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def artifact_bytes(self) -> int:
@@ -216,18 +215,15 @@ def _tvm_versions() -> dict[str, str | None]:
 def _tvm_backend(spec: TargetSpec):
     """``bidiff.exporter.tvm.build``, or a one-line ExportError when TVM is not installed."""
     try:
-        mod = importlib.import_module("bidiff.exporter.tvm.build")
+        return importlib.import_module("bidiff.exporter.tvm.build")
     except ImportError:
-        mod = None
-    if mod is None or not hasattr(mod, "build_library"):
         raise ExportError(f"target {spec.name} needs the TVM compiler, which is not installed: "
-                          "pip install 'bidiff[export]' (apache-tvm 0.27.0.post1), or use --target onnx")
-    return mod
+                          "pip install 'bidiff[export]' (apache-tvm 0.27.0.post1), or use --target onnx"
+                          ) from None
 
 
 def _target_info(spec: TargetSpec, lib) -> TargetInfo:
-    return TargetInfo(name=spec.name, arch=spec.arch, triple=getattr(lib, "triple", spec.triple),
-                      cpu=getattr(lib, "mcpu", spec.mcpu),
+    return TargetInfo(name=spec.name, arch=spec.arch, triple=lib.triple, cpu=lib.mcpu,
                       features=required_features(spec, host_info().features))
 
 
@@ -311,11 +307,11 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
                 default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
                 **sampler, versions=_versions())
-            if tvm_mod is not None:       # exporter/tvm/build.py: build_library(paths, spec, out)
+            if tvm_mod is not None:
                 bar.set_postfix_str(f"compiling for {spec.name}")
                 try:
                     lib = tvm_mod.build_library(paths, spec, writer.staging / LIBRARY_FILE)
-                except getattr(tvm_mod, "BuildError", RuntimeError) as e:
+                except tvm_mod.BuildError as e:
                     raise ExportError(f"cannot build target {spec.name}: {' '.join(str(e).split())}") from None
                 manifest.library = LIBRARY_FILE
                 manifest.target = _target_info(spec, lib)

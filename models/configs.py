@@ -3,7 +3,7 @@ artifact and the sampler must know: upscaling factor and training formulation.""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from bidiff.runtime.formulation import Formulation
@@ -37,9 +37,6 @@ class ModelConfig:
         d["formulation"] = Formulation.from_dict(d.get("formulation"))
         d["network"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["network"].items()}
         return cls(**d)
-
-    def with_(self, **changes: Any) -> "ModelConfig":
-        return replace(self, **changes)
 
 
 def register_config(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:

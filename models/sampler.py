@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bidiff.runtime.bicubic import upscale_condition
 from bidiff.runtime.consistency import back_project
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import DDIMScheduler
@@ -76,9 +75,3 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
                                            for im, low in zip(image.float().numpy(), lr)])).to(dtype)
     result.image = image.clamp(0, 1)
     return result
-
-
-def super_resolve(model: torch.nn.Module, lr: np.ndarray, *, scale: int, **kw) -> SampleResult:
-    """Upscale an LR image [B, 3, h, w] (float in [0, 1]) with the shared bicubic condition."""
-    lr = np.asarray(lr, np.float32)
-    return sample(model, torch.from_numpy(upscale_condition(lr, scale)), lr=lr, **kw)

@@ -190,7 +190,7 @@ def test_native_target_without_tvm_backend(tiny_ckpt, tmp_path, capsys, monkeypa
 
 def test_native_target_manifest_wiring(tiny_ckpt, tmp_path, monkeypatch) -> None:
     """The TVM build is the TVM engineer's (tested there); here a stand-in checks the wiring."""
-    import types
+    from bidiff.exporter.tvm import build
 
     calls = {}
 
@@ -198,12 +198,11 @@ def test_native_target_manifest_wiring(tiny_ckpt, tmp_path, monkeypatch) -> None
         calls["groups"] = sorted(paths)
         assert all(Path(p).is_file() for p in paths.values())
         Path(out_path).write_bytes(b"not really a library")
-        return types.SimpleNamespace(functions={k: f"group_{k}" for k in paths},
-                                     triple="aarch64-linux-gnu", mcpu="cortex-a72")
+        return build.LibraryInfo(path=Path(out_path), functions={k: f"group_{k}" for k in paths},
+                                 inputs=("x_t", "cond", "t"), outputs=("eps",),
+                                 triple="aarch64-linux-gnu", mcpu="cortex-a72", mattr=spec.mattr)
 
-    fake = types.ModuleType("bidiff.exporter.tvm.build")
-    fake.build_library, fake.BuildError = build_library, RuntimeError
-    monkeypatch.setitem(sys.modules, "bidiff.exporter.tvm.build", fake)
+    monkeypatch.setattr(build, "build_library", build_library)
     r = export_artifact(tiny_ckpt, out=tmp_path / "o", target="rpi4", tile=16, progress=False,
                         measure_float=False)
     m = read_artifact(r.path).manifest
@@ -211,6 +210,15 @@ def test_native_target_manifest_wiring(tiny_ckpt, tmp_path, monkeypatch) -> None
     assert (m.target.name, m.target.arch, m.target.cpu) == ("rpi4", "aarch64", "cortex-a72")
     assert m.target.features == ["asimd"] and [g.function for g in m.groups] == [f"group_{k}" for k in range(5)]
 
+    def failing_build(paths, spec, out_path):
+        raise build.BuildError("cross compiler 'aarch64-linux-gnu-gcc'\nnot found")
+
+    monkeypatch.setattr(build, "build_library", failing_build)
+    with pytest.raises(ValueError, match=r"^cannot build target rpi4: cross compiler "
+                                         r"'aarch64-linux-gnu-gcc' not found$"):
+        export_artifact(tiny_ckpt, out=tmp_path / "f", target="rpi4", tile=16, progress=False,
+                        measure_float=False)
+    assert not (tmp_path / "f").exists()
 
 def test_required_cpu_features_per_target() -> None:
     """The manifest's features come from the one table in ``exporter.targets``, spelt as
