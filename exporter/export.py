@@ -11,6 +11,12 @@ fills it:
 The weights file sits next to the graphs because ONNX external data must live inside the
 model's directory (onnx and onnxruntime refuse ``..`` paths).
 
+``export_artifact`` runs four stages, each returning what the next needs: ``unroll_stage``
+(checkpoint -> ``Unrolled``: the network in deploy mode and its checkpoint's facts),
+``graphs_stage`` (-> the group graphs and the portable manifest), ``compile_stage`` (native
+targets: -> the manifest naming the library) and ``write_stage`` (-> the published artifact);
+``float_stage`` measures the plain float ONNX for the summary.
+
 Everything is built in a staging directory next to ``out`` and published atomically: on any
 error nothing is left at ``out`` (an existing artifact is only replaced with ``force=True``, and
 only once the new one is complete). All user errors are ``ValueError`` subclasses with one-line
@@ -19,6 +25,7 @@ keys that do not fit), which the CLI prints with exit code 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -27,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelInfo, required_format_version,
                                      TargetInfo, host_info, sha256_file)
@@ -234,6 +241,103 @@ def export_float_onnx(model, out_dir: str | os.PathLike, *, tile: int, metadata:
     return write_onnx_graphs(model, out_dir, tile=tile, binary=False, metadata=metadata, progress=progress)
 
 
+# --------------------------------------------------------------------------- stages
+# export_artifact runs them in order: unroll -> graphs -> compile -> write. Each returns what
+# the next needs, so each can be read (and tested) on its own.
+
+@dataclass
+class Unrolled:
+    """The network in deploy mode, ready to be unrolled per group (each graph folds one group's
+    experts, ``unroll.fold_biconv``), with what the manifest says about its checkpoint."""
+    model: Any
+    config: Any                       # bidiff.models.ModelConfig
+    checkpoint_sha256: str
+    default_steps: int
+    sampler: dict[str, Any]           # the checkpoint's tuned sampler (manifest fields)
+    metadata: dict[str, str]          # every graph's metadata_props
+
+
+def unroll_stage(checkpoint: str | os.PathLike | None, config: str | None, *, tile: int,
+                 steps: int | None) -> Unrolled:
+    """Load the checkpoint, switch it to deploy mode and check that the tile fits it."""
+    model, cfg, ckpt_path = _load(checkpoint, config)
+    from bidiff.models import set_deploy
+    set_deploy(model, True)
+    check_tile(tile, multiple=max(_MIN_TILE_MULTIPLE, model.input_multiple))
+    if tile % cfg.scale:
+        raise ExportError(f"tile {tile} is not a multiple of the model's scale {cfg.scale}")
+    ckpt_sha = sha256_file(ckpt_path)
+    sampler = _tuned_sampler(ckpt_path)
+    return Unrolled(model=model, config=cfg, checkpoint_sha256=ckpt_sha,
+                    default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
+                    sampler=sampler, metadata=_graph_metadata(cfg, ckpt_sha, sampler))
+
+
+def graphs_stage(u: Unrolled, staging: Path, *, tile: int,
+                 progress: Callable[[str], None]) -> tuple[dict[int, Path], Manifest]:
+    """One binary ONNX graph per group under ``staging/onnx`` and the portable manifest."""
+    from .onnx_export import write_onnx_graphs
+    paths = write_onnx_graphs(u.model, staging / ONNX_DIR, tile=tile, binary=True,
+                              metadata=u.metadata, progress=progress)
+    cfg = u.config
+    manifest = Manifest(
+        model=ModelInfo(name=cfg.name, network=dict(cfg.network), scale=int(cfg.scale),
+                        formulation=cfg.formulation.to_dict(), checkpoint_sha256=u.checkpoint_sha256),
+        groups=[GroupInfo(index=k, t_min=lo, t_max=hi, onnx=f"{ONNX_DIR}/{paths[k].name}")
+                for k, lo, hi in group_table(u.model)],
+        tile=int(tile), input_multiple=int(u.model.input_multiple), default_steps=u.default_steps,
+        **u.sampler, versions=_versions())
+    return paths, manifest
+
+
+def compile_stage(tvm_build, spec: TargetSpec, paths: dict[int, Path], staging: Path,
+                  manifest: Manifest) -> Manifest:
+    """The native library of ``spec`` (``tvm.build.build_library``) in ``staging``; returns the
+    manifest that names it, its functions and the CPU features it needs."""
+    try:
+        lib = tvm_build.build_library(paths, spec, staging / LIBRARY_FILE)
+    except tvm_build.BuildError as e:
+        raise ExportError(f"cannot build target {spec.name}: {' '.join(str(e).split())}") from None
+    return dataclasses.replace(
+        manifest, library=LIBRARY_FILE, target=_target_info(spec, lib),
+        groups=[dataclasses.replace(g, function=lib.functions[g.index]) for g in manifest.groups],
+        backends=["tvm", "onnxruntime"], versions={**manifest.versions, **_tvm_versions()})
+
+
+def float_stage(u: Unrolled, scratch: Path, *, tile: int,
+                keep: str | os.PathLike | None) -> tuple[int, Path | None]:
+    """Bytes of the plain float ONNX of the same network (built in a temp dir under ``scratch``)
+    and where it was kept (``keep``; None: deleted)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".float-onnx-", dir=scratch))
+    try:
+        export_float_onnx(u.model, tmp, tile=tile, metadata=u.metadata)
+        size = sum(p.stat().st_size for p in tmp.iterdir())
+        if keep is None:
+            return size, None
+        kept = Path(keep)
+        if kept.exists():
+            shutil.rmtree(kept) if kept.is_dir() else kept.unlink()
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(kept))
+        return size, kept
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_stage(writer: ArtifactWriter, manifest: Manifest) -> tuple[Path, dict[str, int]]:
+    """Checksum, write the manifest and publish; returns the artifact and its file sizes."""
+    # mkdtemp makes the staging dir 0700; the published artifact is meant to be shared
+    umask = os.umask(0)
+    os.umask(umask)
+    writer.staging.chmod(0o777 & ~umask)
+    published = writer.finish(manifest)
+    sizes = ({p.relative_to(published).as_posix(): p.stat().st_size
+              for p in sorted(published.rglob("*")) if p.is_file()}
+             if published.is_dir() else {published.name: published.stat().st_size})
+    return published, sizes
+
+
 def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str | None = None,
                     target: str = "onnx", out: str | os.PathLike, tile: int = DEFAULT_TILE,
                     force: bool = False, progress: bool = True,
@@ -268,7 +372,8 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
         get_config(config)                      # unknown name -> ValueError listing valid ones
     if float_onnx is not None and Path(float_onnx).exists() and not force:
         raise ExportError(f"{float_onnx} already exists: pass --force to replace it")
-    tvm_mod = _tvm_backend(spec) if spec.native else None
+    tvm_build = _tvm_backend(spec) if spec.native else None
+    with_float = measure_float or float_onnx is not None
 
     from tqdm import tqdm
     bar = None        # created once the input is validated, so an error stays a single line
@@ -279,77 +384,28 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
         except OSError as e:
             raise ExportError(f"cannot write the artifact to {out}: {e.strerror or e}") from None
         with writer:
-            model, cfg, ckpt_path = _load(checkpoint, config)
-            from bidiff.models import set_deploy
-            set_deploy(model, True)
-            check_tile(tile, multiple=max(_MIN_TILE_MULTIPLE, model.input_multiple))
-            if tile % cfg.scale:
-                raise ExportError(f"tile {tile} is not a multiple of the model's scale {cfg.scale}")
-            total = 1 + model.dynamic_group + (1 if measure_float or float_onnx is not None else 0) \
-                + (1 if tvm_mod else 0)
-            bar = tqdm(total=total, desc="bidiff-export", unit="step", disable=not progress, leave=False)
+            u = unroll_stage(checkpoint, config, tile=tile, steps=steps)
+            bar = tqdm(total=1 + u.model.dynamic_group + with_float + (tvm_build is not None),
+                       desc="bidiff-export", unit="step", disable=not progress, leave=False)
 
             def step(msg: str) -> None:
                 bar.set_postfix_str(msg)
                 bar.update(1)
 
-            ckpt_sha = sha256_file(ckpt_path)
-            sampler = _tuned_sampler(ckpt_path)
-            meta = _graph_metadata(cfg, ckpt_sha, sampler)
-            from .onnx_export import write_onnx_graphs
-            paths = write_onnx_graphs(model, writer.staging / ONNX_DIR, tile=tile, binary=True,
-                                      metadata=meta, progress=lambda m: step(m))
-            groups = [GroupInfo(index=k, t_min=lo, t_max=hi, onnx=f"{ONNX_DIR}/{paths[k].name}")
-                      for k, lo, hi in group_table(model)]
-            manifest = Manifest(
-                model=ModelInfo(name=cfg.name, network=dict(cfg.network), scale=int(cfg.scale),
-                                formulation=cfg.formulation.to_dict(), checkpoint_sha256=ckpt_sha),
-                groups=groups, tile=int(tile), input_multiple=int(model.input_multiple),
-                default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
-                **sampler, versions=_versions())
-            if tvm_mod is not None:
+            paths, manifest = graphs_stage(u, writer.staging, tile=tile, progress=step)
+            if tvm_build is not None:
                 bar.set_postfix_str(f"compiling for {spec.name}")
-                try:
-                    lib = tvm_mod.build_library(paths, spec, writer.staging / LIBRARY_FILE)
-                except tvm_mod.BuildError as e:
-                    raise ExportError(f"cannot build target {spec.name}: {' '.join(str(e).split())}") from None
-                manifest.library = LIBRARY_FILE
-                manifest.target = _target_info(spec, lib)
-                for g in manifest.groups:
-                    g.function = lib.functions[g.index]
-                manifest.backends = ["tvm", "onnxruntime"]
-                manifest.versions.update(_tvm_versions())
+                manifest = compile_stage(tvm_build, spec, paths, writer.staging, manifest)
                 bar.update(1)
-
             float_bytes, float_path = None, None
-            if measure_float or float_onnx is not None:
+            if with_float:
                 bar.set_postfix_str("float ONNX for comparison")
-                tmp = Path(tempfile.mkdtemp(prefix=".float-onnx-", dir=writer.staging.parent))
-                try:
-                    export_float_onnx(model, tmp, tile=tile, metadata=meta)
-                    float_bytes = sum(p.stat().st_size for p in tmp.iterdir())
-                    if float_onnx is not None:
-                        float_path = Path(float_onnx)
-                        if float_path.exists():
-                            shutil.rmtree(float_path) if float_path.is_dir() else float_path.unlink()
-                        float_path.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.move(str(tmp), str(float_path))
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
+                float_bytes, float_path = float_stage(u, writer.staging.parent, tile=tile, keep=float_onnx)
                 bar.update(1)
-
             bar.set_postfix_str("writing artifact")
             packed = _packed_weight_bytes(writer.staging / ONNX_DIR)
-            as_float = 4 * sum(m.binary_conv.weight.numel() for m in model.modules() if is_biconv(m))
-            # mkdtemp makes the staging dir 0700; the published artifact is meant to be shared
-            umask = os.umask(0)
-            os.umask(umask)
-            writer.staging.chmod(0o777 & ~umask)
-            published = writer.finish(manifest)
-            sizes = ({p.relative_to(published).as_posix(): p.stat().st_size
-                      for p in sorted(published.rglob("*")) if p.is_file()}
-                     if published.is_dir() else {published.name: published.stat().st_size})
+            as_float = 4 * sum(m.binary_conv.weight.numel() for m in u.model.modules() if is_biconv(m))
+            published, sizes = write_stage(writer, manifest)
             bar.update(1)
     finally:
         if bar is not None:
