@@ -80,3 +80,29 @@ def run_script(script: str, *args: object, env: dict[str, str] | None = None) ->
 def test_onnxruntime_pool_starts_that_many_threads(art: Path, cpus, threads, env, expected) -> None:
     configured, started = run_script(ORT_SCRIPT, cpus, threads, art, env=env)
     assert (configured, started) == (expected, expected - 1)
+
+
+def test_cli_upscale_default_is_the_usable_cores(art: Path, tmp_path: Path, monkeypatch) -> None:
+    """`bidiff upscale` without --threads opens its backend on the usable cores, with it on N."""
+    import numpy as np
+    from PIL import Image
+
+    from bidiff.runtime import api
+    from bidiff.runtime.cli import main
+    monkeypatch.delenv(backends.THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    opened = []
+    real_load = api.load
+
+    def load(*args, **kw):
+        opened.append(real_load(*args, **kw))
+        return opened[-1]
+    monkeypatch.setattr(api, "load", load)
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "x.png")
+    for extra, expected in (([], 3), (["--threads", "1"], 1)):
+        with pytest.raises(SystemExit) as e:
+            main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--artifact",
+                  str(art), "--backend", "onnxruntime", "--steps", "1", "-q", *extra])
+        assert e.value.code == 0
+        backend = opened[-1].backend
+        assert backend.threads == expected and backend._options().intra_op_num_threads == expected
