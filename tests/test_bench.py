@@ -1,24 +1,19 @@
-"""scripts/bench.py: bundles built here are measured through the device runtime, and part k
-reports (and fails on) a kernel that disagrees with the reference."""
+"""bidiff.exporter.bench and its command (scripts/bench.py): bundles built here are measured
+through the device runtime, and part k reports (and fails on) a kernel that disagrees with the
+reference."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench", Path(__file__).parents[1] / "scripts" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bidiff.exporter import bench_build
+from bidiff.exporter import bench_cli as bench
+from bidiff.exporter.bench_measure import interleaved_blocks
 
 
 def test_part_a_bundle_round_trip(tmp_path, capsys) -> None:
-    bench = _bench()
     small = ["--channels", "32", "--size", "16", "--rounds", "1", "--repeat", "1"]
     assert bench.main(["--part", "a", "--target", "x86_64-avx2", "--bundle", str(tmp_path / "b"),
                        *small]) == 0
@@ -36,7 +31,6 @@ def test_part_a_bundle_round_trip(tmp_path, capsys) -> None:
 
 
 def test_bundle_of_another_version_is_refused(tmp_path) -> None:
-    bench = _bench()
     (tmp_path / "bench.json").write_text(json.dumps({"version": 99, "part": "a", "spec": {}}))
     with pytest.raises(SystemExit, match="bench bundle version 99, this script reads 1: "
                                          "rebuild it with --bundle"):
@@ -44,8 +38,7 @@ def test_bundle_of_another_version_is_refused(tmp_path) -> None:
 
 
 def test_part_k_flags_a_wrong_kernel(tmp_path, monkeypatch, capsys) -> None:
-    bench = _bench()
-    monkeypatch.setattr(bench, "_kernel_cases",
+    monkeypatch.setattr(bench_build, "kernel_cases",
                         lambda: [(33, 32, 7, 9, 3, "none", False, 0, False),
                                  (32, 32, 9, 7, 3, "rprelu", True, 0, False),
                                  (16, 16, 9, 11, 3, "rprelu", True, 32, True),
@@ -69,7 +62,6 @@ def test_part_k_flags_a_wrong_kernel(tmp_path, monkeypatch, capsys) -> None:
 
 def test_blocks_last_at_least_min_block_ms() -> None:
     """A sub-microsecond contender is timed in blocks of many calls, not --repeat calls."""
-    bench = _bench()
     calls = {"n": 0}
 
     def tick():
@@ -77,7 +69,7 @@ def test_blocks_last_at_least_min_block_ms() -> None:
 
     def per_block(min_block_ms):
         calls["n"] = 0
-        bench._interleaved({"tick": tick}, 2, 3, min_block_ms)
+        interleaved_blocks({"tick": tick}, 2, 3, min_block_ms)
         return (calls["n"] - 1 - 3 - 2) / 2      # warm-up + calibration + one untimed per round
 
     assert per_block(0) == 3
@@ -99,10 +91,9 @@ def test_bench_kit_refuses_an_existing_folder(tmp_path) -> None:
 
 def test_contender_order_rotates_per_round() -> None:
     """No contender always runs right after the same other one."""
-    bench = _bench()
     order = []
     contenders = {k: (lambda k=k: order.append(k)) for k in ("a", "b", "c")}
-    bench._interleaved(contenders, 3, 1, 0)
+    interleaved_blocks(contenders, 3, 1, 0)
     timed = order[6:]                            # after the warm-up and calibration calls
     firsts = [timed[i] for i in range(0, len(timed), 2 * 3)]   # untimed + timed call each
     assert firsts == ["a", "b", "c"]
