@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bidiff.exporter.unroll import fold_biconv, group_table, unroll
-from bidiff.models import create_model
+from bidiff.models import create_model, list_configs
 from bidiff.models.layers import BIConv, set_deploy
 from bidiff.runtime.binary_op import binary_conv2d_reference, unpack_weights
 
@@ -65,10 +65,18 @@ def test_fold_values_and_shared_parts() -> None:
         fold_biconv(conv, 5)
 
 
-def test_unroll_covers_every_biconv_and_groups() -> None:
-    model = create_model("tiny-binary")
-    folded = unroll(model, 1)
+@pytest.mark.parametrize("name", list_configs())
+def test_unroll_covers_every_biconv_and_groups(name: str) -> None:
+    """Every registered config unrolls: one folded BIConv per module for a group, and the group
+    table partitions the timesteps into the model's expert groups."""
+    model = create_model(name)
+    k = model.dynamic_group - 1
+    folded = unroll(model, k)
     n = sum(type(m).__name__ == "BIConv" for m in model.modules())
-    assert len(folded) == n and all(f.group == 1 for f in folded.values())
-    assert group_table(model) == [(0, 0, 399), (1, 400, 799), (2, 800, 1199), (3, 1200, 1599),
-                                  (4, 1600, 1999)]
+    assert n > 0 and len(folded) == n and all(f.group == k for f in folded.values())
+    table = group_table(model)
+    assert [g for g, _, _ in table] == list(range(model.dynamic_group))
+    assert table[0][1] == 0 and table[-1][2] == model.total_step - 1
+    assert all(hi + 1 == lo for (_, _, hi), (_, lo, _) in zip(table, table[1:]))
+    if (model.dynamic_group, model.total_step) == (5, 2000):
+        assert table == [(0, 0, 399), (1, 400, 799), (2, 800, 1199), (3, 1200, 1599), (4, 1600, 1999)]

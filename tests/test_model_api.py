@@ -1,9 +1,12 @@
 """Model API: registry, checkpoints carrying their config, and clear errors on bad input."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from bidiff.models import create_model, get_config, list_configs, load_checkpoint, save_checkpoint, set_deploy
+from bidiff.models.configs import ModelConfig
 from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights, weight_scale
 
 
@@ -19,14 +22,22 @@ def test_registry_lists_and_rejects():
         get_config("nope")
 
 
-@pytest.mark.parametrize("name", ["bidiff-s-x2", "tiny-binary", "golden-small"])
-def test_every_small_config_builds_and_runs(name):
+@pytest.mark.parametrize("name", list_configs())
+def test_every_config_round_trips_as_json(name):
+    """A config survives its JSON form (what checkpoints and manifests store)."""
+    cfg = get_config(name)
+    assert cfg.name == name and ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_every_config_builds_and_runs(name):
     cfg = get_config(name)
     model = create_model(cfg).eval()
+    assert model.input_multiple == cfg.input_multiple
     s = 4 * cfg.input_multiple
     with torch.no_grad():
         eps = model(torch.randn(1, 3, s, s), torch.rand(1, 3, s, s), torch.tensor([[5]]))
-    assert eps.shape == (1, 3, s, s)
+    assert eps.shape == (1, 3, s, s) and torch.isfinite(eps).all()
 
 
 @pytest.mark.parametrize("x_shape,cond_shape,t,msg", [
