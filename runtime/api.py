@@ -21,16 +21,12 @@ import numpy as np
 from . import images
 from .artifact import Artifact, ArtifactError, default_cache_dir, host_info, read_artifact
 from .backends import BACKENDS, Backend, BackendError, create_backend
+from .bounds import STEPS
 from .formulation import Formulation
 from .sampler import Progress, sample
 
-MAX_STEPS = 1000
-
-
-def check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
-    return int(steps)
+MAX_STEPS = STEPS.hi
+check_steps = STEPS.check
 
 
 class Upscaler:
@@ -65,7 +61,7 @@ class Upscaler:
         steps: DDIM steps, 1..1000; None = the artifact's ``default_steps`` (50 for the shipped
         model). seed: seeds x_T; the same seed, image and backend give identical bytes.
         progress: ``progress(done, total)`` after every network evaluation (tiles x steps).
-        overlap: HR pixels shared by neighbouring tiles (default: a quarter of the tile).
+        overlap: HR pixels shared by neighbouring tiles, at least (default: an eighth of the tile).
         time_shift: the network is asked for eps at max(0, t - time_shift) (``DDIMScheduler``);
         None = the artifact's for this step count (``Manifest.time_shift_for``).
         back_projection: rounds of LR-consistency correction of the result

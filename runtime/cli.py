@@ -22,7 +22,9 @@ import click
 from . import images
 from .artifact import ArtifactError, file_status, read_artifact, target_mismatch
 from .backends import BACKENDS, BackendError
-from .consistency import MAX_ITERATIONS as MAX_BACK_PROJECTION
+from .bounds import STEPS, THREADS
+from .consistency import BACK_PROJECTION
+from .schedule import TIME_SHIFT
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 USER_ERRORS = (ArtifactError, images.ImageError, BackendError)
@@ -94,21 +96,21 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
               help="Artifact folder or .bidiff file. Default: the one for this host in "
                    "$BIDIFF_CACHE or ~/.cache/bidiff.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help="DDIM steps, 1..1000. Default: the artifact's (50 for the shipped model).")
-@click.option("--time-shift", type=click.IntRange(0, 1999), default=None,
+@click.option("--steps", type=STEPS.click_type(), default=None,
+              help=f"DDIM steps, {STEPS.span}. Default: the artifact's.")
+@click.option("--time-shift", type=TIME_SHIFT.click_type(), default=None,
               help="Ask the network for eps this many timesteps earlier (see docs/TRAINING.md). "
                    "Default: the artifact's for the step count (measured; 0 for official models).")
-@click.option("--back-projection", type=click.IntRange(0, MAX_BACK_PROJECTION), default=None,
+@click.option("--back-projection", type=BACK_PROJECTION.click_type(), default=None,
               help="Rounds of correction that make the result downscale back to the input "
                    "(0 = off). Default: the artifact's (measured with the model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS.click_type(), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: TVM when the artifact has a library for this host, else onnxruntime.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
-              help="HR pixels shared by neighbouring tiles. Default: a quarter of the artifact's tile.")
+              help="HR pixels shared by neighbouring tiles, at least. Default: an eighth of the artifact's tile.")
 @click.option("--suffix", default=None, help="Output name suffix. Default: x{scale}, as in photo_x2.png.")
 @click.option("--ext", type=click.Choice(["auto", "png", "jpg", "webp"]), default="auto", show_default=True,
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
@@ -205,14 +207,14 @@ def _parse_size(text: str) -> tuple[int, int]:
 @click.argument("artifact", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(("all",) + BACKENDS), default="all", show_default=True,
               help="all: every backend that can run the artifact here, timed side by side.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS.click_type(), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=7, show_default=True,
               help="Interleaved rounds; each times 3 network calls per backend.")
 @click.option("--size", default=None,
               help="Input WIDTHxHEIGHT: estimate a whole upscale of it and run one, file to file, "
                    "at --steps (the sample photo resized). Default: estimate 512x512 only.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+@click.option("--steps", type=STEPS.click_type(), default=None,
               help="DDIM steps for the estimate and the upscale. Default: the artifact's.")
 def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int, size: str | None,
           steps: int | None) -> None:

@@ -66,7 +66,7 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
            progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
-    ``overlap`` (HR pixels between neighbouring tiles) defaults to a quarter of the tile.
+    ``overlap`` (HR pixels between neighbouring tiles, at least) defaults to an eighth of the tile.
     Deterministic: the same inputs, seed and backend give identical bytes.
     """
     lr = np.ascontiguousarray(lr, dtype=np.float32)

@@ -54,10 +54,9 @@ def float_onnx(nodes, inputs: dict, outputs: dict, inits=()):
     """A standard-op ONNX model (opset 21, IR 10) from nodes, {name: shape} of the float32
     inputs and outputs, and initializers: the small graphs the float-schedule tests compile."""
     from onnx import TensorProto, helper
+    from bidiff.exporter.onnx_binary_op import make_model
     graph = helper.make_graph(
         nodes, "test", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in outputs.items()],
         list(inits))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return make_model(graph, custom_op=False)

@@ -24,7 +24,6 @@ import numpy as np
 
 from ..artifact import Artifact, ArtifactError, check_target
 
-BackendName = Literal["auto", "tvm", "onnxruntime"]
 BACKENDS: tuple[str, ...] = ("auto", "tvm", "onnxruntime")
 THREADS_ENV = "BIDIFF_THREADS"
 
@@ -125,6 +124,6 @@ def create_backend(artifact: Artifact, name: str = "auto", *, threads: int | Non
     return OnnxRuntimeBackend(artifact, threads=threads)
 
 
-__all__ = ["Backend", "BackendError", "BackendName", "BACKENDS", "THREADS_ENV", "create_backend",
+__all__ = ["Backend", "BackendError", "BACKENDS", "THREADS_ENV", "create_backend",
            "resolve_backend", "resolve_threads", "usable_cores", "tvm_runtime_available",
            "onnxruntime_available", "ArtifactError"]
