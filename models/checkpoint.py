@@ -21,9 +21,16 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "bidiff-s-x2.
 
 
 def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
-    """A freshly initialised network. An x0-predicting model (``prediction == "sample"``) gets a
-    zero last conv, so before any training its output is x0 = 0: the condition itself for the
-    ``residual`` formulation, never worse than bicubic."""
+    """A freshly initialised network. An x0-predicting model (``prediction == "sample"``) gets:
+
+    - a zero last conv, so before any training its output is x0 = 0: the condition itself for
+      the ``residual`` formulation, never worse than bicubic;
+    - zero first-conv weights on the x_t channels. At the timesteps a few-step sampler visits
+      x_t is almost pure noise (std 1 against a residual of a few hundredths), so with random
+      weights every feature is mostly noise and the 1-bit activations (signs) carry next to
+      nothing of the image; Adam did not shrink those weights in 500 steps (docs/TRAINING.md).
+      Starting at zero, the network sees the condition cleanly and can still learn to use x_t.
+    """
     cfg = get_config(config) if isinstance(config, str) else config
     model = BIDiffSRUNet(**cfg.network)
     if cfg.formulation.prediction == "sample":
@@ -31,6 +38,7 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
             last = model.final_conv.block[-1]
             last.weight.zero_()
             last.bias.zero_()
+            model.downs[0].weight[:, model.in_channel - model.out_channel:].zero_()
     return model
 
 

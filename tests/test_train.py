@@ -162,6 +162,8 @@ def test_x0_prediction_loss_compares_x0_and_starts_at_the_condition(tmp_path):
     hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
     noise = torch.randn(hr.shape, generator=torch.Generator().manual_seed(4))
     abar = torch.from_numpy(alphas_cumprod().copy())
+    first = model.downs[0].weight
+    assert not first[:, 3:].any() and first[:, :3].any()     # x_t (noise) channels start at zero
     loss = diffusion_loss(model, hr, cond, 1500, noise, cfg, abar)
     assert loss.item() == pytest.approx((4 * (hr - cond)).abs().mean().item(), rel=1e-6)
     run = train(_cfg(steps=3, model="tiny-binary"), tmp_path, images=_images(), model_config=cfg,
