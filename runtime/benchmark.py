@@ -179,3 +179,14 @@ def time_upscale(artifact: Artifact, backend: Backend, width: int, height: int, 
                        decode_s=t1 - t0, before_s=first - t1,
                        between_s=last - first - timed.network_s, after_s=t2 - last,
                        encode_s=t3 - t2)
+
+
+def time_remote_steps(remote, *, rounds: int = 7, calls: int = 3, group: int = 0) -> list[StepTime]:
+    """One network call on an RPC server (``rpc.RemoteBackend``), two ways: on the server alone
+    (TVM's ``time_evaluator``: what the device can do) and as the sampler here sees it (the
+    round trip, with the tile's transfers: what a pool gets out of it)."""
+    device = remote.device_times_ms(group, rounds, calls)
+    trip = time_steps({"round trip from here": remote}, tile=remote.tile, rounds=rounds,
+                      calls=calls, group=group)
+    return [StepTime("on the server", float(np.median(device)), float(np.min(device)),
+                     rounds * calls)] + trip

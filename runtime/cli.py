@@ -1,10 +1,12 @@
-"""The ``bidiff`` command: ``bidiff upscale``, ``bidiff info`` and ``bidiff bench`` (the device side).
+"""The ``bidiff`` command: ``bidiff upscale``, ``bidiff info``, ``bidiff bench`` and ``bidiff device-server``.
 
     bidiff upscale photo.png -o out/                  # out/photo_x2.png
     bidiff upscale photos/ -o out/ --steps 20         # every image of the folder, sorted
     bidiff upscale photo.png -o big.png --artifact model.bidiff --backend onnxruntime
     bidiff info model.bidiff                          # manifest summary and checksum status
     bidiff bench model.bidiff --size 640x480          # step time per backend, upscale estimate
+    bidiff upscale photos/ -o out/ --artifact rpi4-art --tracker 10.0.0.2:9190 --key rpi4
+    bidiff device-server --tracker 10.0.0.2:9190 --key rpi4   # on each device
 
 User errors (bad input, bad artifact, bad options) print one line on stderr and exit with
 status 2; no output file is created and no existing one is touched. Outputs are written to a
@@ -15,12 +17,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
 
 from . import images
-from .artifact import ArtifactError, file_status, read_artifact, target_mismatch
+from .artifact import Artifact, ArtifactError, file_status, read_artifact, target_mismatch
 from .backends import BACKENDS, BackendError
 from .bounds import STEPS, THREADS
 from .consistency import BACK_PROJECTION
@@ -115,12 +118,20 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--ext", type=click.Choice(["auto", "png", "jpg", "webp"]), default="auto", show_default=True,
               help="Output format; auto keeps the input's. Images with alpha are always PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Run on the RPC servers of this TVM tracker (python -m tvm.exec.rpc_tracker), "
+                   "one image per server at a time. Needs --key.")
+@click.option("--key", default=None, help="With --tracker: the device key the servers registered.")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="With --tracker: servers to use at once. Default: all registered under --key.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
             time_shift: int | None, back_projection: int | None, seed: int, threads: int | None,
-            backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool) -> None:
+            backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool,
+            tracker: str | None, key: str | None, devices: int | None) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
 
+    _check_remote_options(tracker, key, devices, threads=threads, backend=backend)
     files, any_dir = _collect_inputs(inputs)
     single_file = len(files) == 1 and not any_dir and output.suffix.lower() in IMAGE_EXTS \
         and not output.is_dir()
@@ -134,10 +145,19 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
         has_alpha[f] = inp.alpha is not None
         del inp
     _check_writable_dir(out_dir)
-    up = load(artifact, backend=backend, threads=threads)
-    sfx = suffix if suffix is not None else f"x{up.scale}"
-    if overlap is not None and overlap >= up.manifest.tile:
-        raise CliError(f"--overlap {overlap} must be smaller than the artifact's tile ({up.manifest.tile})")
+    if tracker:
+        from .api import default_artifact
+        art = read_artifact(default_artifact() if artifact is None else artifact)
+        manifest = art.manifest
+        if not manifest.library:
+            raise CliError(f"artifact {art.source} has no native library (exported for target onnx): "
+                           "--tracker needs one exported for the servers' target")
+    else:
+        up = load(artifact, backend=backend, threads=threads)
+        manifest = up.manifest
+    sfx = suffix if suffix is not None else f"x{manifest.model.scale}"
+    if overlap is not None and overlap >= manifest.tile:
+        raise CliError(f"--overlap {overlap} must be smaller than the artifact's tile ({manifest.tile})")
 
     targets: dict[Path, Path] = {}
     for f in files:
@@ -152,10 +172,11 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
 
     # 2. Upscale, one image at a time, each written atomically.
     sampler = {"time_shift": time_shift, "back_projection": back_projection}
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"output folder {out_dir} is not writable ({e.strerror or e}): choose another -o") from None
+    if tracker:        # the folder is made with the first result: a failed run leaves nothing
+        _upscale_remote(art, files, targets, out_dir, tracker, key, devices, quiet=quiet,
+                        steps=steps, seed=seed, overlap=overlap, **sampler)
+        return
+    _make_dir(out_dir)
     for n, f in enumerate(files, 1):
         label = f"[{n}/{len(files)}] {f.name}"
         if quiet:
@@ -170,6 +191,59 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
         images.save_image(result, targets[f])
         if not quiet:
             click.echo(f"{targets[f]}", err=False)
+
+
+def _check_remote_options(tracker: str | None, key: str | None, devices: int | None, *,
+                          threads: int | None, backend: str) -> None:
+    """--tracker needs --key; --key/--devices need --tracker; the servers run TVM libraries
+    with threads of their own."""
+    if tracker is None:
+        if key is not None or devices is not None:
+            raise CliError(f"{'--key' if key is not None else '--devices'} needs --tracker HOST:PORT")
+        return
+    from .rpc import parse_address
+    parse_address(tracker)
+    if not key:
+        raise CliError("--tracker needs --key KEY, the device key the RPC servers registered")
+    if threads is not None:
+        raise CliError("--threads does not apply with --tracker: each server runs its own thread "
+                       "count (bidiff device-server --threads N)")
+    if backend == "onnxruntime":
+        raise CliError("--tracker runs the artifact's TVM library on the servers: use --backend tvm")
+
+
+def _make_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"output folder {out_dir} is not writable ({e.strerror or e}): choose another -o") from None
+
+
+def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path], out_dir: Path,
+                    tracker: str, key: str, devices: int | None, *, quiet: bool, **upscale_kw) -> None:
+    """The files over the RPC servers of ``key`` (``pool.Pool``), each written when it is done."""
+    from .pool import Pool
+    from .rpc import parse_address, rpc_timeout
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(f"bidiff: {msg}", err=True)
+
+    done_n = 0
+    started = time.monotonic()
+
+    def done(f: Path, result, where: str) -> None:
+        nonlocal done_n
+        _make_dir(out_dir)
+        images.save_image(result, targets[f])
+        done_n += 1
+        if not quiet:
+            click.echo(f"[{done_n}/{len(files)}] {f.name} on {where} "
+                       f"({time.monotonic() - started:.1f} s)", err=True)
+            click.echo(f"{targets[f]}")
+
+    pool = Pool(art, parse_address(tracker), key, devices=devices, timeout=rpc_timeout(), log=log)
+    pool.run(files, lambda up, f: up.upscale(f, **upscale_kw), done)
 
 
 @cli.command()
@@ -216,18 +290,37 @@ def _parse_size(text: str) -> tuple[int, int]:
                    "at --steps (the sample photo resized). Default: estimate 512x512 only.")
 @click.option("--steps", type=STEPS.click_type(), default=None,
               help="DDIM steps for the estimate and the upscale. Default: the artifact's.")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Measure on an RPC server of this TVM tracker instead of here. Needs --key.")
+@click.option("--key", default=None, help="With --tracker: the device key the servers registered.")
 def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int, size: str | None,
-          steps: int | None) -> None:
+          steps: int | None, tracker: str | None, key: str | None) -> None:
     """Time one denoising step per backend here, estimate a whole upscale, and run one (--size)."""
     from .api import default_artifact
     from .backends import THREADS_ENV, create_backend, resolve_backend, resolve_threads
     from .benchmark import format_duration, network_calls, time_steps, time_upscale
 
+    _check_remote_options(tracker, key, None, threads=threads, backend=backend)
     width, height = _parse_size(size or "512x512")
     art = read_artifact(default_artifact() if artifact is None else artifact)
     m = art.manifest
     steps = m.default_steps if steps is None else steps
-    if backend == "all":
+    if tracker:
+        from .benchmark import time_remote_steps
+        from .rpc import Tracker, open_remote, parse_address, rpc_timeout
+        timeout = rpc_timeout()
+        trk = Tracker(parse_address(tracker), timeout)
+        try:
+            remote = open_remote(art, trk, key, timeout=timeout)
+        finally:
+            trk.close()
+        try:
+            timings = time_remote_steps(remote, rounds=rounds)
+            real = time_upscale(art, remote, width, height, steps=steps) if size else None
+        finally:
+            remote.close()
+        server_line = f"server      {remote.where}  (key {key}; {remote.host.describe()})"
+    elif backend == "all":
         names = []
         for name in ("tvm", "onnxruntime"):
             try:
@@ -238,25 +331,29 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
             names = [resolve_backend(art, "auto")]     # raises with the reason
     else:
         names = [resolve_backend(art, backend)]
-    n_threads = resolve_threads(threads)
-    opened = {}
-    try:
-        for name in names:
-            opened[name] = create_backend(art, name, threads=n_threads)
-        timings = time_steps(opened, tile=m.tile, rounds=rounds)
-        # the backend `bidiff upscale` would pick: TVM where it runs
-        real = time_upscale(art, opened[names[0]], width, height, steps=steps) if size else None
-    finally:
-        for b in opened.values():
-            b.close()
+    if not tracker:
+        n_threads = resolve_threads(threads)
+        opened = {}
+        try:
+            for name in names:
+                opened[name] = create_backend(art, name, threads=n_threads)
+            timings = time_steps(opened, tile=m.tile, rounds=rounds)
+            # the backend `bidiff upscale` would pick: TVM where it runs
+            real = time_upscale(art, opened[names[0]], width, height, steps=steps) if size else None
+        finally:
+            for b in opened.values():
+                b.close()
     tiles, calls = network_calls(width, height, scale=m.model.scale, tile=m.tile, steps=steps,
                                  align=m.input_multiple)
     target = m.target.name if m.target else "onnx"
     click.echo(f"artifact    {art.source}  ({m.model.name} x{m.model.scale}, tile {m.tile}, "
                f"target {target})")
-    origin = "" if threads is not None else \
-        f" (${THREADS_ENV})" if os.environ.get(THREADS_ENV, "").strip() else " (the usable cores)"
-    click.echo(f"threads     {n_threads}{origin}")
+    if tracker:
+        click.echo(server_line)
+    else:
+        origin = "" if threads is not None else \
+            f" (${THREADS_ENV})" if os.environ.get(THREADS_ENV, "").strip() else " (the usable cores)"
+        click.echo(f"threads     {n_threads}{origin}")
     click.echo(f"one step on one {m.tile}x{m.tile} tile, median of {rounds} round(s) of 3 calls:")
     width_name = max(len(t.backend) for t in timings)
     for t in timings:
@@ -274,6 +371,29 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
         w = max(len(label) for label, _ in rows)
         for label, sec in rows:
             click.echo(f"  {label:<{w}}  {sec:9.3f} s  {100 * sec / real.wall_s:5.1f}%")
+
+
+@cli.command("device-server")
+@click.option("--tracker", required=True, metavar="HOST:PORT", help="The RPC tracker to register with.")
+@click.option("--key", required=True, help="The device key clients ask for (e.g. rpi4).")
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="Address to listen on: a trusted network only (clients run native code here).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True,
+              help="First port to try.")
+@click.option("--port-end", type=click.IntRange(2, 65536), default=9199, show_default=True,
+              help="Ports up to (not including) this one are tried.")
+@click.option("--custom-addr", default=None, help="The address to report to the tracker, if not the "
+                                                  "one the tracker sees.")
+@click.option("--threads", type=THREADS.click_type(), default=None,
+              help="TVM threads per session. Default: $BIDIFF_THREADS, else the usable cores.")
+def device_server(tracker: str, key: str, host: str, port: int, port_end: int,
+                  custom_addr: str | None, threads: int | None) -> None:
+    """Serve this device to the RPC tracker: TVM's rpc_server, plus what bidiff asks of it."""
+    from .rpc import parse_address, serve
+    if port_end <= port:
+        raise CliError(f"--port-end {port_end} must be larger than --port {port}")
+    serve(parse_address(tracker), key, host=host, port=port, port_end=port_end,
+          custom_addr=custom_addr, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> None:
