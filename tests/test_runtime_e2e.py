@@ -20,16 +20,20 @@ TILE, STEPS = 32, 4       # t = 1500, 1000, 500, 0: groups 3, 2, 1, 0
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e")
-    cfg = get_config("tiny-binary")
     torch.manual_seed(0)
-    model = create_model(cfg)
+    model = create_model(get_config("tiny-binary"))
     with torch.no_grad():       # non-trivial group-specific parameters, like a trained model's
         for name, p in model.named_parameters():
             if p.dim() <= 2:
                 p.add_(0.05 * torch.randn_like(p))
-    ckpt = d / "tiny.safetensors"
-    save_checkpoint(ckpt, model, cfg)
-    art = exporter.export_artifact(ckpt, target="onnx", out=d / "tiny", tile=TILE, progress=False,
+    return _export_onnx(d / "tiny", model, get_config("tiny-binary"))
+
+
+def _export_onnx(out: Path, model, cfg, meta: dict | None = None):
+    """Save ``model`` as a checkpoint, export it to ONNX at TILE; (artifact, deploy model, cfg)."""
+    ckpt = out.with_suffix(".safetensors")
+    save_checkpoint(ckpt, model, cfg, extra_metadata=meta)
+    art = exporter.export_artifact(ckpt, target="onnx", out=out, tile=TILE, progress=False,
                                    measure_float=False).path
     set_deploy(model, True)
     model.eval()
@@ -73,14 +77,8 @@ def exported_x0(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ckpt = d / "tiny_x0.safetensors"
-    save_checkpoint(ckpt, model, cfg, extra_metadata={"default_steps": "4", "timestep_spacing": "trailing",
-                                                      "back_projection": "2"})
-    art = exporter.export_artifact(ckpt, target="onnx", out=d / "tiny_x0", tile=TILE, progress=False,
-                                   measure_float=False).path
-    set_deploy(model, True)
-    model.eval()
-    return art, model, cfg
+    return _export_onnx(d / "tiny_x0", model, cfg, {"default_steps": "4", "timestep_spacing": "trailing",
+                                                   "back_projection": "2"})
 
 
 def test_x0_model_numpy_sampler_matches_pytorch_step_by_step(exported_x0) -> None:
