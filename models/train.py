@@ -9,7 +9,9 @@ from the model config's formulation (``official``: the HR image; ``residual``:
 
 Additions for a small model on few cores (documented in docs/TRAINING.md): an EMA of the
 weights whose decay warms up as min(decay, (1 + n) / (10 + n)) so early exports are not
-dominated by the random init, a linear LR warm-up and an optional cosine decay.
+dominated by the random init, a linear LR warm-up and an optional cosine decay, and ``t_min``:
+timesteps drawn from t_min..T-1 only, so a few-step x0 sampler that visits only the top of the
+schedule (1 step at trailing spacing: t = 1999) is trained on what it will see.
 
 A run directory holds ``state.pt`` (everything needed to continue bit for bit: weights, EMA,
 optimizer, step, all RNG states, the configs), ``latest_ema.safetensors`` /
@@ -41,7 +43,7 @@ from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
 from bidiff.models.projection import back_project
 from bidiff.runtime.consistency import check_back_projection
-from bidiff.runtime.schedule import alphas_cumprod
+from bidiff.runtime.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
@@ -62,6 +64,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     degradation: str = "bicubic"
     loss_back_projection: int = 0
+    t_min: int = 0
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 50
@@ -73,6 +76,8 @@ class TrainConfig:
         check_back_projection(self.loss_back_projection)
         if self.degradation not in DEGRADATIONS:
             raise ValueError(f"unknown degradation {self.degradation!r}; valid: {', '.join(DEGRADATIONS)}")
+        if not 0 <= self.t_min < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"t_min {self.t_min} is outside 0..{NUM_TRAIN_TIMESTEPS - 1}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -286,7 +291,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         while run.step < last and not stop:
             t0 = time.monotonic()
             batch = next(batches)
-            t = int(torch.randint(0, len(abar), (1,), generator=run.noise_gen))
+            t = int(torch.randint(cfg.t_min, len(abar), (1,), generator=run.noise_gen))
             noise = torch.randn(batch.hr.shape, generator=run.noise_gen).to(dev)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(run.step, cfg)

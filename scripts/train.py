@@ -25,6 +25,7 @@ _FLAGS = {  # TrainConfig field -> help
     "min_lr": "final LR of the cosine",
     "degradation": "LR degradation: bicubic | mixed (downscalers + JPEG)",
     "loss_back_projection": "x0 models: back-project the prediction this many rounds before the loss",
+    "t_min": "draw timesteps from t_min..1999 only (a 1-step x0 sampler sees t = 1999)",
     "ema_decay": "maximum EMA decay (warmed up as (1+n)/(10+n))",
     "seed": "seed of init, data and noise",
     "log_every": "steps per log line",

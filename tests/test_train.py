@@ -106,6 +106,17 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
               init=tmp_path / "a" / "latest_raw.safetensors")
 
 
+def test_t_min_trains_only_the_experts_of_the_top_timesteps(tmp_path):
+    """t_min = 1600: only group 4's TaR/TaA experts move; groups 0-3 keep their init."""
+    start = create_model(TINY).state_dict()
+    run = train(_cfg(t_min=1600), tmp_path, images=_images(), model_config=TINY, progress=False)
+    moved = {k for k, v in run.model.state_dict().items() if not torch.equal(v, start[k])}
+    experts = [k for k in start if "dynamic_" in k]
+    assert experts and all(("_4." in k) == (k in moved) for k in experts)
+    with pytest.raises(ValueError, match="t_min 2000 is outside 0..1999"):
+        _cfg(t_min=2000)
+
+
 def test_resume_without_state_and_restart_over_state_are_user_errors(tmp_path):
     with pytest.raises(SystemExit, match="nothing to resume"):
         train(_cfg(), tmp_path, resume=True, images=_images(), progress=False)
