@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelInfo, required_format_version,
+from bidiff.runtime.artifact import (ArtifactWriter, GroupInfo, Manifest, ModelInfo, SHIPPED_MODEL,
+                                     required_format_version,
                                      TargetInfo, host_info, sha256_file)
 from bidiff.runtime.binary_op import OP_VERSION
 from bidiff.runtime.bounds import STEPS
@@ -89,16 +90,13 @@ def check_tile(tile: object, *, multiple: int = _MIN_TILE_MULTIPLE) -> int:
     return tile
 
 
-SHIPPED_CHECKPOINT_NAME = "bidiff-s-x2.safetensors"     # in bidiff/models/weights/ (models.SHIPPED_CHECKPOINT)
-
-
 def default_checkpoint_sha256() -> str | None:
     """sha256 of the shipped checkpoint (what ``export_artifact(None)`` exports), None when it is
     not installed. Found without importing torch: the runtime asks this to tell whether its
     cached default artifact still holds the shipped model."""
     spec = importlib.util.find_spec("bidiff.models")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "weights" / SHIPPED_CHECKPOINT_NAME
+        path = Path(folder) / "weights" / f"{SHIPPED_MODEL}.safetensors"
         if path.is_file():
             return sha256_file(path)
     return None

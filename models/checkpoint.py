@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bidiff.runtime.artifact import SHIPPED_MODEL
 from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import check_time_shift, check_time_shifts, check_timestep_spacing
 
@@ -17,7 +18,7 @@ from .configs import ModelConfig, get_config
 from .unet import BIDiffSRUNet
 
 CHECKPOINT_FORMAT = "bidiff-checkpoint-1"
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "bidiff-s-x2.safetensors"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / f"{SHIPPED_MODEL}.safetensors"
 
 
 def create_model(config: str | ModelConfig) -> BIDiffSRUNet:

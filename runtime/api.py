@@ -128,9 +128,6 @@ def upscale(image: Any, artifact: str | os.PathLike | None = None, *, backend: s
 
 # --------------------------------------------------------------------------- default artifact
 
-DEFAULT_MODEL = "bidiff-s-x2"
-
-
 def _default_target() -> str:
     """The export target the default artifact is built for on this host."""
     import importlib.util

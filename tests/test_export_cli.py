@@ -133,8 +133,9 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
     from bidiff.models.checkpoint import read_metadata
     assert Path(SHIPPED_CHECKPOINT).is_file(), f"the package lacks its checkpoint {SHIPPED_CHECKPOINT}"
     meta = read_metadata(SHIPPED_CHECKPOINT)
-    assert (meta["default_steps"], meta["time_shift"], meta["back_projection"]) == ("50", "240", "3")
-    assert json.loads(meta["time_shifts"]) == {"50": 240, "20": 40, "10": 40, "100": 120}
+    assert json.loads(meta["config"])["formulation"]["prediction"] == "sample"
+    assert (meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) == ("1", "trailing", "3")
+    assert "time_shift" not in meta and "time_shifts" not in meta
 
 
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:
