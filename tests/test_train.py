@@ -29,6 +29,16 @@ def _images(n: int = 3, size: int = 48) -> list[np.ndarray]:
     return out
 
 
+def _model_and_batch(cfg, n: int, seed: int):
+    """A fresh model (torch seed 0), one batch of n patches, its noise and the schedule."""
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    batch = sample_batch(_images(), n, patch=16, scale=2, rng=np.random.default_rng(seed))
+    hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
+    noise = torch.randn(hr.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return model, hr, cond, noise, torch.from_numpy(alphas_cumprod().copy())
+
+
 def _cfg(**kw) -> TrainConfig:
     base = dict(model="tiny-binary", steps=6, batch=2, patch=16, lr=1e-3, warmup_steps=2,
                 log_every=2, checkpoint_minutes=1e9)
@@ -36,12 +46,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def test_loss_goes_down_on_a_fixed_batch():
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    batch = sample_batch(_images(), 4, patch=16, scale=2, rng=np.random.default_rng(1))
-    hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
-    noise = torch.randn(hr.shape, generator=torch.Generator().manual_seed(2))
-    abar = torch.from_numpy(alphas_cumprod().copy())
+    model, hr, cond, noise, abar = _model_and_batch(TINY, 4, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.99))
     losses = []
     for _ in range(30):
@@ -167,12 +172,7 @@ def test_x0_prediction_loss_compares_x0_and_starts_at_the_condition(tmp_path):
     """prediction = sample: the loss is L1 to x0, and the zero-initialised head outputs x0 = 0,
     so at step 0 the loss is exactly mean |x0| (the condition's error, for ``residual``)."""
     cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
-    torch.manual_seed(0)
-    model = create_model(cfg)
-    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3))
-    hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
-    noise = torch.randn(hr.shape, generator=torch.Generator().manual_seed(4))
-    abar = torch.from_numpy(alphas_cumprod().copy())
+    model, hr, cond, noise, abar = _model_and_batch(cfg, 2, seed=3)
     first = model.downs[0].weight
     assert not first[:, 3:].any() and first[:, :3].any()     # x_t (noise) channels start at zero
     loss = diffusion_loss(model, hr, cond, 1500, noise, cfg, abar)
