@@ -20,9 +20,25 @@ import torch
 
 from bidiff import runtime
 from bidiff.exporter import export_artifact
+from bidiff.models import SHIPPED_CHECKPOINT
 from bidiff.models.data import EVAL_DEGRADATIONS
-from bidiff.models.evaluate import markdown_table, run_eval
+from bidiff.models.evaluate import EvalResult, markdown_table, run_eval
+from bidiff.runtime.artifact import sha256_file
 from bidiff.runtime.sampler import sample
+
+
+def _eval_artifact(args: argparse.Namespace, artifact: Path, kw: dict) -> EvalResult:
+    """Score ``args.checkpoint`` sampled through the device runtime on ``artifact``."""
+    with runtime.load(artifact, threads=args.threads) as up:
+        checkpoint = args.checkpoint or SHIPPED_CHECKPOINT      # its metadata picks the sampler
+        sha = up.manifest.model.checkpoint_sha256
+        if sha and sha != sha256_file(checkpoint):
+            raise SystemExit(f"{artifact} was not exported from {checkpoint}: pass its checkpoint with -c")
+        runner = partial(sample, up.backend, scale=up.scale, formulation=up.formulation,
+                         overlap=args.overlap)
+        return run_eval(args.checkpoint, args.input, args.output, runner=runner,
+                        runner_name=f"bidiff runtime, {up.backend_name}, tiles of "
+                                    f"{up.manifest.tile}, overlap {args.overlap or 'default'}", **kw)
 
 
 def main() -> None:
@@ -53,6 +69,12 @@ def main() -> None:
     parser.add_argument("--runtime", metavar="TARGET", default=None,
                         help="sample through the device runtime on an artifact exported for "
                              "TARGET (onnx, x86_64, ...) instead of the PyTorch sampler")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help="sample through this artifact (exported from --checkpoint) instead "
+                             "of exporting one for --runtime")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="with --runtime/--artifact: HR pixels shared by neighbouring tiles, at "
+                             "least (default: the runtime's tile plan)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -62,17 +84,17 @@ def main() -> None:
     kw = dict(steps=args.steps, seed=args.seed, max_side=args.max_side, limit=args.limit,
               picture_crop=args.picture_crop, time_shift=args.time_shift,
               back_projection=args.back_projection, degradations=args.degradations, paper=args.paper)
-    if args.runtime is None:
-        result = run_eval(args.checkpoint, args.input, args.output, **kw)
-    else:
+    if args.artifact is not None:
+        result = _eval_artifact(args, args.artifact, kw)
+    elif args.runtime is not None:
         with tempfile.TemporaryDirectory() as tmp:
             export_artifact(args.checkpoint, target=args.runtime, out=Path(tmp) / "a",
                             progress=False, measure_float=False)
-            with runtime.load(Path(tmp) / "a", threads=args.threads) as up:
-                runner = partial(sample, up.backend, scale=up.scale, formulation=up.formulation)
-                result = run_eval(args.checkpoint, args.input, args.output, runner=runner,
-                                  runner_name=f"bidiff runtime, {up.backend_name}, "
-                                              f"tiles of {up.manifest.tile}", **kw)
+            result = _eval_artifact(args, Path(tmp) / "a", kw)
+    elif args.overlap is not None:
+        raise SystemExit("--overlap needs --runtime or --artifact (the PyTorch sampler takes whole images)")
+    else:
+        result = run_eval(args.checkpoint, args.input, args.output, **kw)
     print(markdown_table(result), end="")
     print(f"written to {args.output}/")
 

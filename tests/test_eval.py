@@ -109,7 +109,7 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     saved = json.loads((out / "results.json").read_text())
-    assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128"
+    assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128, overlap default"
     assert list(saved["scores"]["bicubic"]) == ["bicubic", "bicubic + back-projection x1", "2 steps"]
     export_artifact(ckpt, out=tmp_path / "art", progress=False, measure_float=False)
     hr = center_crop(np.asarray(Image.open(photos / "a.png")), max_side=32, multiple=2)
@@ -119,6 +119,14 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
                      time_shift=300, back_projection=1)
     want = [psnr_y(to_uint8(img) / 255, hr / 255, border=2), ssim_y(to_uint8(img) / 255, hr / 255, border=2)]
     assert saved["scores"]["bicubic"]["2 steps"]["a"] == pytest.approx(want, abs=1e-9)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, create_model(TINY), TINY)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), "-c", str(other),
+                          "-i", str(photos), "-o", str(tmp_path / "eval2"), "--artifact",
+                          str(tmp_path / "art")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and not (tmp_path / "eval2").exists()
+    assert res.stderr.strip().splitlines() == [
+        f"{tmp_path / 'art'} was not exported from {other}: pass its checkpoint with -c"]
 
 
 def test_eval_three_degradations_default_steps_and_the_papers_sampler(tmp_path, photos):
