@@ -30,7 +30,7 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
-from bidiff.models.checkpoint import read_metadata
+from bidiff.models.checkpoint import SAMPLER_METADATA, read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
 from bidiff.models.projection import back_project
 from bidiff.runtime.consistency import check_back_projection
@@ -172,6 +172,7 @@ class _Run:
     step: int
     train_seconds: float
     noise_gen: torch.Generator
+    sampler: dict[str, str] = field(default_factory=dict)   # carried from --init into every export
 
 
 def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> _Run:
@@ -187,7 +188,7 @@ def _state(run: _Run) -> dict[str, Any]:
     return {"config": asdict(run.config), "model_config": run.model_config.to_json(),
             "model": run.model.state_dict(), "ema": run.ema.state_dict(),
             "optimizer": run.optimizer.state_dict(), "step": run.step,
-            "train_seconds": run.train_seconds,
+            "train_seconds": run.train_seconds, "sampler": run.sampler,
             "rng": {"noise": run.noise_gen.get_state(), "torch": torch.get_rng_state()}}
 
 
@@ -203,6 +204,7 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
     run.ema.load_state_dict(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.step, run.train_seconds = state["step"], state["train_seconds"]
+    run.sampler = state.get("sampler", {})
     run.noise_gen.set_state(state["rng"]["noise"])
     torch.set_rng_state(state["rng"]["torch"])
     return run
@@ -210,7 +212,8 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
 
 def _init_from(run: _Run, path: Path) -> None:
     """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
-    the model and the EMA, its ``steps`` / ``train_seconds`` metadata carry on; the optimizer
+    the model and the EMA, its ``steps`` / ``train_seconds`` metadata and its sampler settings
+    carry on (so every snapshot samples as the model it continues); the optimizer
     moments start afresh and the noise stream is reseeded with the step (the data stream is
     per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init."""
     model, cfg = load_checkpoint(path)
@@ -221,12 +224,13 @@ def _init_from(run: _Run, path: Path) -> None:
     meta = read_metadata(path)
     run.step = int(meta.get("steps", 0))
     run.train_seconds = float(meta.get("train_seconds", 0.0))
+    run.sampler = {k: meta[k] for k in (*SAMPLER_METADATA, "default_steps") if k in meta}
     run.noise_gen.manual_seed(run.config.seed * 1_000_003 + run.step)
 
 
 def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
     _atomic_save(_state(run), run_dir / STATE_FILE)
-    meta = {"steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
+    meta = {**run.sampler, "steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
             "hardware": hardware, "train_config": json.dumps(asdict(run.config))}
     _export(run_dir / "latest_ema.safetensors", run.ema, run.model_config, {**meta, "weights": "ema"})
     _export(run_dir / "latest_raw.safetensors", run.model, run.model_config, {**meta, "weights": "raw"})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bidiff.models import create_model, get_config, load_checkpoint
+from bidiff.models import create_model, get_config, load_checkpoint, save_checkpoint
+from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import BatchStream, sample_batch, step_rng
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
@@ -103,9 +104,16 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
     for x, y, z in zip(first.model.state_dict().values(), again.model.state_dict().values(),
                        again.ema.state_dict().values()):
         assert torch.equal(x, y) and torch.equal(x, z)
+    tuned = tmp_path / "tuned.safetensors"
+    save_checkpoint(tuned, first.model, TINY, {"steps": "3", "default_steps": "2",
+                                               "timestep_spacing": "trailing", "back_projection": "1"})
     more = train(_cfg(steps=5), tmp_path / "c", images=images, model_config=TINY, progress=False,
-                 init=tmp_path / "a" / "latest_raw.safetensors")
+                 init=tuned, until=4)
+    more = train(_cfg(steps=5), tmp_path / "c", images=images, progress=False, resume=True)
     assert more.step == 5
+    meta = read_metadata(tmp_path / "c" / "latest_ema.safetensors")      # its sampler carries on
+    assert (meta["steps"], meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) \
+        == ("5", "2", "trailing", "1")
     with pytest.raises(SystemExit, match="holds 'tiny-binary', not 'bidiff-s-x2'"):
         train(_cfg(model="bidiff-s-x2"), tmp_path / "d", images=images, progress=False,
               init=tmp_path / "a" / "latest_raw.safetensors")
