@@ -10,6 +10,10 @@ Parts (issue 5):
 - c: one denoising step (group 0) of a model config at one tile: the compiled library vs
   onnxruntime on the binary ONNX, onnxruntime on the plain float ONNX of the same network, and
   PyTorch fp32 (random weights unless a checkpoint is given);
+- r: the roofline of part c's step (``bench_roofline``): per kernel class, the ideal time of its
+  counted work at this CPU's peak popcount, FMA and stream rates (``bench_peaks``, measured in
+  the same run) next to its measured time (the VM's per-call profile), and the step's thread
+  scaling against onnxruntime on the float ONNX at each of ``thread_counts``;
 - k: no timing: every binary-conv shape class (channel counts around word boundaries and several
   64-bit words, odd sizes, 1x1 and 3x3, RPReLU + residual epilogues, folded channel maps and
   addends) compiled for the target and checked against the numpy reference op, for CPUs the
@@ -32,7 +36,7 @@ BUNDLE_VERSION = 1
 @dataclass
 class BenchOptions:
     """One benchmark run (``scripts/bench.py``'s options; the defaults are its defaults)."""
-    part: str = "a"                    # a | b | c | k (the module docstring)
+    part: str = "a"                    # a | b | c | k | r (the module docstring)
     target: str = "x86_64"             # export target the TVM code is compiled for
     config: str = "official-x2"        # part c: model config
     checkpoint: str | None = None      # part c: weights (None: random, seeded)
@@ -44,3 +48,4 @@ class BenchOptions:
     rounds: int = 15                   # measuring: interleaved rounds
     repeat: int = 10                   # measuring: least calls per contender per round
     min_block_ms: float = 100.0        # measuring: least time per block of calls (0: repeat calls)
+    thread_counts: tuple[int, ...] = (1, 2, 4)   # part r: the step's thread scaling

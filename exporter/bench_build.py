@@ -3,6 +3,7 @@ for one export target, written to a folder with ``bench.json`` (needs the TVM co
 the measuring machine needs neither, ``bench_measure``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -102,7 +103,9 @@ def _build_b(opts: BenchOptions, target, root: Path) -> dict:
     return {"cases": cases}
 
 
-def _build_c(opts: BenchOptions, target, root: Path) -> dict:
+def _step_library(opts: BenchOptions, root: Path, tmp: Path) -> tuple[dict, Path, object]:
+    """Group 0 of the model at one tile, compiled into ``root`` with its inputs; returns the
+    part's spec, the binary ONNX graph (written in ``tmp``) and the model."""
     import numpy as np
 
     from bidiff.exporter.onnx_export import write_onnx_graphs
@@ -113,14 +116,48 @@ def _build_c(opts: BenchOptions, target, root: Path) -> dict:
     model = load_or_random(opts.checkpoint, opts.config)
     s = opts.tile
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:      # the runner rebuilds the ONNX graphs
-        binary = write_onnx_graphs(model, Path(tmp), tile=s, groups=[0])
-        build_library(binary, get_target(opts.target), root / "c_model.so")
+    binary = write_onnx_graphs(model, tmp, tile=s, groups=[0])
+    build_library(binary, get_target(opts.target), root / "c_model.so")
     rng = np.random.default_rng(0)
     x, cond = (rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2))
     np.savez(root / "c_inputs.npz", x_t=x, cond=cond, t=np.array([[100]], np.int64))
-    return {"config": opts.config, "checkpoint": opts.checkpoint, "tile": s,
-            "build_s": time.perf_counter() - t0, "lib": "c_model.so", "inputs": "c_inputs.npz"}
+    return ({"config": opts.config, "checkpoint": opts.checkpoint, "tile": s,
+             "build_s": time.perf_counter() - t0, "lib": "c_model.so", "inputs": "c_inputs.npz"},
+            binary[0], model)
+
+
+def _build_c(opts: BenchOptions, target, root: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:      # the runner rebuilds the ONNX graphs
+        return _step_library(opts, root, Path(tmp))[0]
+
+
+def _build_r(opts: BenchOptions, target, root: Path) -> dict:
+    """Part c's library, the float ONNX of the same step (onnxruntime's contender), the work of
+    every node counted from the binary graph (``bench_roofline``) and the peak kernels."""
+    import onnx
+    import tvm
+
+    from bidiff.exporter.bench_peaks import peak_primfunc, peaks_for
+    from bidiff.exporter.bench_roofline import count_work, work_to_json
+    from bidiff.exporter.onnx_export import write_onnx_graphs
+    from bidiff.exporter.tvm.binary_conv import (BinaryConvShape, select_variant,
+                                                 vector_lanes32, word_bits)
+    from bidiff.exporter.tvm.frontend import fuse_binary_epilogues
+
+    variant = select_variant(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, graph, model = _step_library(opts, root, Path(tmp))
+        fused, _ = fuse_binary_epilogues(onnx.load(str(graph)))
+        work = count_work(fused, lambda c, k: word_bits(BinaryConvShape(c, c, 1, 1, kernel=k),
+                                                        variant))
+    plain = write_onnx_graphs(model, root / "r_float", tile=opts.tile, groups=[0],
+                              binary=False, check=False)[0]
+    lanes = vector_lanes32(variant)
+    peaks = peaks_for(lanes, {w.word_bits for w in work if w.words})
+    tvm.compile(tvm.IRModule({p.name: peak_primfunc(p, lanes) for p in peaks}),
+                target=target).export_library(str(root / "r_peaks.so"), **_cc(opts))
+    return {**spec, "float_onnx": plain.relative_to(root).as_posix(), "work": work_to_json(work),
+            "peaks_lib": "r_peaks.so", "peaks": [dataclasses.asdict(p) for p in peaks]}
 
 
 def kernel_cases() -> list[tuple]:
@@ -224,7 +261,8 @@ def build_bundle(opts: BenchOptions, root: Path) -> Path:
     spec = get_target(opts.target)
     target = tvm_target(spec)
     root.mkdir(parents=True, exist_ok=True)
-    part = {"a": _build_a, "b": _build_b, "c": _build_c, "k": _build_k}[opts.part](opts, target, root)
+    part = {"a": _build_a, "b": _build_b, "c": _build_c, "k": _build_k,
+            "r": _build_r}[opts.part](opts, target, root)
     meta = {"version": BUNDLE_VERSION, "part": opts.part, "target": spec.name,
             "target_str": str(target), "spec": part}
     (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))

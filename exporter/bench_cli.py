@@ -9,6 +9,7 @@ Examples:
   python scripts/bench.py --part a --target x86_64-avx512 --bundle B      # build only, for a CPU
   python scripts/bench.py --run B --threads 2 --json bench_a.json         # measure B there
   python scripts/bench.py --part k --target x86_64-avx512 --bundle K      # kernels to check
+  python scripts/bench.py --part r --checkpoint CKPT --rounds 5 --repeat 2 # roofline, scaling
 """
 from __future__ import annotations
 
@@ -26,9 +27,19 @@ from .bench_measure import measure_bundle
 from .bench_report import report
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2,4, got {text!r}")
+    return counts
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["a", "b", "c", "k"], default="a",
+    p.add_argument("--part", choices=["a", "b", "c", "k", "r"], default="a",
                    help="which benchmark (default a)")
     p.add_argument("--config", default="official-x2", help="part c: model config name")
     p.add_argument("--checkpoint", help="part c: checkpoint to load (default: random weights)")
@@ -42,6 +53,8 @@ def _parse(argv):
     p.add_argument("--min-block-ms", type=float, default=100.0,
                    help="time each contender's block of calls for at least this long (default "
                         "100; 0: exactly --repeat calls)")
+    p.add_argument("--thread-counts", type=_counts, default=(1, 2, 4),
+                   help="part r: thread counts of the step's scaling table (default 1,2,4)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
     p.add_argument("--target", default="x86_64",
                    help="export target the TVM code is compiled for (default: this CPU)")

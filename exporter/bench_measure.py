@@ -10,10 +10,13 @@ more. Every TVM contender is checked against a reference before it is timed.
 """
 from __future__ import annotations
 
+import collections
 import json
 import platform
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bench import BUNDLE_FILE, BUNDLE_VERSION, BenchOptions
@@ -232,6 +235,127 @@ def _run_k(spec: dict, root: Path, opts: BenchOptions) -> dict:
     return {"part": "k", "rows": rows}
 
 
+@dataclass
+class StepProfile:
+    """Every VM call of ``steps`` calls of one function, timed through ``set_instrument``."""
+
+    step_ms: list[float]                 # each whole step, instrumented
+    kernel_ms: dict[str, float]          # per callee: the median over steps of its total
+    calls: dict[str, int]                # per callee: calls per step
+
+
+def profile_vm(ffi, vm, name: str, args: list, steps: int) -> StepProfile:
+    """Profile ``steps`` calls of ``vm[name](*args)`` after one warm-up call. The instrument
+    stays installed on ``vm``: time uninstrumented calls before this."""
+    fn = vm[name]
+    fn(*args)
+    totals: dict[str, list[float]] = collections.defaultdict(list)
+    calls: collections.Counter[str] = collections.Counter()
+    current: dict[str, float] = collections.defaultdict(float)
+    started: dict[str, float] = {}
+
+    def instrument(func, callee, before, ret, *call_args):
+        if before:
+            started[callee] = time.perf_counter()
+        else:
+            current[callee] += time.perf_counter() - started[callee]
+            calls[callee] += 1
+        return 0
+
+    vm["set_instrument"](ffi.convert(instrument))
+    step_ms = []
+    for _ in range(steps):
+        current.clear()
+        t0 = time.perf_counter()
+        fn(*args)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        for callee, sec in current.items():
+            totals[callee].append(sec * 1e3)
+    return StepProfile(step_ms, {k: statistics.median(v) for k, v in totals.items()},
+                       {k: n // steps for k, n in calls.items()})
+
+
+class _PoolThreads:
+    """Switches the TVM pool between thread counts up to its size at load
+    (``runtime.config_threadpool``; TVM keeps the workers and uses that many)."""
+
+    def __init__(self, ffi):
+        self._config = ffi.get_global_func("runtime.config_threadpool")
+        self.current = None
+
+    def use(self, n: int) -> None:
+        if n != self.current:
+            self._config(1, n)
+            self.current = n
+
+
+def _run_r(spec: dict, root: Path, opts: BenchOptions) -> dict:
+    import numpy as np
+
+    from bidiff.runtime.backends import usable_cores
+
+    from .bench_roofline import ideal, measured_by_class, work_from_json
+    counts = tuple(dict.fromkeys(opts.thread_counts))
+    load = _Loader(max(opts.threads, *counts))
+    rng = np.random.default_rng(0)
+    peaks, keep = {}, []
+    lib = load.ffi.load_module(str(root / spec["peaks_lib"]))
+    for p in spec["peaks"]:
+        pairs = [load.tensor(rng.integers(0, 1 << 31, size=shape).astype(dtype)
+                             if dtype.startswith("uint") else
+                             rng.standard_normal(shape).astype(dtype))
+                 for shape, dtype in p["inputs"]]
+        out = load.tensor(np.zeros(p["output"][0], p["output"][1]))
+        keep += [*pairs, out]
+        peaks[p["name"]] = (lambda fn=lib[p["name"]], a=[t for _, t in pairs], o=out[1]:
+                            fn(*a, o))
+    med = _medians(interleaved_blocks(peaks, opts.rounds, opts.repeat, opts.min_block_ms))
+    rates = {p["name"]: p["work"] / (med[p["name"]] / 1e3) for p in spec["peaks"]}
+
+    data = np.load(root / spec["inputs"])
+    feeds = {n: data[n] for n in ("x_t", "cond", "t")}
+    pairs = [load.tensor(feeds[n]) for n in ("x_t", "cond", "t")]
+    targs = [t for _, t in pairs]
+    vm = load.vm(root / spec["lib"])
+    step = vm["group_0"]
+    pool = _PoolThreads(load.ffi)
+    contenders = {}
+    for n in counts:
+        sess = _ort_session(root / spec["float_onnx"], n)
+        contenders[f"tvm {n}"] = lambda n=n: (pool.use(n), step(*targs))
+        contenders[f"ort {n}"] = lambda s=sess: s.run(None, feeds)
+    med = _medians(interleaved_blocks(contenders, opts.rounds, opts.repeat, opts.min_block_ms))
+    scaling = [{"threads": n, "tvm_ms": med[f"tvm {n}"], "onnxruntime_float_ms": med[f"ort {n}"],
+                "speedup_vs_onnxruntime_float": med[f"ort {n}"] / med[f"tvm {n}"],
+                "tvm_vs_1_thread": med[f"tvm {counts[0]}"] / med[f"tvm {n}"]} for n in counts]
+
+    pool.use(opts.threads)
+    prof = profile_vm(load.ffi, vm, "group_0", targs, max(3, opts.rounds))
+    by_class = measured_by_class(prof.kernel_ms, prof.calls)
+    classes = {c.cls: c for c in ideal(work_from_json(spec["work"]), rates, opts.threads)}
+    rows = []
+    for cls in dict.fromkeys([*classes, *by_class]):
+        c, (ms, calls) = classes.get(cls), by_class.get(cls, (0.0, 0))
+        ideal_ms = c.ideal_s * 1e3 if c else 0.0
+        rows.append({"class": cls, "nodes": c.nodes if c else 0, "calls": calls,
+                     "words": {str(b): v for b, v in c.words.items()} if c else {},
+                     "macs": c.macs if c else 0.0, "flops": c.flops if c else 0.0,
+                     "bytes": c.bytes if c else 0.0, "ideal_ms": ideal_ms,
+                     "bound": max(c.bound, key=c.bound.get) if c and c.bound else "",
+                     "measured_ms": ms, "measured_over_ideal": ms / ideal_ms if ideal_ms else None})
+    rows.sort(key=lambda r: -r["measured_ms"])
+    ideal_ms = sum(r["ideal_ms"] for r in rows)
+    step_ms = next(r["tvm_ms"] for r in scaling if r["threads"] == opts.threads) \
+        if opts.threads in counts else statistics.median(prof.step_ms)
+    return {"part": "r", "config": spec["config"], "tile": spec["tile"],
+            "rates": rates, "peaks": [{k: p[k] for k in ("name", "unit", "work")}
+                                      for p in spec["peaks"]],
+            "rows": rows, "ideal_ms": ideal_ms, "step_ms": step_ms,
+            "instrumented_step_ms": statistics.median(prof.step_ms),
+            "step_over_ideal": step_ms / ideal_ms, "scaling": scaling,
+            "cores": usable_cores()}
+
+
 def _optional_torch(threads: int):
     try:
         import torch
@@ -249,7 +373,7 @@ def measure_bundle(root: Path, opts: BenchOptions) -> dict:
     if meta.get("version") != BUNDLE_VERSION:
         raise SystemExit(f"{root}: bench bundle version {meta.get('version')}, this script "
                          f"reads {BUNDLE_VERSION}: rebuild it with --bundle")
-    run = {"a": _run_a, "b": _run_b, "c": _run_c, "k": _run_k}[meta["part"]]
+    run = {"a": _run_a, "b": _run_b, "c": _run_c, "k": _run_k, "r": _run_r}[meta["part"]]
     result = run(meta["spec"], root, opts)
     result.update(threads=opts.threads, target=meta["target"], machine=_machine())
     return result

@@ -14,12 +14,9 @@ Several steps are profiled and each kernel's median total is reported (``--steps
 from __future__ import annotations
 
 import argparse
-import collections
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -50,6 +47,7 @@ def main(argv=None) -> int:
         p.error("give --checkpoint, --config or --library")
     import numpy as np
 
+    from bidiff.exporter.bench_measure import profile_vm
     from bidiff.runtime.backends.tvm import aligned_copy, load_tvm_runtime, load_vm
     ffi = load_tvm_runtime(args.threads)          # the pool settings the runtime runs with
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,39 +58,15 @@ def main(argv=None) -> int:
         *(rng.standard_normal((1, 3, s, s)).astype(np.float32) for _ in range(2)),
         np.array([[100]], np.int64))]
     targs = [ffi.from_dlpack(b) for b in bufs]
-    step_fn = vm["group_0"]
-    step_fn(*targs)                                         # warm-up
-
-    totals: dict[str, list[float]] = collections.defaultdict(list)
-    calls: collections.Counter[str] = collections.Counter()
-    current: dict[str, float] = collections.defaultdict(float)
-    started: dict[str, float] = {}
-
-    def instrument(func, name, before, ret, *call_args):
-        if before:
-            started[name] = time.perf_counter()
-        else:
-            current[name] += time.perf_counter() - started[name]
-            calls[name] += 1
-        return 0
-
-    vm["set_instrument"](ffi.convert(instrument))
-    steps = []
-    for _ in range(args.steps):
-        current.clear()
-        t0 = time.perf_counter()
-        step_fn(*targs)
-        steps.append(time.perf_counter() - t0)
-        for name, sec in current.items():
-            totals[name].append(sec)
-    step = statistics.median(steps)
-    med = {name: statistics.median(v) for name, v in totals.items()}
+    prof = profile_vm(ffi, vm, "group_0", targs, args.steps)
+    step = statistics.median(prof.step_ms) / 1e3
+    med = {name: ms / 1e3 for name, ms in prof.kernel_ms.items()}
     print(f"### One step of group 0, tile {s}, {args.threads} thread(s): {step * 1e3:.1f} ms "
           f"(instrumented, median of {args.steps})\n")
     print("| kernel | calls | ms | share |")
     print("|---|---|---|---|")
     for name, sec in sorted(med.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"| {name} | {calls[name] // args.steps} | {sec * 1e3:.2f} | {sec / step:.0%} |")
+        print(f"| {name} | {prof.calls[name]} | {sec * 1e3:.2f} | {sec / step:.0%} |")
     return 0
 
 

@@ -49,6 +49,11 @@ _TILES: dict[KernelVariant, tuple[int, int, int]] = {
 }
 
 
+def vector_lanes32(variant: KernelVariant) -> int:
+    """32-bit lanes per vector register the variant's schedule assumes (8 for AVX2's ymm)."""
+    return _TILES[variant][2]
+
+
 def select_variant(target: tvm.target.Target) -> KernelVariant:
     """Pick the binary-conv schedule for an LLVM ``target`` (by its triple and CPU features)."""
     triple = str(target.attrs.get("mtriple", "") or "")
