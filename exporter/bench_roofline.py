@@ -281,3 +281,50 @@ def measured_by_class(kernel_ms: dict[str, float], kernel_calls: dict[str, int]
         t, n = out.get(cls, (0.0, 0))
         out[cls] = (t + ms, n + kernel_calls.get(name, 0))
     return out
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Peak rates of a device we cannot measure here, per core, from its core's published
+    instruction throughputs (not measured: an estimate is only as good as these)."""
+
+    name: str
+    cores: int
+    rates: dict[str, float]      # popcount<bits> words/s, fma FLOP/s, stream bytes/s (all cores)
+    source: str
+
+
+# Cortex-A72 at 1.5 GHz (Raspberry Pi 4), Arm's software optimisation guide: ASIMD CNT and EOR
+# issue on both FP pipes, UADALP (the accumulate of a 16-bit count) on one: one 128-bit vector of
+# 16-bit words a cycle; FMLA .4s on both pipes: 16 FLOP a cycle; LPDDR4-3200 on a 32-bit bus,
+# ~4 GB/s measured by STREAM-like copies for all four cores together.
+RPI4 = DeviceRates("rpi4 (Cortex-A72, 4 cores at 1.5 GHz)", 4,
+                   {"popcount16": 8 * 1.5e9, "popcount32": 4 * 1.5e9, "popcount64": 2 * 1.5e9,
+                    "fma": 16 * 1.5e9, "stream": 4e9 / 4},
+                   "Cortex-A72 software optimisation guide throughputs; STREAM-like copy ~4 GB/s")
+
+
+def _class_ideal_s(row: dict, rates: dict[str, float], cores: int,
+                   bits: Callable[[int], int]) -> float:
+    """A class's ideal seconds from its summed work (the larger of compute and memory), with
+    its popcount words re-counted at ``bits(word_bits_here)``."""
+    popcount = sum(v * int(b) / bits(int(b)) / (cores * rates[f"popcount{bits(int(b))}"])
+                   for b, v in row["words"].items())
+    return max(popcount + row["flops"] / (cores * rates["fma"]),
+               row["bytes"] / (cores * rates["stream"]))
+
+
+def estimate_on(result: dict, device: DeviceRates, bits: Callable[[int], int]
+                ) -> tuple[list[tuple[str, float]], float]:
+    """Per class and for the step, the ms a part-r ``result`` measured here predicts on
+    ``device``: each class's measured time scaled by its ideal time there over its ideal time
+    here, both from the class's summed work (the kernels are assumed to reach the same
+    fraction of the roofline on both CPUs). ``bits(word_bits_here)``: the word width of the
+    device's binary kernels for layers that use that width here. Classes without a work
+    model (the VM's own calls) are taken as measured."""
+    out = []
+    for r in result["rows"]:
+        here = _class_ideal_s(r, result["rates"], result["threads"], lambda b: b)
+        there = _class_ideal_s(r, device.rates, device.cores, bits)
+        out.append((r["class"], r["measured_ms"] * there / here if here else r["measured_ms"]))
+    return out, sum(ms for _, ms in out)

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from bidiff.exporter import bench_cli as bench
-from bidiff.exporter.bench_roofline import (BINARY_OPS, NodeWork, binary_class, classify_kernel,
-                                            ideal)
+from bidiff.exporter.bench_roofline import (BINARY_OPS, DeviceRates, NodeWork, binary_class,
+                                            classify_kernel, estimate_on, ideal)
 
 
 def test_ideal_takes_the_larger_of_compute_and_memory_per_node() -> None:
@@ -23,6 +23,22 @@ def test_ideal_takes_the_larger_of_compute_and_memory_per_node() -> None:
     assert math.isclose(got["b"].ideal_s, (3 + 8) / 2)
     assert got["b"].bound == pytest.approx({"popcount": 1.5, "memory": 4.0})
     assert math.isclose(got["f"].ideal_s, 1.0) and set(got["f"].bound) == {"FMA"}
+
+
+def test_a_device_estimate_scales_each_class_by_its_roofline_ratio() -> None:
+    result = {"threads": 2, "rates": {"popcount32": 1e9, "fma": 1e9, "stream": 1e9},
+              "rows": [{"class": "b", "words": {"32": 4e9}, "flops": 0.0, "bytes": 1e9,
+                        "measured_ms": 4000.0},      # ideal here: 4e9 / 2e9 = 2 s (popcount)
+                       {"class": "m", "words": {}, "flops": 1e9, "bytes": 8e9,
+                        "measured_ms": 8000.0},      # ideal here: 8e9 / 2e9 = 4 s (memory)
+                       {"class": "VM", "words": {}, "flops": 0.0, "bytes": 0.0,
+                        "measured_ms": 3.0}]}
+    device = DeviceRates("d", 4, {"popcount16": 2e9, "fma": 1e9, "stream": 0.5e9}, "test")
+    rows, step = estimate_on(result, device, lambda bits: 16)
+    # b: 8e9 16-bit words at 4 x 2e9 = 1 s there (2 s here): 2000 ms; m: 8e9 B at 4 x 0.5e9
+    # = 4 s there (4 s here): 8000 ms; VM calls as measured
+    assert rows == [("b", pytest.approx(2000.0)), ("m", pytest.approx(8000.0)), ("VM", 3.0)]
+    assert step == pytest.approx(10003.0)
 
 
 def test_kernel_names_classify_like_the_graph() -> None:
