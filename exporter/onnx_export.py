@@ -8,6 +8,12 @@ file), stable node/tensor names, and byte-identical output on re-export. Walking
 gives all of that directly, the graph reads like docs/MODEL.md, and an unknown module type fails
 loudly (``NotImplementedError`` naming its path) instead of being traced into something else.
 
+Who writes what: each block of ``bidiff.models`` defines its structure in ``emit_onnx`` next to
+its ``forward`` (which child runs on which tensor, skips, concat / split / pixel shuffle,
+attention), against the interface of ``bidiff.models.graph.GraphBuilder``; the builder here
+owns the primitive leaves (``PRIMITIVE_MODULES``: Conv2d, GroupNorm, Linear, BIConv, Sequential,
+Identity/Dropout), naming, constants and initializers. A new block type is one change, in models/.
+
 Graph interface (docs/CONTRACTS.md): inputs ``x_t`` float32 [1, 3, S, S], ``cond`` float32
 [1, 3, S, S], ``t`` int64 [1, 1]; output ``eps`` float32 [1, 3, S, S]; S = the tile fixed at
 export; batch 1 only (shapes are static; the group is fixed per graph). The timestep MLP is
@@ -37,12 +43,11 @@ group. Small constants the writer derives (shapes, indices, the frequency table)
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -50,13 +55,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
+from bidiff.models.graph import GraphBuilder
+from bidiff.models.layers import BIConv
 from bidiff.runtime.binary_op import OP_VERSION
 
 from .onnx_binary_op import make_binary_conv_node, make_model
 from .unroll import FoldedBIConv, fold_biconv, group_table
 
-__all__ = ["WEIGHTS_FILE", "GroupGraph", "build_group_graph", "write_onnx_graphs",
-           "read_safetensors_index"]
+__all__ = ["WEIGHTS_FILE", "PRIMITIVE_MODULES", "GroupGraph", "build_group_graph",
+           "write_onnx_graphs", "read_safetensors_index"]
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -69,7 +76,8 @@ class GroupGraph:
 
 
 @dataclass
-class _Builder:
+class _Builder(GraphBuilder):
+    """The ``GraphBuilder`` the modules' ``emit_onnx`` write into, for one group."""
     binary: bool
     group: int
     nodes: list[onnx.NodeProto] = field(default_factory=list)
@@ -100,7 +108,10 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], **attrs))
         return outs[0] if n_out == 1 else outs
 
-    # -- layers (each takes a tensor name and its static shape, returns the same)
+    def cast(self, x: str, dtype: type, base: str) -> str:
+        return self.op("Cast", [x], base, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    # -- primitive leaves (module, input tensor name, state_dict path -> output tensor name)
     def conv2d(self, m: torch.nn.Conv2d, x: str, path: str) -> str:
         w = m.weight.detach().float().numpy()
         ins = [x, self.param(f"{path}.weight", w)]
@@ -120,9 +131,6 @@ class _Builder:
                        [x, self.param(f"{path}.weight", m.weight.detach().float().numpy()),
                         self.param(f"{path}.bias", m.bias.detach().float().numpy())],
                        path, num_groups=int(m.num_groups), epsilon=float(m.eps))
-
-    def swish(self, x: str, path: str) -> str:
-        return self.op("Mul", [x, self.op("Sigmoid", [x], path + ".sigmoid")], path)
 
     def biconv(self, m: torch.nn.Module, x: str, path: str) -> str:
         f: FoldedBIConv = fold_biconv(m, self.group, path)
@@ -153,149 +161,29 @@ class _Builder:
             x = self.module(child, x, f"{path}.{name}")
         return x
 
-    def module(self, m: torch.nn.Module, x: str, path: str) -> str:
-        """Simple single-input modules (the leaves of Sequentials and blocks)."""
-        kind = type(m).__name__
-        if kind == "Conv2d":
-            return self.conv2d(m, x, path)
-        if kind == "GroupNorm":
-            return self.group_norm(m, x, path)
-        if kind == "Swish":
-            return self.swish(x, path)
-        if kind in ("Identity", "Dropout"):      # eval mode: dropout is the identity
-            return x
-        if kind == "Linear":
-            return self.linear(m, x, path)
-        if kind == "BIConv":
-            return self.biconv(m, x, path)
-        if kind == "Sequential":
-            return self.sequential(m, x, path)
-        raise NotImplementedError(f"the ONNX writer does not know module {path} ({kind})")
+    def identity(self, m: torch.nn.Module, x: str, path: str) -> str:
+        return x
 
-    # -- blocks
-    def block(self, m: torch.nn.Module, x: str, path: str) -> str:      # BI_Block / Block
-        return self.module(m.conv, self.sequential(m.block, x, path + ".block"), path + ".conv")
+    def module(self, m: torch.nn.Module, x: str, path: str, *args: Any) -> Any:
+        """Emit ``m`` on tensor ``x``: a primitive leaf here, any other module through its own
+        ``emit_onnx(builder, x, path, *args)`` (its structure is defined next to its forward)."""
+        leaf = PRIMITIVE_MODULES.get(type(m))
+        if leaf is not None:
+            return leaf(self, m, x, path, *args)
+        if hasattr(m, "emit_onnx"):
+            return m.emit_onnx(self, x, path, *args)
+        raise NotImplementedError(f"the ONNX writer does not know module {path} ({type(m).__name__}): "
+                                  "it is no primitive leaf and has no emit_onnx method")
 
-    def resnet_block(self, m: torch.nn.Module, x: str, temb: str, path: str) -> str:
-        h = self.block(m.block1, x, path + ".block1")
-        e = self.sequential(m.timestep_func, temb, path + ".timestep_func")
-        e = self.op("Unsqueeze", [e, self.const("axes_23", np.array([2, 3], np.int64))], path + ".temb")
-        h = self.op("Add", [h, e], path + ".add_temb")
-        h = self.block(m.block2, h, path + ".block2")
-        return self.op("Add", [h, x], path)
 
-    def attention(self, m: torch.nn.Module, x: str, shape: tuple[int, int, int], path: str) -> str:
-        c, hh, ww = shape
-        n = self.group_norm(m.norm, x, path + ".norm")
-        qkv = self.conv2d(m.qkv, n, path + ".qkv")
-        qkv = self.op("Reshape", [qkv, self.const("shape_attn", np.array([1, 3 * c, hh * ww], np.int64))], path + ".qkv_flat")
-        q, k, v = self.op("Split", [qkv, self.const("split3", np.array([c, c, c], np.int64))], path + ".split", n_out=3, axis=1)
-        qt = self.op("Transpose", [q], path + ".qT", perm=[0, 2, 1])                      # [1, HW, C]
-        s = self.op("MatMul", [qt, k], path + ".scores")                                  # [1, HWq, HWk]
-        s = self.op("Div", [s, self.const("sqrt_c", np.array(math.sqrt(c), np.float32))], path + ".scaled")
-        a = self.op("Softmax", [s], path + ".softmax", axis=-1)
-        # attn @ v^T, then back to [C, HW]: two transposes of C x HW instead of one of the
-        # HW x HW attention matrix (4 MB at the shipped model's bottleneck)
-        vt = self.op("Transpose", [v], path + ".vT", perm=[0, 2, 1])                      # [1, HWk, C]
-        o = self.op("MatMul", [a, vt], path + ".weightedT")                              # [1, HWq, C]
-        o = self.op("Transpose", [o], path + ".weighted", perm=[0, 2, 1])                 # [1, C, HWq]
-        o = self.op("Reshape", [o, self.const("shape_chw", np.array([1, c, hh, ww], np.int64))], path + ".unflat")
-        o = self.conv2d(m.out, o, path + ".out")
-        return self.op("Add", [o, x], path)
-
-    def resnet_with_attn(self, m: torch.nn.Module, x: str, temb: str, shape, path: str) -> str:
-        x = self.resnet_block(m.res_block, x, temb, path + ".res_block")
-        return self.attention(m.attn, x, shape, path + ".attn") if m.attn is not None else x
-
-    def cp_down(self, m: torch.nn.Module, x: str, shape, path: str) -> tuple[str, tuple[int, int, int]]:
-        c, hh, ww = shape
-        a, b = self.op("Split", [x, self.const("split2", np.array([c // 2, c - c // 2], np.int64))], path + ".chunk", n_out=2, axis=1)
-        y = self.op("Add", [self.biconv(m.biconv1, a, path + ".biconv1"),
-                            self.biconv(m.biconv2, b, path + ".biconv2")], path + ".sum")
-        co = c // 2                                         # torch PixelUnshuffle(2) ordering:
-        y = self.op("Reshape", [y, self.const("shape_unshuf6", np.array([1, co, hh // 2, 2, ww // 2, 2], np.int64))], path + ".unshuffle6")
-        y = self.op("Transpose", [y], path + ".unshuffleT", perm=[0, 1, 3, 5, 2, 4])   # out c*4 + i*2 + j
-        y = self.op("Reshape", [y, self.const("shape_unshuf4", np.array([1, co * 4, hh // 2, ww // 2], np.int64))], path)
-        return y, (co * 4, hh // 2, ww // 2)
-
-    def cp_up(self, m: torch.nn.Module, x: str, shape, path: str) -> tuple[str, tuple[int, int, int]]:
-        c, hh, ww = shape
-        y = self.op("Concat", [self.biconv(m.biconv1, x, path + ".biconv1"),
-                               self.biconv(m.biconv2, x, path + ".biconv2")], path + ".cat", axis=1)
-        y = self.op("DepthToSpace", [y], path, blocksize=2, mode="CRD")   # == torch PixelShuffle
-        return y, (2 * c // 4, 2 * hh, 2 * ww)
-
-    def cs_fusion(self, m: torch.nn.Module, x: str, skip: str, c_total: int, path: str) -> str:
-        cat = self.op("Concat", [x, skip], path + ".cat", axis=1)
-        half = c_total // 2
-        idx1 = np.concatenate([np.arange(1, half, 2), half + np.arange(0, half, 2)]).astype(np.int64)
-        idx2 = np.concatenate([np.arange(0, half, 2), half + np.arange(1, half, 2)]).astype(np.int64)
-        if type(m).__name__ == "CS_Fusion_FP":
-            return self.cs_fusion_fp(m, cat, idx1, idx2, path)
-        f1 = self.op("Gather", [cat, self.const("cs_idx_odd_even", idx1)], path + ".fu1", axis=1)
-        f2 = self.op("Gather", [cat, self.const("cs_idx_even_odd", idx2)], path + ".fu2", axis=1)
-        y1 = self.module(m.biconv_1, f1, path + ".biconv_1")
-        y2 = self.module(m.biconv_2, f2, path + ".biconv_2")
-        return self.op("Add", [y1, y2], path)
-
-    def cs_fusion_fp(self, m: torch.nn.Module, cat: str, idx1: np.ndarray, idx2: np.ndarray,
-                     path: str) -> str:
-        """conv_1(cat[idx1]) + conv_2(cat[idx2]) as one 1x1 Conv on ``cat``: idx1 and idx2
-        partition its channels, so each column of the merged weight is one column of conv_1 or
-        conv_2 (copied, not summed). Saves the two channel Gathers, a second pass over the
-        output and the Add; only the order of the fp32 sum changes."""
-        w1, w2 = (c.weight.detach().float().numpy() for c in (m.biconv_1, m.biconv_2))
-        w = np.zeros((w1.shape[0], len(idx1) + len(idx2), 1, 1), np.float32)
-        w[:, idx1], w[:, idx2] = w1, w2
-        b = (m.biconv_1.bias.detach().float() + m.biconv_2.bias.detach().float()).numpy()
-        return self.op("Conv", [cat, self.param(f"{path}.merged.weight", w),
-                                self.param(f"{path}.merged.bias", b)], path, kernel_shape=[1, 1])
-
-    # -- the network
-    def unet(self, model: torch.nn.Module, tile: int) -> str:
-        pe, lin1, act, lin2 = model.timestep_level_mlp
-        n = pe.dim // 2
-        freq = torch.exp(-math.log(1e4) * pe.step.float().unsqueeze(0)).numpy()      # as torch computes it
-        tf = self.op("Cast", ["t"], "timestep_level_mlp.0.t_float", to=TensorProto.FLOAT)
-        arg = self.op("Mul", [tf, self.const("posenc_freq", freq.reshape(1, n))], "timestep_level_mlp.0.arg")
-        e = self.op("Concat", [self.op("Sin", [arg], "timestep_level_mlp.0.sin"),
-                               self.op("Cos", [arg], "timestep_level_mlp.0.cos")], "timestep_level_mlp.0", axis=1)
-        e = self.linear(lin1, e, "timestep_level_mlp.1")
-        e = self.module(act, e, "timestep_level_mlp.2")
-        temb = self.linear(lin2, e, "timestep_level_mlp.3")
-
-        x = self.op("Concat", ["cond", "x_t"], "input_cat", axis=1)
-        shape = (model.in_channel, tile, tile)
-        skips: list[tuple[str, tuple[int, int, int]]] = []
-        for i, layer in enumerate(model.downs):
-            path, kind = f"downs.{i}", type(layer).__name__
-            if kind == "BI_ResnetBlocWithAttn":
-                x = self.resnet_with_attn(layer, x, temb, shape, path)
-                shape = (layer.res_block.block1.conv.channels,) + shape[1:]
-            elif kind == "CP_Down":
-                x, shape = self.cp_down(layer, x, shape, path)
-            elif kind == "Conv2d":
-                x = self.conv2d(layer, x, path)
-                shape = (layer.out_channels,) + shape[1:]
-            else:
-                raise NotImplementedError(f"the ONNX writer does not know {path} ({kind})")
-            skips.append((x, shape))
-        for i, layer in enumerate(model.mid):
-            x = self.resnet_with_attn(layer, x, temb, shape, f"mid.{i}")
-        for i, layer in enumerate(model.ups):
-            path, kind = f"ups.{i}", type(layer).__name__
-            if kind in ("CS_Fusion", "CS_Fusion_FP"):
-                skip, sshape = skips.pop()
-                x = self.cs_fusion(layer, x, skip, shape[0] + sshape[0], path)
-                shape = (layer.biconv_1.out_channels if kind == "CS_Fusion_FP"
-                         else layer.biconv_1.channels,) + shape[1:]
-            elif kind == "CP_Up":
-                x, shape = self.cp_up(layer, x, shape, path)
-            elif kind in ("BI_ResnetBlocWithAttn", "ResnetBlocWithAttn"):
-                x = self.resnet_with_attn(layer, x, temb, shape, path)
-            else:
-                raise NotImplementedError(f"the ONNX writer does not know {path} ({kind})")
-        return self.sequential(model.final_conv.block, x, "final_conv.block")
+# The leaves the builder lowers itself, by exact type (a subclass may compute something else);
+# every other module emits its own structure. Dropout is the identity in eval mode.
+PRIMITIVE_MODULES: dict[type, Callable[..., str]] = {
+    torch.nn.Conv2d: _Builder.conv2d, torch.nn.GroupNorm: _Builder.group_norm,
+    torch.nn.Linear: _Builder.linear, BIConv: _Builder.biconv,
+    torch.nn.Sequential: _Builder.sequential,
+    torch.nn.Identity: _Builder.identity, torch.nn.Dropout: _Builder.identity,
+}
 
 
 def build_group_graph(model: torch.nn.Module, *, group: int, tile: int, binary: bool = True,
@@ -305,7 +193,7 @@ def build_group_graph(model: torch.nn.Module, *, group: int, tile: int, binary: 
         raise ValueError(f"tile {tile} is not a multiple of {model.input_multiple}")
     b = _Builder(binary=binary, group=group)
     with torch.no_grad():
-        y = b.unet(model, tile)
+        y = model.emit_onnx(b, "x_t", "cond", "t", tile)
     b.nodes.append(helper.make_node("Identity", [y], ["eps"], name="eps"))
     c_in = model.in_channel - model.out_channel
     inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, model.out_channel, tile, tile]),

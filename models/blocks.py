@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from .graph import GraphBuilder
 from .layers import BIConv
 
 
 class Swish(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(x)
+
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
+        return g.op("Mul", [x, g.op("Sigmoid", [x], path + ".sigmoid")], path)
 
 
 class PositionalEncoding(nn.Module):
@@ -30,12 +35,30 @@ class PositionalEncoding(nn.Module):
         enc = t.reshape(-1, 1).to(self.step.dtype) * torch.exp(-math.log(1e4) * self.step.unsqueeze(0))
         return torch.cat([torch.sin(enc), torch.cos(enc)], dim=-1)
 
+    def emit_onnx(self, g: GraphBuilder, t: str, path: str) -> str:
+        """The frequency table is a float32 constant computed as torch computes it."""
+        freq = torch.exp(-math.log(1e4) * self.step.float().unsqueeze(0)).numpy()
+        arg = g.op("Mul", [g.cast(t, np.float32, path + ".t_float"),
+                           g.const("posenc_freq", freq.reshape(1, self.dim // 2))], path + ".arg")
+        return g.op("Concat", [g.op("Sin", [arg], path + ".sin"), g.op("Cos", [arg], path + ".cos")],
+                    path, axis=1)
+
 
 def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p != 0 else nn.Identity()
 
 
-class BI_Block(nn.Module):
+class _NormActConv(nn.Module):
+    """What BI_Block and Block share: ``conv(block(x))``."""
+
+    block: nn.Sequential
+    conv: nn.Module
+
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
+        return g.module(self.conv, g.module(self.block, x, path + ".block"), path + ".conv")
+
+
+class BI_Block(_NormActConv):
     """GroupNorm -> Swish -> [Dropout] -> BIConv 3x3."""
 
     def __init__(self, dim: int, groups: int, dropout: float = 0.0, dynamic_group: int = 5) -> None:
@@ -47,7 +70,7 @@ class BI_Block(nn.Module):
         return self.conv(self.block(x), group)
 
 
-class Block(nn.Module):
+class Block(_NormActConv):
     """Full-precision twin of BI_Block: GroupNorm -> Swish -> [Dropout] -> Conv 3x3 (bias)."""
 
     def __init__(self, dim: int, groups: int, dropout: float = 0.0, dynamic_group: int = 5) -> None:
@@ -70,6 +93,9 @@ class Block_F(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
+        return g.module(self.block, x, path + ".block")
+
 
 class _ResnetBlock(nn.Module):
     """h = block1(x) + Linear(Swish(time_emb)); y = block2(h) + x (block2 carries the dropout)."""
@@ -87,6 +113,13 @@ class _ResnetBlock(nn.Module):
         h = self.block1(x, group)
         h = h + self.timestep_func(time_emb).view(x.shape[0], -1, 1, 1)
         return self.block2(h, group) + x
+
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str, temb: str) -> str:
+        h = g.module(self.block1, x, path + ".block1")
+        e = g.module(self.timestep_func, temb, path + ".timestep_func")
+        e = g.op("Unsqueeze", [e, g.const("axes_23", np.array([2, 3], np.int64))], path + ".temb")
+        h = g.op("Add", [h, e], path + ".add_temb")
+        return g.op("Add", [g.module(self.block2, h, path + ".block2"), x], path)
 
 
 class BI_ResnetBlock(_ResnetBlock):
@@ -113,6 +146,24 @@ class SelfAttention(nn.Module):
         out = torch.einsum("bqk,bck->bcq", attn, v).reshape(b, c, h, w)
         return self.out(out) + x
 
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str, hw: tuple[int, int]) -> str:
+        """``hw``: the static spatial size. Computes attn @ v^T, then transposes back to
+        [C, HW]: two transposes of C x HW instead of one of the HW x HW attention matrix (4 MB
+        at the shipped model's bottleneck)."""
+        c, n = self.qkv.in_channels, hw[0] * hw[1]
+        qkv = g.module(self.qkv, g.module(self.norm, x, path + ".norm"), path + ".qkv")
+        qkv = g.op("Reshape", [qkv, g.const("shape_attn", np.array([1, 3 * c, n], np.int64))], path + ".qkv_flat")
+        q, k, v = g.op("Split", [qkv, g.const("split3", np.array([c, c, c], np.int64))], path + ".split", n_out=3, axis=1)
+        qt = g.op("Transpose", [q], path + ".qT", perm=[0, 2, 1])                      # [1, HW, C]
+        s = g.op("MatMul", [qt, k], path + ".scores")                                  # [1, HWq, HWk]
+        s = g.op("Div", [s, g.const("sqrt_c", np.array(math.sqrt(c), np.float32))], path + ".scaled")
+        a = g.op("Softmax", [s], path + ".softmax", axis=-1)
+        vt = g.op("Transpose", [v], path + ".vT", perm=[0, 2, 1])                      # [1, HWk, C]
+        o = g.op("MatMul", [a, vt], path + ".weightedT")                              # [1, HWq, C]
+        o = g.op("Transpose", [o], path + ".weighted", perm=[0, 2, 1])                 # [1, C, HWq]
+        o = g.op("Reshape", [o, g.const("shape_chw", np.array([1, c, *hw], np.int64))], path + ".unflat")
+        return g.op("Add", [g.module(self.out, o, path + ".out"), x], path)
+
 
 class _ResnetBlocWithAttn(nn.Module):
     res_cls: type[_ResnetBlock]
@@ -126,6 +177,10 @@ class _ResnetBlocWithAttn(nn.Module):
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor, group: int) -> torch.Tensor:
         x = self.res_block(x, time_emb, group)
         return self.attn(x) if self.attn is not None else x
+
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str, temb: str, hw: tuple[int, int]) -> str:
+        x = g.module(self.res_block, x, path + ".res_block", temb)
+        return g.module(self.attn, x, path + ".attn", hw) if self.attn is not None else x
 
 
 class BI_ResnetBlocWithAttn(_ResnetBlocWithAttn):
@@ -149,6 +204,19 @@ class CP_Down(nn.Module):
         a, b = x.chunk(2, dim=1)
         return self.unshuffle(self.biconv1(a, group) + self.biconv2(b, group))
 
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str,
+                  hw: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+        """Returns the output and its spatial size. PixelUnshuffle is Reshape / Transpose /
+        Reshape (ONNX SpaceToDepth orders the channels differently from torch)."""
+        c, (h, w) = self.biconv1.channels, hw
+        a, b = g.op("Split", [x, g.const("split2", np.array([c, c], np.int64))], path + ".chunk", n_out=2, axis=1)
+        y = g.op("Add", [g.module(self.biconv1, a, path + ".biconv1"),
+                         g.module(self.biconv2, b, path + ".biconv2")], path + ".sum")
+        y = g.op("Reshape", [y, g.const("shape_unshuf6", np.array([1, c, h // 2, 2, w // 2, 2], np.int64))], path + ".unshuffle6")
+        y = g.op("Transpose", [y], path + ".unshuffleT", perm=[0, 1, 3, 5, 2, 4])   # out c*4 + i*2 + j
+        y = g.op("Reshape", [y, g.const("shape_unshuf4", np.array([1, c * 4, h // 2, w // 2], np.int64))], path)
+        return y, (h // 2, w // 2)
+
 
 class CP_Up(nn.Module):
     """C -> C/2, H -> 2H: two BIConv on the input, concatenated, PixelShuffle(2)."""
@@ -162,12 +230,26 @@ class CP_Up(nn.Module):
     def forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
         return self.shuffle(torch.cat([self.biconv1(x, group), self.biconv2(x, group)], dim=1))
 
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str,
+                  hw: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+        """Returns the output and its spatial size; DepthToSpace mode CRD is torch's PixelShuffle."""
+        y = g.op("Concat", [g.module(self.biconv1, x, path + ".biconv1"),
+                            g.module(self.biconv2, x, path + ".biconv2")], path + ".cat", axis=1)
+        return g.op("DepthToSpace", [y], path, blocksize=2, mode="CRD"), (2 * hw[0], 2 * hw[1])
+
 
 def channel_shuffle_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CS-Fusion's mix of (decoder, skip): ([x odd, skip even], [x even, skip odd])."""
     a, b = x.chunk(2, dim=1)
     return (torch.cat([a[:, 1::2], b[:, 0::2]], dim=1),
             torch.cat([a[:, 0::2], b[:, 1::2]], dim=1))
+
+
+def channel_shuffle_indices(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The channels ``channel_shuffle_halves`` picks from a ``channels``-wide input (int64)."""
+    half = channels // 2
+    return (np.concatenate([np.arange(1, half, 2), half + np.arange(0, half, 2)]).astype(np.int64),
+            np.concatenate([np.arange(0, half, 2), half + np.arange(1, half, 2)]).astype(np.int64))
 
 
 class CS_Fusion(nn.Module):
@@ -184,6 +266,14 @@ class CS_Fusion(nn.Module):
         f1, f2 = channel_shuffle_halves(x)
         return self.biconv_1(f1, group) + self.biconv_2(f2, group)
 
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
+        """The mix as one Gather on the channel axis per half."""
+        idx1, idx2 = channel_shuffle_indices(2 * self.biconv_1.channels)
+        f1 = g.op("Gather", [x, g.const("cs_idx_odd_even", idx1)], path + ".fu1", axis=1)
+        f2 = g.op("Gather", [x, g.const("cs_idx_even_odd", idx2)], path + ".fu2", axis=1)
+        return g.op("Add", [g.module(self.biconv_1, f1, path + ".biconv_1"),
+                            g.module(self.biconv_2, f2, path + ".biconv_2")], path)
+
 
 class CS_Fusion_FP(nn.Module):
     """Full-precision CS-Fusion: the same shuffle, plain 1x1 convs with bias."""
@@ -198,3 +288,16 @@ class CS_Fusion_FP(nn.Module):
     def forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
         f1, f2 = channel_shuffle_halves(x)
         return self.biconv_1(f1) + self.biconv_2(f2)
+
+    def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
+        """conv_1(x[idx1]) + conv_2(x[idx2]) as one 1x1 Conv on ``x``: idx1 and idx2 partition
+        its channels, so each column of the merged weight is one column of conv_1 or conv_2
+        (copied, not summed). Saves the two channel Gathers, a second pass over the output and
+        the Add; only the order of the fp32 sum changes."""
+        idx1, idx2 = channel_shuffle_indices(2 * self.biconv_1.in_channels)
+        w1, w2 = (c.weight.detach().float().numpy() for c in (self.biconv_1, self.biconv_2))
+        w = np.zeros((w1.shape[0], len(idx1) + len(idx2), 1, 1), np.float32)
+        w[:, idx1], w[:, idx2] = w1, w2
+        b = (self.biconv_1.bias.detach().float() + self.biconv_2.bias.detach().float()).numpy()
+        return g.op("Conv", [x, g.param(f"{path}.merged.weight", w),
+                             g.param(f"{path}.merged.bias", b)], path, kernel_shape=[1, 1])

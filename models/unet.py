@@ -8,6 +8,7 @@ from bidiff.runtime.schedule import timestep_group
 
 from .blocks import (CP_Down, CP_Up, CS_Fusion, CS_Fusion_FP, Block_F, BI_ResnetBlocWithAttn,
                      PositionalEncoding, ResnetBlocWithAttn, Swish)
+from .graph import GraphBuilder
 
 
 class BIDiffSRUNet(nn.Module):
@@ -117,3 +118,32 @@ class BIDiffSRUNet(nn.Module):
             else:
                 x = layer(x, time_emb, g)
         return self.final_conv(x)
+
+    def emit_onnx(self, g: GraphBuilder, x_t: str, cond: str, t: str, tile: int) -> str:
+        """``forward`` for one tile size as ONNX nodes (the expert group is the builder's);
+        the same steps as forward, plus the static spatial size that attention and CP-Down
+        need. Returns the output's tensor name."""
+        time_emb = g.module(self.timestep_level_mlp, t, "timestep_level_mlp")
+        x = g.op("Concat", [cond, x_t], "input_cat", axis=1)
+        hw = (tile, tile)
+        skips = []
+        for i, layer in enumerate(self.downs):
+            path = f"downs.{i}"
+            if isinstance(layer, BI_ResnetBlocWithAttn):
+                x = g.module(layer, x, path, time_emb, hw)
+            elif isinstance(layer, CP_Down):
+                x, hw = g.module(layer, x, path, hw)
+            else:
+                x = g.module(layer, x, path)
+            skips.append(x)
+        for i, layer in enumerate(self.mid):
+            x = g.module(layer, x, f"mid.{i}", time_emb, hw)
+        for i, layer in enumerate(self.ups):
+            path = f"ups.{i}"
+            if isinstance(layer, (CS_Fusion, CS_Fusion_FP)):
+                x = g.module(layer, g.op("Concat", [x, skips.pop()], path + ".cat", axis=1), path)
+            elif isinstance(layer, CP_Up):
+                x, hw = g.module(layer, x, path, hw)
+            else:
+                x = g.module(layer, x, path, time_emb, hw)
+        return g.module(self.final_conv, x, "final_conv")

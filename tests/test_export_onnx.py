@@ -26,9 +26,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from bidiff.exporter.onnx_export import WEIGHTS_FILE, write_onnx_graphs
+from bidiff.exporter.onnx_export import (PRIMITIVE_MODULES, WEIGHTS_FILE, build_group_graph,
+                                         write_onnx_graphs)
 from bidiff.exporter.unroll import fold_biconv
-from bidiff.models import create_model, load_checkpoint, set_deploy
+from bidiff.models import create_model, list_configs, load_checkpoint, set_deploy
 from bidiff.runtime.binary_op import unpack_weights
 from conftest import GOLDEN   # the one definition of where the golden data lives
 
@@ -204,3 +205,40 @@ def test_tie_check_is_not_vacuous(tmp_path) -> None:
     feeds = _inputs(seed=0, t=100)                            # t = 100 -> torch uses group 0
     rows = _binary_inputs(model, path, feeds, 1)
     assert any(r[2] for r in rows) and not _explained_by_ties(rows)
+
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList)
+
+
+def _without_emitter(module: torch.nn.Module, path: str = "") -> list[str]:
+    """The modules under ``module`` the ONNX writer could not emit: each must be a primitive
+    leaf of the builder, a container, or define ``emit_onnx``; a parameter-free torch.nn child
+    of a module with ``emit_onnx`` (PixelShuffle) is lowered by that parent."""
+    missing = []
+    for name, child in module.named_children():
+        p, kind = f"{path}.{name}" if path else name, type(child)
+        if kind in PRIMITIVE_MODULES and kind is not torch.nn.Sequential:
+            continue
+        if hasattr(child, "emit_onnx") or isinstance(child, _CONTAINERS):
+            missing += _without_emitter(child, p)
+        elif not (hasattr(module, "emit_onnx") and kind.__module__.startswith("torch.nn.")
+                  and not list(child.parameters())):
+            missing.append(f"{p} ({kind.__name__})")
+    return missing
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_every_module_of_every_config_has_an_onnx_emitter(name) -> None:
+    """Adding a block type without ``emit_onnx`` fails here, for whichever config uses it,
+    and the config's graph builds (smallest tile)."""
+    model = create_model(name).eval()
+    assert _without_emitter(model) == []
+    assert build_group_graph(model, group=0, tile=model.input_multiple).model.graph.node
+
+
+def test_module_without_emitter_fails_loudly() -> None:
+    model = create_model("tiny-binary").eval()
+    model.downs[1].res_block.block1.block[1] = torch.nn.ReLU()
+    assert _without_emitter(model) == ["downs.1.res_block.block1.block.1 (ReLU)"]
+    with pytest.raises(NotImplementedError, match=r"downs\.1\.res_block\.block1\.block\.1 \(ReLU\)"):
+        build_group_graph(model, group=0, tile=8)

@@ -152,7 +152,7 @@ def test_fused_epilogue(c, h, w, k, residual, addend):
 
 
 def _cs_fusion_index(c: int, odd_first: bool) -> tuple[int, ...]:
-    """CS-Fusion's mix of a 2c-channel concatenation (exporter.onnx_export.cs_fusion)."""
+    """CS-Fusion's mix of a 2c-channel concatenation (models.blocks.channel_shuffle_indices)."""
     a, b = (1, 0) if odd_first else (0, 1)
     return tuple(range(a, c, 2)) + tuple(c + i for i in range(b, c, 2))
 
