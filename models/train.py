@@ -52,7 +52,7 @@ LOG_FILE = "log.jsonl"
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a run; saved in its state so a resume continues the same run."""
-    model: str = "bidiff-s-x2"
+    model: str = "bidiff-s2-x2"
     data: str = "data/train"
     steps: int = 100_000
     batch: int = 16

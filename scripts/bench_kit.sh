@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build everything issue 5's benchmark needs on another CPU into one folder, plus the script
 # that measures it there (docs/bench-avx512/README.md): the bench bundles of parts a, b, c
-# (shipped and official config) and k for TARGET, the device runtime (libtvm_runtime.so from
-# the installed apache-tvm, the apache-tvm-ffi wheel for that machine's Python) and run.sh.
+# (shipped and official config), k and r (the shipped step's roofline) for TARGET, the device
+# runtime (libtvm_runtime.so from the installed apache-tvm, the apache-tvm-ffi wheel for that
+# machine's Python) and run.sh.
 #
 #   scripts/bench_kit.sh KIT [TARGET] [PYTHON_VERSION]     # here (TVM compiler, torch, network)
 #   KIT/run.sh OUT                                         # there: JSON + profiles into OUT
@@ -19,13 +20,15 @@ if [ -e "$kit" ]; then
     exit 2
 fi
 mkdir -p "$kit"
-ckpt=models/weights/bidiff-s-x2.safetensors
+ckpt=models/weights/bidiff-s2-x2.safetensors
 python3 scripts/bench.py --part a --target "$target" --bundle "$kit/a"
 python3 scripts/bench.py --part b --target "$target" --bundle "$kit/b"
-python3 scripts/bench.py --part c --config bidiff-s-x2 --checkpoint "$ckpt" --target "$target" \
+python3 scripts/bench.py --part c --config bidiff-s2-x2 --checkpoint "$ckpt" --target "$target" \
     --bundle "$kit/cs"
 python3 scripts/bench.py --part c --config official-x2 --target "$target" --bundle "$kit/co"
 python3 scripts/bench.py --part k --target "$target" --bundle "$kit/k"
+python3 scripts/bench.py --part r --config bidiff-s2-x2 --checkpoint "$ckpt" --target "$target" \
+    --bundle "$kit/r"
 tvm_lib=$(python3 -c 'import pathlib, tvm; print(pathlib.Path(tvm.__file__).parent / "lib")')
 cp "$tvm_lib/libtvm_runtime.so" "$kit/"
 ffi_version=$(python3 -c 'from importlib.metadata import version; print(version("apache-tvm-ffi"))')
@@ -55,6 +58,8 @@ for part in cs co; do
     $pin python3 scripts/bench.py --run "$kit/$part" --threads 2 --rounds 7 --repeat 3 \
         --json "$out/$part.json" | tee "$out/$part.md"
 done
+$pin python3 scripts/bench.py --run "$kit/r" --threads 2 --rounds 5 --repeat 2 \
+    --thread-counts 1,2 --json "$out/r.json" | tee "$out/r.md"
 for part in cs co; do
     $pin python3 scripts/profile_step.py --library "$kit/$part/c_model.so" --threads 2 \
         --steps 5 | tee "$out/profile-$part.md"

@@ -24,7 +24,7 @@ _RESTART_SECONDS = 20.0  # phase 2 loads the state and spawns its workers again
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="bidiff-s-x2", help="model config name")
+    parser.add_argument("--config", default="bidiff-s2-x2", help="model config name")
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of both phases")
     parser.add_argument("--probe-steps", type=int, default=600,
                         help="constant-LR steps (warm-up included) that measure the rate")
