@@ -396,14 +396,22 @@ def _remote_tensor(a: np.ndarray, dev: Any) -> Any:
 
 
 def open_remote(artifact: Artifact, tracker: Tracker, key: str, *, timeout: float) -> RemoteBackend:
-    """A :class:`RemoteBackend` on the next free server of ``key``."""
-    host, port, matchkey = tracker.request(key, timeout)
-    backend = RemoteBackend(artifact, host, port, matchkey, timeout=timeout)
-    try:
-        return backend.start()
-    except BaseException:
-        backend.close()
-        raise
+    """A :class:`RemoteBackend` on the next free server of ``key``. A server that fails to
+    start a session (the tracker can hand out one still ending another client's session, or
+    one that just died) is passed over for the next, until ``timeout``: then NoServer."""
+    end = time.monotonic() + timeout
+    while True:
+        host, port, matchkey = tracker.request(key, max(0.1, end - time.monotonic()))
+        backend = RemoteBackend(artifact, host, port, matchkey, timeout=timeout)
+        try:
+            return backend.start()
+        except ServerLost:
+            backend.close()
+            if time.monotonic() >= end:
+                raise tracker.no_server(key, timeout) from None
+        except BaseException:
+            backend.close()
+            raise
 
 
 # --------------------------------------------------------------------------- the device side
