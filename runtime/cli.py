@@ -120,7 +120,8 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--tracker", default=None, metavar="HOST:PORT",
               help="Run on the RPC servers of this TVM tracker (python -m tvm.exec.rpc_tracker), "
-                   "one image per server at a time. Needs --key.")
+                   "one image per server at a time; servers left over share an image's tiles. "
+                   "Needs --key.")
 @click.option("--key", default=None, help="With --tracker: the device key the servers registered.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="With --tracker: servers to use at once. Default: all registered under --key.")
@@ -232,14 +233,15 @@ def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path],
     done_n = 0
     started = time.monotonic()
 
-    def done(f: Path, result, where: str) -> None:
+    def done(f: Path, result, calls: dict[str, int]) -> None:
         nonlocal done_n
         _make_dir(out_dir)
         images.save_image(result, targets[f])
         done_n += 1
         if not quiet:
-            click.echo(f"[{done_n}/{len(files)}] {f.name} on {where} "
-                       f"({time.monotonic() - started:.1f} s)", err=True)
+            shared = f"{' + '.join(map(str, calls.values()))} network calls, " if len(calls) > 1 else ""
+            click.echo(f"[{done_n}/{len(files)}] {f.name} on {' + '.join(calls)} "
+                       f"({shared}{time.monotonic() - started:.1f} s)", err=True)
             click.echo(f"{targets[f]}")
 
     pool = Pool(art, parse_address(tracker), key, devices=devices, timeout=rpc_timeout(), log=log)

@@ -6,9 +6,10 @@
 3. For each DDIM timestep t (``schedule.DDIMScheduler``, η = 0, the artifact's timestep
    spacing), the network timestep t' = max(0, t - time_shift) (0 unless the model was tuned
    with one) and its group k = group_of(t') (the artifact's group table; default
-   ``schedule.timestep_group``): run the network on every tile (one at a
-   time), blend its outputs (ε, or x0 for an x0-predicting model) in the overlaps with the tile
-   windows (``tiling``), then take one DDIM step on the whole image.
+   ``schedule.timestep_group``): run the network on every tile (one at a time; several at
+   once over RPC servers, ``pool``), blend its outputs (ε, or x0 for an x0-predicting model)
+   in tile order in the overlaps with the tile windows (``tiling``), then take one DDIM step on
+   the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size, back-projected onto the
    LR image ``back_projection`` times (``consistency``; 0 unless the model was tuned with it)
    and clamped to [0, 1].
@@ -21,7 +22,9 @@ measured peak of a 1024² output by about two 3 x H x W buffers: README, peak me
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Protocol
 
 import numpy as np
 
@@ -42,11 +45,27 @@ views, valid during the call), for step-by-step comparisons with a reference sam
 
 class EpsModel(Protocol):
     """What the sampler needs from a backend: the network output (ε or x0, as the model's
-    ``Formulation.prediction`` says) for one tile of one group."""
+    ``Formulation.prediction`` says) for one tile of one group. A model may also have
+    ``run_tiles(group, t, n, tile_input)`` with :func:`run_in_turn`'s contract (outputs in
+    tile order, so the blend adds them in the same order and gives the same bits) to evaluate
+    one step's tiles concurrently."""
     tile: int
 
     def run(self, group: int, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
         """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> output float32 [1, 3, S, S]."""
+
+
+TileInput = Callable[[int], tuple[np.ndarray, np.ndarray]]
+"""tile_input(k) -> (x_t, cond) of tile k of the current step, float32 [1, 3, S, S] copies."""
+
+
+def run_in_turn(model: EpsModel, group: int, t: np.ndarray, n: int,
+                tile_input: TileInput) -> Iterator[np.ndarray]:
+    """A step's ``n`` tile outputs in tile order, one network call at a time: what the sampler
+    does unless the model has a ``run_tiles`` of its own (``pool``: several servers at once).
+    Lazy, so only one tile's inputs exist at a time."""
+    for k in range(n):
+        yield model.run(group, *tile_input(k), t)
 
 
 def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -93,16 +112,20 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     total, done = len(timesteps) * len(tiles), 0
     band = max(1, BAND_PIXELS // W)          # rows per DDIM-update band
 
+    def tile_input(k: int) -> tuple[np.ndarray, np.ndarray]:
+        ys, xs = tiles[k][0].slices
+        return (np.ascontiguousarray(x_t[None, :, ys, xs]),
+                np.ascontiguousarray(cond[None, :, ys, xs]))
+    run_tiles = getattr(model, "run_tiles", None) or partial(run_in_turn, model)
+
     for i, t in enumerate(timesteps):
         t_net = int(sched.model_timesteps[i])
         group = int(group_of(t_net))
         t_buf[0, 0] = t_net
         if not single:
             eps.fill(0)
-        for tl, w in tiles:
+        for e, (tl, w) in zip(run_tiles(group, t_buf, len(tiles), tile_input), tiles):
             ys, xs = tl.slices
-            e = model.run(group, np.ascontiguousarray(x_t[None, :, ys, xs]),
-                          np.ascontiguousarray(cond[None, :, ys, xs]), t_buf)
             if single:
                 eps[...] = e[0]
             else:

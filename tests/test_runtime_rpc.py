@@ -1,6 +1,7 @@
 """`bidiff upscale --tracker` and `bidiff bench --tracker` against a real TVM RPC tracker and
-servers on 127.0.0.1: the pool writes the bytes of a local run, survives servers that die or
-hang mid-run, refuses a foreign artifact and a key without servers in one line.
+servers on 127.0.0.1: the pool writes the bytes of a local run (whole images, and one large
+image's tiles shared by two servers), survives servers that die or hang mid-run, refuses a
+foreign artifact and a key without servers in one line.
 
 Every process runs in its own process group, which teardown kills whole: a stock
 ``rpc_server`` runs its sessions in worker processes that outlive a plain SIGTERM of it. Every
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,9 @@ from PIL import Image
 
 from bidiff import exporter
 from bidiff.models import create_model, get_config, save_checkpoint
+from bidiff.runtime.artifact import read_artifact
 from bidiff.runtime.rpc import Tracker
+from bidiff.runtime.tiling import TileGrid, default_overlap
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +83,16 @@ class Cluster:
         except ValueError:
             return False
 
-    def registered(self) -> list[str]:
+    def registered(self, key: str = KEY) -> list[str]:
         t = Tracker(("127.0.0.1", self.port), 5)
         try:
-            return t.servers(KEY)
+            return t.servers(key)
         finally:
             t.close()
 
-    def add_server(self, name: str, *, bidiff: bool) -> None:
+    def add_server(self, name: str, *, bidiff: bool, key: str = KEY) -> None:
         port = free_port()
-        common = ["--tracker", self.address, "--key", KEY, "--host", "127.0.0.1",
+        common = ["--tracker", self.address, "--key", key, "--host", "127.0.0.1",
                   "--port", str(port), "--port-end", str(port + 1)]
         self._start(name, ["-m", "bidiff.runtime.cli", "device-server", *common, "--threads", "1"]
                     if bidiff else ["-m", "tvm.exec.rpc_server", *common])
@@ -97,14 +101,16 @@ class Cluster:
     def signal(self, name: str, sig: int) -> None:
         os.killpg(self.procs[name].pid, sig)
 
-    def stop(self) -> None:
-        groups = [p.pid for p in self.procs.values()]
+    def stop(self, names: list[str] | None = None) -> None:
+        """Kill the process groups of ``names`` (default: all) and wait until nothing of them is left."""
+        procs = [self.procs.pop(n) for n in (names if names is not None else list(self.procs))]
+        groups = [p.pid for p in procs]
         for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in self.procs.values():
+        for p in procs:
             p.wait(timeout=30)
 
         def left() -> list[psutil.Process]:
@@ -170,6 +176,44 @@ def bidiff(*args, env: dict | None = None, timeout: float = RUN_S) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
+class Running:
+    """A ``bidiff`` command in the background whose stderr lines are read as they come."""
+
+    def __init__(self, args: tuple, env: dict | None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bidiff.runtime.cli", *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.err: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for ln in self.proc.stderr:
+            self.err.append(ln)
+            self._lines.put(ln)
+
+    def wait_for(self, match) -> str:
+        """The first stderr line (from here on) that ``match``es; bounded by RUN_S."""
+        while not match(line := self._lines.get(timeout=RUN_S)):
+            pass
+        return line
+
+
+@contextmanager
+def running(*args, env: dict | None = None):
+    """:class:`Running`; on leaving, waits for the command to end (bounded), else kills it."""
+    run = Running(args, env)
+    try:
+        yield run
+        run.proc.wait(timeout=RUN_S)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(timeout=30)
+        run._reader.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def local(work: Path, artifact: Path, photos: Path) -> Path:
     """What the same artifact writes here with the TVM backend: the bytes to match."""
@@ -186,6 +230,15 @@ def assert_same(out: Path, ref: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == names      # no temp files left either
     for n in names:
         assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+
+
+def servers_of(line: str) -> dict[str, int]:
+    """HOST:PORT -> network calls from a CLI line ``[i/n] NAME on A + B (ca + cb network calls, T s)``
+    (calls: 0 where the line names one server)."""
+    on, _, rest = line.split(" on ", 1)[1].partition(" (")
+    names = on.split(" + ")
+    calls = rest.split(" network calls")[0].split(" + ") if len(names) > 1 else ["0"]
+    return dict(zip(names, map(int, calls)))
 
 
 def test_pool_writes_the_local_bytes(cluster: Cluster, artifact: Path, photos: Path, local: Path,
@@ -256,35 +309,15 @@ def test_servers_dying_and_hanging(cluster: Cluster, artifact: Path, photos: Pat
     cluster.signal("server0", signal.SIGKILL)
     wait_until(lambda: len(cluster.registered()) == 3, 30, "the tracker to drop server0")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "bidiff.runtime.cli", "upscale", str(photos),
-                             "-o", str(out), "--artifact", str(artifact), "--steps", str(STEPS),
-                             "--tracker", cluster.address, "--key", KEY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "BIDIFF_RPC_TIMEOUT": "6"})
-    lines: queue.Queue[str] = queue.Queue()
-    err: list[str] = []
-
-    def read() -> None:
-        for ln in proc.stderr:
-            err.append(ln)
-            lines.put(ln)
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        first = ""
-        while not first.startswith("[1/4]"):
-            first = lines.get(timeout=RUN_S)
+    with running("upscale", photos, "-o", out, "--artifact", artifact, "--steps", STEPS,
+                 "--tracker", cluster.address, "--key", KEY, env={"BIDIFF_RPC_TIMEOUT": "6"}) as run:
+        first = run.wait_for(lambda ln: ln.startswith("[1/4]"))
         free = first.split(" on ")[1].split()[0]
         busy = [n for n in ("server1", "server2", "server3") if cluster.servers[n] != free]
         assert len(busy) == 2, (first, cluster.servers)
         cluster.signal(busy[0], signal.SIGKILL)
         cluster.signal(busy[1], signal.SIGSTOP)
-        proc.wait(timeout=RUN_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        reader.join(timeout=30)
+    proc, err = run.proc, run.err
     text = "".join(err)
     assert proc.returncode == 0, text
     assert_same(out, local)
@@ -292,4 +325,82 @@ def test_servers_dying_and_hanging(cluster: Cluster, artifact: Path, photos: Pat
         assert f"bidiff: server {cluster.servers[name]} failed to " in text, text
     assert f"server {cluster.servers[busy[1]]} gave no answer within 6 s: cut off" in text, text
     later = [ln for ln in err if ln.startswith("[") and not ln.startswith("[1/4]")]
-    assert len(later) == 3 and all(f" on {free} " in ln for ln in later), text
+    assert len(later) == 3 and all(free in servers_of(ln) for ln in later), text
+
+
+# ----------------------------------------------------------------- one large image, its tiles shared
+
+LARGE, LARGE_STEPS = (96, 80), 30          # about 8 x 7 tiles of 32, 30 steps
+
+
+@pytest.fixture(scope="module")
+def large(work: Path, artifact: Path) -> tuple[Path, bytes]:
+    """One image of many tiles and the bytes a local TVM run writes for it."""
+    d = work / "large"
+    d.mkdir()
+    w, h = LARGE
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / "big.png")
+    out = work / "large-local.png"
+    r = bidiff("upscale", d / "big.png", "-o", out, "--artifact", artifact, "--backend", "tvm",
+               "--steps", LARGE_STEPS, "-q")
+    assert r.returncode == 0, r.stderr
+    return d / "big.png", out.read_bytes()
+
+
+@pytest.fixture
+def pair(cluster: Cluster, request) -> tuple[str, list[str]]:
+    """Two ``bidiff device-server`` of a key of their own (so the run gets exactly these two),
+    stopped after the test."""
+    key = f"tiles-{request.node.name}".replace("[", "-").replace("]", "")
+    names = [f"{key}-{i}" for i in range(2)]
+    try:
+        for n in names:
+            cluster.add_server(n, bidiff=True, key=key)
+        wait_until(lambda: len(cluster.registered(key)) == 2, START_S, f"2 servers of {key} to register")
+        yield key, names
+    finally:
+        cluster.stop([n for n in names if n in cluster.procs])
+
+
+def test_one_large_image_shares_its_tiles(cluster: Cluster, artifact: Path, large, pair,
+                                          tmp_path: Path) -> None:
+    """Two servers, one image: both evaluate its tiles, and the file is the local one."""
+    (src, expect), (key, names) = large, pair
+    out = tmp_path / "big_x2.png"
+    r = bidiff("upscale", src, "-o", out, "--artifact", artifact, "--steps", LARGE_STEPS,
+               "--tracker", cluster.address, "--key", key)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == expect
+    assert os.listdir(tmp_path) == ["big_x2.png"]
+    done = [ln for ln in r.stderr.splitlines() if ln.startswith("[1/1] ")]
+    calls = servers_of(done[0])
+    assert set(calls) == {cluster.servers[n] for n in names}, r.stderr
+    assert all(c > 0 for c in calls.values()), r.stderr
+    m = read_artifact(artifact).manifest
+    w, h = (side * m.model.scale for side in LARGE)
+    tiles = len(TileGrid.create(h, w, TILE, default_overlap(TILE), align=m.input_multiple))
+    assert tiles > 1 and sum(calls.values()) == tiles * LARGE_STEPS, r.stderr
+
+
+@pytest.mark.parametrize("victim", ["own", "helper"])
+def test_large_image_survives_a_server_killed_mid_image(cluster: Cluster, artifact: Path, large, pair,
+                                                        tmp_path: Path, victim: str) -> None:
+    """Once the second server takes tiles, one of the two is killed: the image's own (the
+    sampler carries on with the helper) or the helper (its tile goes back). Same bytes."""
+    (src, expect), (key, names) = large, pair
+    by_addr = {cluster.servers[n]: n for n in names}
+    out = tmp_path / "big_x2.png"
+    with running("upscale", src, "-o", out, "--artifact", artifact, "--steps", LARGE_STEPS,
+                 "--tracker", cluster.address, "--key", key) as run:
+        joined = run.wait_for(lambda ln: " takes tiles of the image on " in ln)
+        helper, own = joined.split("bidiff: server ")[1].split(" takes tiles of the image on ")
+        killed = own.strip() if victim == "own" else helper
+        cluster.signal(by_addr[killed], signal.SIGKILL)
+    err = run.err
+    text = "".join(err)
+    assert run.proc.returncode == 0, text
+    assert out.read_bytes() == expect
+    assert os.listdir(tmp_path) == ["big_x2.png"]
+    assert f"bidiff: server {killed} failed to run the network" in text, text
+    assert "its tiles go to the image's other servers" in text, text
+    assert len([ln for ln in err if ln.startswith("[1/1] ")]) == 1, text
