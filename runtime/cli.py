@@ -309,7 +309,7 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
     steps = m.default_steps if steps is None else steps
     if tracker:
         from .benchmark import time_remote_steps
-        from .rpc import Tracker, open_remote, parse_address, rpc_timeout
+        from .rpc import ServerLost, Tracker, open_remote, parse_address, rpc_timeout
         timeout = rpc_timeout()
         trk = Tracker(parse_address(tracker), timeout)
         try:
@@ -319,6 +319,8 @@ def bench(artifact: Path | None, backend: str, threads: int | None, rounds: int,
         try:
             timings = time_remote_steps(remote, rounds=rounds)
             real = time_upscale(art, remote, width, height, steps=steps) if size else None
+        except ServerLost as e:     # a benchmark is of one server: no retry elsewhere
+            raise BackendError(f"{e}: the benchmark lost its server; run it again") from None
         finally:
             remote.close()
         server_line = f"server      {remote.where}  (key {key}; {remote.host.describe()})"

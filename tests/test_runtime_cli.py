@@ -203,3 +203,26 @@ def test_console_script_subprocess(tmp_path: Path, art: Path) -> None:
                         "--artifact", str(art)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_that_loses_its_server_says_so_in_one_line(art: Path, capsys, monkeypatch) -> None:
+    """A benchmark measures one server: if it dies mid-run, one line and exit 2, no retry."""
+    from bidiff.runtime import benchmark, rpc
+
+    class Remote:
+        where = "10.0.0.7:9090"
+
+        def close(self) -> None:
+            pass
+
+    def lost(remote, rounds):
+        raise rpc.ServerLost(f"server {remote.where} failed to run group 0 (connection reset)")
+
+    monkeypatch.setattr(rpc, "Tracker", lambda address, timeout: type(
+        "T", (), {"close": lambda self: None})())
+    monkeypatch.setattr(rpc, "open_remote", lambda art, trk, key, timeout: Remote())
+    monkeypatch.setattr(benchmark, "time_remote_steps", lost)
+    code, out, err = run(["bench", art, "--tracker", "127.0.0.1:9190", "--key", "k"], capsys)
+    assert code == 2 and err == ("bidiff: error: server 10.0.0.7:9090 failed to run group 0 "
+                                 "(connection reset): the benchmark lost its server; run it "
+                                 "again\n")
