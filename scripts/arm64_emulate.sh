@@ -8,6 +8,8 @@
 #   scripts/arm64_emulate.sh paths              print SYSROOT=, SITE=, TVM_RUNTIME= (for scripts)
 #   scripts/arm64_emulate.sh pi-venv            README's Pi commands literally: venv + emulated pip
 #   scripts/arm64_emulate.sh pi-run -- bidiff upscale ...      (slow; optional, needs PyPI)
+#   scripts/arm64_emulate.sh rpc-server -- --tracker HOST:PORT --key KEY [--threads N]
+#                                               `bidiff device-server` on the emulated device
 #
 # Everything comes from Debian and PyPI packages and is cached under $BIDIFF_ARM64_CACHE
 # (default .cache/arm64, git-ignored):
@@ -19,6 +21,8 @@
 #   device/site/                 `pip install --target` of "bidiff[tvm]" (what the Pi installs)
 #   device/lib/libtvm_runtime.so  extracted from the apache-tvm wheel, found by the runtime
 #                                 through $BIDIFF_TVM_RUNTIME (the README's Pi commands do the same)
+#   device/site-rpc/  `setup --rpc`: the device side of "bidiff[rpc]" for `rpc-server` (not part
+#                     of the runtime's footprint: an RPC server needs the whole TVM package)
 # The wrapper `run` maps `bidiff ...` to the console script pip wrote (bidiff.runtime.cli:main)
 # and `python3 ...` to the sysroot's python3.11; the environment is passed through.
 # Host requirements: Debian/Ubuntu with apt-get (root or sudo), python3 with pip, network to
@@ -34,6 +38,8 @@ DIST="$CACHE/dist"
 DEVICE="$CACHE/device"
 SITE="$DEVICE/site"
 TVM_RUNTIME="$DEVICE/lib/libtvm_runtime.so"
+RPC_SITE="$DEVICE/site-rpc"
+GUEST_PY="$DEVICE/bin/python3.11"
 PY="${PYTHON:-python3}"
 PIP_PLATFORM=(--only-binary=:all: --platform manylinux_2_28_aarch64 --python-version 3.11
               --implementation cp --abi cp311)
@@ -135,6 +141,8 @@ tvm = [d for d in p["optional-dependencies"]["export"] if d.split("==")[0] == "a
 print(p["version"])
 print(" ".join(p["dependencies"] + p["optional-dependencies"]["tvm"]))
 print(tvm[0] if tvm else "")
+# the rpc extra less tornado, which only the tracker (on the host) needs
+print(" ".join(d for d in p["optional-dependencies"]["rpc"] if not d.startswith("tornado")))
 EOF
 }
 
@@ -226,6 +234,35 @@ EOF
     echo "$ort" >"$CACHE/ort.ok"
 }
 
+# Optional: what `bidiff device-server` needs beyond the runtime install, in its own folder:
+# apache-tvm (TVM's RPC server is Python code in it), psutil and cloudpickle. `setup --rpc`.
+# pip --target resolves into an empty folder, so numpy and apache-tvm-ffi come again, at the same
+# pins; $SITE comes first on the path. The apache-tvm wheel is the one already in $WHEELS.
+ensure_rpc() {
+    local lines rpc
+    mapfile -t lines < <(pins)
+    rpc="${lines[3]}"
+    [ "$(cat "$CACHE/rpc.ok" 2>/dev/null)" = "$rpc" ] && [ -d "$RPC_SITE/tvm" ] && return 0
+    say "installing $rpc for aarch64 into $RPC_SITE"
+    rm -rf "$RPC_SITE"
+    "$PY" -m pip install -q --disable-pip-version-check "${PIP_PLATFORM[@]}" --find-links "$WHEELS" \
+        --target "$RPC_SITE" $rpc >"$CACHE/pip-rpc.log" 2>&1 ||
+        die "pip install of the aarch64 RPC packages failed (no network?): see $CACHE/pip-rpc.log"
+    echo "$rpc" >"$CACHE/rpc.ok"
+}
+
+# TVM's RPC server starts its worker as `sys.executable -m tvm.exec.popen_worker`, but an
+# emulated program cannot exec an aarch64 binary without binfmt_misc (a host-wide setting this
+# script leaves alone). So `rpc-server` tells the emulated Python (qemu -0) that it is this host
+# script, which starts it again under qemu; the environment passes through.
+write_guest_python() {
+    local text
+    text=$(printf '#!/bin/sh\nexec qemu-aarch64 -0 "$0" -L "%s" "%s" "$@"\n' "$SYSROOT" "$SYSROOT/usr/bin/python3.11")
+    [ "$(cat "$GUEST_PY" 2>/dev/null)" = "$text" ] && return 0
+    mkdir -p "$(dirname "$GUEST_PY")"
+    printf '%s\n' "$text" >"$GUEST_PY.tmp" && chmod +x "$GUEST_PY.tmp" && mv "$GUEST_PY.tmp" "$GUEST_PY"
+}
+
 # qemu-user 7.2 (Debian bookworm) shows the guest the HOST's /proc/cpuinfo (x86 flags), so the
 # runtime's target check would refuse every arm64 artifact ("needs CPU features ... (asimd)").
 # qemu resolves a guest's absolute paths inside -L first, so $SYSROOT/proc/cpuinfo is what the
@@ -306,7 +343,14 @@ setup() {
     ensure_sysroot
     write_cpuinfo
     ensure_device
-    if [ "${1:-}" = "--onnxruntime" ]; then ensure_onnxruntime; fi
+    local opt
+    for opt in "$@"; do
+        case "$opt" in
+            --onnxruntime) ensure_onnxruntime ;;
+            --rpc) ensure_rpc ;;
+            *) die "setup: unknown option $opt (--onnxruntime, --rpc)" ;;
+        esac
+    done
     say "ready in $((SECONDS - t0)) s: $CACHE (run: scripts/arm64_emulate.sh run -- bidiff ...)"
 }
 
@@ -323,18 +367,30 @@ run() {
     [ $# -ge 1 ] || die "usage: scripts/arm64_emulate.sh run -- bidiff ARGS... | python3 ARGS..."
     local cmd="$1"; shift
     local path="$SITE"
-    [ -n "${ARM64_ONNXRUNTIME:-}" ] && path="$SITE:$DEVICE/site-ort"
+    [ -n "${ARM64_ONNXRUNTIME:-}" ] && path="$path:$DEVICE/site-ort"
+    local argv0=()
+    [ -n "${ARM64_RPC:-}" ] && { path="$path:$RPC_SITE"; argv0=(-0 "$GUEST_PY"); }
     local pre=()
     case "$cmd" in
         bidiff) pre=("$SITE/bin/bidiff") ;;        # the console script: bidiff.runtime.cli:main
         python|python3|python3.11) ;;
         *) die "run: unknown command $cmd (bidiff or python3)" ;;
     esac
-    exec qemu-aarch64 -L "$SYSROOT" \
+    exec qemu-aarch64 "${argv0[@]}" -L "$SYSROOT" \
         -E PYTHONHOME="$SYSROOT/usr" -E PYTHONPATH="$path" \
         -E BIDIFF_TVM_RUNTIME="${BIDIFF_TVM_RUNTIME:-$TVM_RUNTIME}" \
         -E LC_ALL=C.UTF-8 -E PYTHONNOUSERSITE=1 \
         "$SYSROOT/usr/bin/python3.11" "${pre[@]}" "$@"
+}
+
+# `bidiff device-server ARGS` on the emulated device, in the foreground (stop it with SIGTERM, or
+# kill its process group: the server's worker and sessions are emulated processes of that group).
+rpc_server() {
+    check_ready
+    ensure_rpc
+    write_guest_python
+    [ "${1:-}" = "--" ] && shift
+    ARM64_RPC=1 run -- bidiff device-server "$@"
 }
 
 case "${1:-setup}" in
@@ -342,8 +398,9 @@ case "${1:-setup}" in
     run) shift; run "$@" ;;
     pi-venv) pi_venv ;;
     pi-run) shift; pi_run "$@" ;;
+    rpc-server) shift; rpc_server "$@" ;;
     footprint) check_ready; "$PY" "$REPO/scripts/footprint.py" --device "$DEVICE" --sysroot "$SYSROOT" "${@:2}" ;;
     paths) echo "CACHE=$CACHE"; echo "SYSROOT=$SYSROOT"; echo "SITE=$SITE"; echo "TVM_RUNTIME=$TVM_RUNTIME" ;;
-    -h|--help|help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown command $1 (setup, run, footprint, paths, pi-venv, pi-run)" ;;
+    -h|--help|help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command $1 (setup, run, rpc-server, footprint, paths, pi-venv, pi-run)" ;;
 esac

@@ -7,7 +7,9 @@ artifact computes natively for the same seed.
 run downloads ~130 MB of Debian packages and wheels). Deselect with ``-m "not arm64"``.
 Outputs: the ``bidiff upscale`` PNGs (uint8) are compared exactly; the float32 outputs of the
 same sampling through the runtime API must agree within 1e-4 per pixel (observed: bit-identical,
-as are the shipped model's outputs at tile 128).
+as are the shipped model's outputs at tile 128). The same device as an RPC server
+(``scripts/arm64_emulate.sh rpc-server``) behind a tracker on 127.0.0.1: ``bidiff upscale
+--tracker`` writes the emulated local run's PNG, and refuses the x86_64 artifact.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ TILE = 32                    # HR tile: a 16x16 input -> one 32x32 tile
 STEPS = 4                    # DDIM steps (t = 1999, 1499, 999, 499: four different groups)
 SEED = 7
 ARM_TARGETS = ("rpi4", "arm64")      # the README's Pi 4 target and generic armv8-a + NEON
+RPC_KEY = "emulated-arm64"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -97,10 +100,12 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-def _upscale_args(image: Path, out: Path, artifact: Path) -> list[str]:
-    # the README's device command, plus a fixed step count, seed and thread count
+def _upscale_args(image: Path, out: Path, artifact: Path, tracker: str | None = None) -> list[str]:
+    # the README's device command, plus a fixed step count, seed and thread count (the servers'
+    # own with --tracker)
+    where = ["--tracker", tracker, "--key", RPC_KEY] if tracker else ["--threads", "1"]
     return ["upscale", str(image), "-o", str(out), "--artifact", str(artifact),
-            "--steps", str(STEPS), "--seed", str(SEED), "--threads", "1"]
+            "--steps", str(STEPS), "--seed", str(SEED), *where]
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +234,49 @@ def test_missing_qemu_is_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "apt-get install qemu-user" in lines[0], r.stderr
+
+
+@pytest.fixture
+def arm64_server(device, tmp_path):
+    """A tracker on 127.0.0.1 and ``scripts/arm64_emulate.sh rpc-server``, the emulated Pi as the
+    only server of RPC_KEY, each in a process group of its own; teardown kills the groups and
+    fails if any of their processes is left (tests/test_runtime_rpc.py's Cluster)."""
+    from test_runtime_rpc import Cluster, wait_until          # its torch import: only when run
+    _run(["bash", EMU, "setup", "--rpc"], "setup --rpc", 1800)
+    c = Cluster(tmp_path)
+    try:
+        c.add_server("arm64", bidiff=True, key=RPC_KEY, program=["bash", str(EMU), "rpc-server", "--"])
+        proc = c.procs["arm64"]
+        # `import tvm` alone takes ~20 s emulated, and the server's worker imports it again
+        wait_until(lambda: proc.poll() is not None or c.registered(RPC_KEY), 600,
+                   "the emulated arm64 server to register")
+        if proc.poll() is not None:
+            log = (tmp_path / "arm64.log").read_text(errors="replace").strip().splitlines()
+            pytest.fail("the emulated arm64 server exited:\n" + "\n".join(log[-15:]), pytrace=False)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_upscale_through_emulated_arm64_rpc_server(artifacts, image, arm64_server, tmp_path):
+    """issue 20's extra: `bidiff upscale --tracker` on x86 with a real arm64 `bidiff device-server`
+    process (emulated): the target check passes, the PNG equals the emulated local run's byte for
+    byte, and the x86_64 artifact is refused in one line (check_remote_target)."""
+    env = _env(BIDIFF_RPC_TIMEOUT="300")          # one remote operation, emulated on a busy host
+    host = [sys.executable, "-m", "bidiff.runtime.cli"]
+    tracker, server = arm64_server.address, arm64_server.servers["arm64"]
+    r = _run([*host, *_upscale_args(image, tmp_path / "rpc", artifacts["arm64"], tracker)],
+             "bidiff upscale --tracker (arm64 artifact, emulated server)", 600, env=env)
+    assert f"photo.png on {server}" in r.stderr, r.stderr
+    emu("bidiff", *_upscale_args(image, tmp_path / "local", artifacts["arm64"]),
+        what="emulated local bidiff upscale (arm64)")
+    remote, local = (tmp_path / d / "photo_x2.png" for d in ("rpc", "local"))
+    assert remote.read_bytes() == local.read_bytes()
+
+    r = subprocess.run([*host, *_upscale_args(image, tmp_path / "x86", artifacts["x86_64"], tracker)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"bidiff: error: RPC server {server} cannot run artifact target x86_64 (x86_64): the server "
+        "is aarch64; export for that device (bidiff-export --target ...) or use another --key"], r.stderr
+    assert not (tmp_path / "x86").exists() or not any((tmp_path / "x86").iterdir())

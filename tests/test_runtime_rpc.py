@@ -70,9 +70,9 @@ class Cluster:
         wait_until(self._tracker_up, START_S, "the tracker")
         self.servers: dict[str, str] = {}        # name -> HOST:PORT
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], program: list[str] | None = None) -> None:
         log = open(self.log_dir / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+        self.procs[name] = subprocess.Popen([*(program or [sys.executable]), *args], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
 
@@ -90,12 +90,20 @@ class Cluster:
         finally:
             t.close()
 
-    def add_server(self, name: str, *, bidiff: bool, key: str = KEY) -> None:
+    def add_server(self, name: str, *, bidiff: bool, key: str = KEY,
+                   program: list[str] | None = None) -> None:
+        """``bidiff device-server`` (else TVM's rpc_server) of ``key`` on a free port; ``program``
+        takes device-server's arguments in place of this Python's (tests/test_arm64_emulation.py:
+        the emulated arm64 device)."""
         port = free_port()
         common = ["--tracker", self.address, "--key", key, "--host", "127.0.0.1",
                   "--port", str(port), "--port-end", str(port + 1)]
-        self._start(name, ["-m", "bidiff.runtime.cli", "device-server", *common, "--threads", "1"]
-                    if bidiff else ["-m", "tvm.exec.rpc_server", *common])
+        device_server = [*common, "--threads", "1"]
+        if program:
+            self._start(name, device_server, program)
+        else:
+            self._start(name, ["-m", "bidiff.runtime.cli", "device-server", *device_server]
+                        if bidiff else ["-m", "tvm.exec.rpc_server", *common])
         self.servers[name] = f"127.0.0.1:{port}"
 
     def signal(self, name: str, sig: int) -> None:
