@@ -169,12 +169,28 @@ def to_training_image(data: bytes, max_side: int) -> Image.Image:
     return img
 
 
+def merge_sources(*parts: dict[str, bytes]) -> dict[str, bytes]:
+    """One dict of all sources; a name given twice would silently drop a photo, so it is an error."""
+    merged: dict[str, bytes] = {}
+    for part in parts:
+        twice = sorted(set(part) & set(merged))
+        if twice:
+            raise SystemExit(f"two sources give the same image name: {', '.join(twice)}; rename one")
+        merged.update(part)
+    return merged
+
+
+def split_of(name: str) -> str:
+    """The split an output name belongs to (``SPLITS``)."""
+    return "heldout" if name in HELDOUT else "validation" if name in VALIDATION else "train"
+
+
 def prepare(out: Path, *, max_side: int = 1024) -> dict:
     """Write data/train, data/heldout and data/validation PNGs plus a manifest; returns it."""
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    sources = {**skimage_photos(cache), **sklearn_photos(cache), **mate_photos(cache),
-               **opencv_photos(cache), **debian_photos(cache)}
+    sources = merge_sources(skimage_photos(cache), sklearn_photos(cache), mate_photos(cache),
+                            opencv_photos(cache), debian_photos(cache))
     missing = sorted(set(HELDOUT + VALIDATION) - set(sources))
     if missing:
         raise SystemExit(f"held-out images missing from the sources: {', '.join(missing)}")
@@ -184,7 +200,7 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
         for stale in (out / split).glob("*.png"):
             stale.unlink()
     for name, data in sorted(sources.items()):
-        split = "heldout" if name in HELDOUT else "validation" if name in VALIDATION else "train"
+        split = split_of(name)
         img = to_training_image(data, max_side)
         path = out / split / f"{name}.png"
         img.save(path, optimize=False)

@@ -1,0 +1,72 @@
+"""The data split's invariants (scripts/prepare_data.py), checked without downloading anything."""
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
+prep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prep)
+
+# Reserved for independent evaluation: never a training, validation or held-out source.
+RESERVED = ("plasma-workspace-wallpapers", "lomiri-wallpapers", "matplotlib")
+
+
+def _names_by_source() -> dict[str, set[str]]:
+    """Output names per source package, as prepare() would make them."""
+    by = {pkg: set(files) for pkg, files in prep.DEBIAN_PHOTOS.items()}
+    by["scikit-image"] = {f"skimage-{p}" for p in prep.SKIMAGE_PHOTOS}
+    by["scikit-learn"] = {f"sklearn-{p}" for p in prep.SKLEARN_PHOTOS}
+    by[prep.OPENCV_PACKAGE] = {f"opencv-{p}" for p in prep.OPENCV_PHOTOS}
+    return by
+
+
+def test_validation_packages_give_no_training_photo():
+    by = _names_by_source()
+    val_sources = {pkg for pkg, names in by.items() if names & set(prep.VALIDATION)}
+    assert val_sources == {"palapeli-data", "forensics-samples-files"}
+    for pkg in val_sources:
+        assert by[pkg] <= set(prep.VALIDATION), f"{pkg} also gives training photos"
+    assert len(prep.VALIDATION) == 11
+
+
+def test_heldout_is_fixed_and_disjoint():
+    assert len(prep.HELDOUT) == 11
+    assert set(prep.HELDOUT) <= _names_by_source()[prep.OPENCV_PACKAGE]
+    assert not set(prep.HELDOUT) & set(prep.VALIDATION)
+    assert {prep.split_of(n) for n in prep.HELDOUT} == {"heldout"}
+    assert prep.split_of("kpa-snow") == "train"
+
+
+def test_no_reserved_source_is_used():
+    packages = list(prep.DEBIAN_PHOTOS) + [prep.MATE_PACKAGE, prep.OPENCV_PACKAGE]
+    for pkg in packages:
+        assert not any(pkg.startswith(r) for r in RESERVED), pkg
+
+
+def test_every_name_is_unique_across_sources():
+    by = _names_by_source()
+    total = sum(len(v) for v in by.values())
+    assert len(set().union(*by.values())) == total
+
+
+def test_merge_refuses_a_name_given_twice():
+    assert prep.merge_sources({"a": b"1"}, {"b": b"2"}) == {"a": b"1", "b": b"2"}
+    with pytest.raises(SystemExit, match="^two sources give the same image name: a; rename one$"):
+        prep.merge_sources({"a": b"1"}, {"a": b"2"})
+
+
+def _encoded(mode: str, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_training_image_is_rgb_and_capped_at_max_side():
+    big = prep.to_training_image(_encoded("L", (2048, 1000)), 1024)
+    assert big.mode == "RGB" and big.size == (1024, 500)
+    small = prep.to_training_image(_encoded("RGBA", (300, 200)), 1024)
+    assert small.mode == "RGB" and small.size == (300, 200)
