@@ -245,7 +245,8 @@ def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path],
             click.echo(f"{targets[f]}")
 
     pool = Pool(art, parse_address(tracker), key, devices=devices, timeout=rpc_timeout(), log=log)
-    pool.run(files, lambda up, f: up.upscale(f, **upscale_kw), done)
+    pool.run(files, lambda up, f: up.upscale(f, **upscale_kw), done,
+             lambda f, where: log(f"{f.name} starts on {where}"))
 
 
 @cli.command()

@@ -168,9 +168,11 @@ class _Share:
 
 
 class Pool(Generic[Job, Result]):
-    """``run(jobs, work, done)``: ``work(upscaler, job)`` on a server's session, in a worker;
-    ``done(job, result, calls)`` in the calling thread, once per job, with the network calls
-    each server made for it (HOST:PORT -> count, the image's own server first)."""
+    """``run(jobs, work, done, started)``: ``work(upscaler, job)`` on a server's session, in a
+    worker; ``done(job, result, calls)`` in the calling thread, once per job, with the network
+    calls each server made for it (HOST:PORT -> count, the image's own server first);
+    ``started(job, where)`` in the worker, each time a server (HOST:PORT) takes the job, so a
+    run without progress bars still shows what each server holds (a job put back starts again)."""
 
     def __init__(self, artifact: Artifact, tracker: tuple[str, int], key: str, *,
                  devices: int | None, timeout: float,
@@ -186,7 +188,8 @@ class Pool(Generic[Job, Result]):
         self._stopped = False
 
     def run(self, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result],
-            done: Callable[[Job, Result, dict[str, int]], None]) -> None:
+            done: Callable[[Job, Result, dict[str, int]], None],
+            started: Callable[[Job, str], None] = lambda job, where: None) -> None:
         probe = Tracker(self.address, self.timeout)
         try:
             servers = probe.wait_for_servers(self.key, self.timeout)
@@ -196,7 +199,7 @@ class Pool(Generic[Job, Result]):
         self._pending.extend(range(len(jobs)))
         self._workers = [_Worker() for _ in range(n)]
         for w in self._workers:
-            w.thread = threading.Thread(target=self._work, args=(w, jobs, work), daemon=True,
+            w.thread = threading.Thread(target=self._work, args=(w, jobs, work, started), daemon=True,
                                         name="bidiff-rpc-worker")
             w.thread.start()
         left = len(jobs)
@@ -244,7 +247,8 @@ class Pool(Generic[Job, Result]):
                 self._fatal = e
             self._cv.notify_all()
 
-    def _work(self, w: _Worker, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result]) -> None:
+    def _work(self, w: _Worker, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result],
+              started: Callable[[Job, str], None]) -> None:
         try:
             while True:
                 with self._cv:
@@ -269,7 +273,7 @@ class Pool(Generic[Job, Result]):
                     if w.tracker is not None:
                         w.tracker.close()
                         w.tracker = None
-                if self._serve(w, jobs, work):
+                if self._serve(w, jobs, work, started):
                     return
                 self._close(w)
         except _Stopped:
@@ -282,7 +286,8 @@ class Pool(Generic[Job, Result]):
                 w.alive = False
                 self._cv.notify_all()
 
-    def _serve(self, w: _Worker, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result]) -> bool:
+    def _serve(self, w: _Worker, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result],
+               started: Callable[[Job, str], None]) -> bool:
         """Work on ``w``'s session: whole images off the queue, else the tiles of one in
         progress (the one with the fewest helpers). True when nothing is left to do, False when
         the session was lost (the worker asks for another server)."""
@@ -306,6 +311,7 @@ class Pool(Generic[Job, Result]):
                     self.log(f"{e}; its tiles go to the image's other servers")
                     return False
                 continue
+            started(jobs[idx], w.backend.where)
             try:
                 result = work(Upscaler(self.artifact, share), jobs[idx])
             except ServerLost as e:
