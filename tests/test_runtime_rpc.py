@@ -256,10 +256,15 @@ def test_pool_writes_the_local_bytes(cluster: Cluster, artifact: Path, photos: P
                "--tracker", cluster.address, "--key", KEY, "--devices", 2)
     assert r.returncode == 0, r.stderr
     assert_same(out, local)
-    done = [ln for ln in r.stderr.splitlines() if ln.startswith("[")]
+    lines = r.stderr.splitlines()
+    done = [ln for ln in lines if ln.startswith("[")]
     assert len(done) == len(SIZES), r.stderr
-    used = {ln.split(" on ")[1].split()[0] for ln in done}
-    assert len(used) == 2 and used <= set(cluster.servers.values()), r.stderr
+    # --devices 2 caps the sessions: images start on, and tiles are shared by, at most 2 servers
+    # (2 exactly on a slow CPU; on a fast one the first session may finish the folder before the
+    # second is set up, so that is not asserted)
+    used = {ln.split(" starts on ")[1] for ln in lines if " starts on " in ln}
+    used |= {s for ln in done for s in servers_of(ln)}
+    assert 1 <= len(used) <= 2 and used <= set(cluster.servers.values()), r.stderr
 
 
 def test_bench_over_rpc(cluster: Cluster, artifact: Path) -> None:
