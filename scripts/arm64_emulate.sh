@@ -43,7 +43,7 @@ GUEST_PY="$DEVICE/bin/python3.11"
 PY="${PYTHON:-python3}"
 PIP_PLATFORM=(--only-binary=:all: --platform manylinux_2_28_aarch64 --python-version 3.11
               --implementation cp --abi cp311)
-# Python 3.11 and the libraries its stdlib extension modules link against (docs/TVM_NOTES.md);
+# Python 3.11 and the libraries its stdlib extension modules link against (docs/tvm-notes.md);
 # libssl3 for hashlib's OpenSSL backend (the runtime sha256-checks every artifact file).
 DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1
       libexpat1 zlib1g libffi8 libbz2-1.0 liblzma5 libuuid1 libcrypt1 libsqlite3-0 libncursesw6

@@ -80,7 +80,7 @@ def test_scheduled_graph_matches_onnxruntime(model):
     ref = ort.InferenceSession(model.SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # float32 with different summation orders and the fast exp in Swish (max rel err ~4e-6,
-    # docs/TVM_NOTES.md); outputs are O(1)
+    # docs/tvm-notes.md); outputs are O(1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 

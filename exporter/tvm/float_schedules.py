@@ -1,7 +1,7 @@
 """Schedules for the float ops of a legalized Relax module, applied as one module pass.
 
 TVM's default Relax CPU pipeline lowers float ops to plain unscheduled loops (a 3x3 conv runs
-~100x slower than onnxruntime; docs/TVM_NOTES.md). :class:`ScheduleFloatOps` runs after LegalizeOps /
+~100x slower than onnxruntime; docs/tvm-notes.md). :class:`ScheduleFloatOps` runs after LegalizeOps /
 FuseOps / FuseTIR and schedules every PrimFunc that is not already scheduled (our binary-conv
 kernels are), picking a rule by block names and block kinds:
 

@@ -2,7 +2,7 @@
 
 TVM's ONNX frontend has no hook for custom ops and ignores ``model.functions``; it looks every
 node up by op_type in the module-level ``_get_convert_map()`` of
-``tvm.relax.frontend.onnx.onnx_frontend`` (see docs/TVM_NOTES.md). :func:`install` wraps that function
+``tvm.relax.frontend.onnx.onnx_frontend`` (see docs/tvm-notes.md). :func:`install` wraps that function
 once so that the map also holds :class:`BinaryConv2d`, whose converter adds the scheduled
 PrimFunc for the layer's static shape (``bb.add_func``) and returns ``relax.call_tir``.
 

@@ -19,6 +19,6 @@ def tvm_target(spec: TargetSpec) -> Target:
 
 
 def host_target() -> Target:
-    """This machine's CPU (x86_64 only; the triple is set explicitly, see docs/TVM_NOTES.md)."""
+    """This machine's CPU (x86_64 only; the triple is set explicitly, see docs/tvm-notes.md)."""
     return Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
                    "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
