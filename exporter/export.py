@@ -151,6 +151,9 @@ def _load(checkpoint, config):
     except Exception as e:  # a damaged file: torch/safetensors raise assorted types
         msg = " ".join(str(e).split())[:200]
         raise ExportError(f"cannot read checkpoint {path} ({type(e).__name__}: {msg})") from None
+    if not cfg.network.get("binary", True):
+        raise ExportError(f"{path} holds {cfg.name!r}, a full-precision training twin (a distillation "
+                          "teacher): export a binary model, e.g. one trained with --teacher from it")
     return model, cfg, path
 
 

@@ -105,6 +105,14 @@ def bidiff_s2_x2() -> ModelConfig:
 
 
 @register_config
+def bidiff_s2_x2_fp() -> ModelConfig:
+    return ModelConfig("bidiff-s2-x2-fp", {**bidiff_s2_x2().network, "binary": False}, 2,
+                       bidiff_s2_x2().formulation,
+                       "full-precision twin of bidiff-s2-x2: a distillation teacher for training, "
+                       "not exportable")
+
+
+@register_config
 def tiny_binary() -> ModelConfig:
     return ModelConfig("tiny-binary", _net(inner_channel=16, norm_groups=4, channel_mults=[1, 2],
                                            res_blocks=1, dropout=0.0, image_size=32, fp_res=[]),

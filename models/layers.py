@@ -10,6 +10,8 @@ Two arithmetics live side by side:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,8 +66,11 @@ class BinaryActivation(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.deploy = False
+        self.real = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.real:
+            return x
         if self.deploy:
             return deploy_sign(x)
         return _SignBiReal.apply(x)
@@ -86,12 +91,15 @@ class HardBinaryConv(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
         self.weight = nn.Parameter(torch.rand(out_chn, in_chn, kernel_size, kernel_size) * 0.001)
         self.deploy = False
+        self.real = False
 
     def scaling_factor(self) -> torch.Tensor:
         w = self.weight.abs()
         return w.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True).detach()
 
     def effective_weight(self) -> torch.Tensor:
+        if self.real:
+            return self.weight
         alpha = self.scaling_factor()
         if self.deploy:
             return alpha * deploy_sign(self.weight.detach())
@@ -132,6 +140,21 @@ class BIConv(nn.Module):
     def forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
         h = self.binary_conv(self.binary_act(self.TaR[group](x)))
         return self.TaA[group](h) + x
+
+
+def make_full_precision(model: nn.Module) -> nn.Module:
+    """Turn every binary module into its full-precision twin: identity instead of sign, the
+    latent weight used as it is (re-initialised as ``nn.Conv2d`` would, since the binary init of
+    a few thousandths only sets signs). Same parameters and names, so the twin trains with the
+    same code and its weights map one to one onto the binary network's; it is a distillation
+    teacher (docs/TRAINING.md), never exported."""
+    for m in model.modules():
+        if isinstance(m, BinaryActivation):
+            m.real = True
+        elif isinstance(m, HardBinaryConv):
+            m.real = True
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+    return model
 
 
 def set_deploy(model: nn.Module, deploy: bool = True) -> nn.Module:

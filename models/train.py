@@ -69,6 +69,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_minutes: float = 15.0
+    teacher: str = ""
+    distil_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -78,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"unknown degradation {self.degradation!r}; valid: {', '.join(DEGRADATIONS)}")
         if not 0 <= self.t_min < NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"t_min {self.t_min} is outside 0..{NUM_TRAIN_TIMESTEPS - 1}")
+        if self.distil_weight < 0:
+            raise ValueError(f"distil_weight {self.distil_weight} is negative")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -110,7 +114,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: int,
                    noise: torch.Tensor, model_config: ModelConfig,
                    abar: torch.Tensor, *, lr: torch.Tensor | None = None,
-                   back_projection: int = 0) -> torch.Tensor:
+                   back_projection: int = 0, teacher: nn.Module | None = None,
+                   distil_weight: float = 1.0) -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch.
 
@@ -118,6 +123,10 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     that many rounds, as the runtime does after sampling, and the L1 is taken on the image
     (times the residual scale, so its size matches the x0 loss): the network is then trained
     only on the error back-projection leaves (``models.projection``).
+
+    ``teacher`` (same formulation; e.g. the full-precision twin): output distillation. The
+    teacher sees the same x_t, and ``distil_weight`` times the L1 between the student's and
+    the teacher's output (after the same back-projection) is added.
     """
     form = model_config.formulation
     x0 = form.target(hr, cond)
@@ -125,14 +134,26 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
     out = model(x_t, cond, t_batch)
+    guide = None
+    if teacher is not None:
+        with torch.no_grad():
+            guide = teacher(x_t, cond, t_batch)
     if back_projection:
         if form.prediction != "sample" or lr is None:
             raise ValueError("a back-projected loss needs an x0-predicting model and the LR batch")
-        image = back_project(form.to_image(out, cond), lr, model_config.scale, back_projection)
+
+        def to_image(pred: torch.Tensor) -> torch.Tensor:
+            return back_project(form.to_image(pred, cond), lr, model_config.scale, back_projection)
+
         weight = form.residual_scale if form.type == "residual" else 1.0
-        return (image - hr).abs().mean() * weight
-    want = x0 if form.prediction == "sample" else noise
-    return (out - want).abs().mean()
+        out, want, guide = to_image(out), hr, None if guide is None else to_image(guide)
+    else:
+        weight = 1.0
+        want = x0 if form.prediction == "sample" else noise
+    loss = (out - want).abs().mean()
+    if guide is not None:
+        loss = loss + distil_weight * (out - guide).abs().mean()
+    return loss * weight
 
 
 def hardware_description(device: torch.device) -> str:
@@ -228,6 +249,15 @@ def _init_from(run: _Run, path: Path) -> None:
     run.noise_gen.manual_seed(run.config.seed * 1_000_003 + run.step)
 
 
+def _load_teacher(path: str, student: ModelConfig, device: torch.device) -> nn.Module:
+    """The frozen distillation teacher; it must predict what the student predicts."""
+    teacher, cfg = load_checkpoint(path)
+    if (cfg.formulation, cfg.scale) != (student.formulation, student.scale):
+        raise SystemExit(f"teacher {path} ({cfg.name}) predicts another target than {student.name}: "
+                         "choose a teacher with the same formulation and scale")
+    return teacher.to(device).requires_grad_(False)
+
+
 def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
     _atomic_save(_state(run), run_dir / STATE_FILE)
     meta = {**run.sampler, "steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
@@ -273,6 +303,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     if images is None:
         images = load_images(cfg.data)
+    teacher = _load_teacher(cfg.teacher, run.model_config, dev) if cfg.teacher else None
     abar = torch.from_numpy(alphas_cumprod().copy()).to(dev)
     hardware = hardware_description(dev)
     last = min(cfg.steps, until if until is not None else cfg.steps)
@@ -302,7 +333,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
             loss = diffusion_loss(run.model, torch.from_numpy(batch.hr).to(dev),
                                   torch.from_numpy(batch.cond).to(dev), t, noise,
                                   run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
-                                  back_projection=cfg.loss_back_projection)
+                                  back_projection=cfg.loss_back_projection, teacher=teacher,
+                                  distil_weight=cfg.distil_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

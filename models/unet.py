@@ -9,6 +9,7 @@ from bidiff.runtime.schedule import timestep_group
 from .blocks import (CP_Down, CP_Up, CS_Fusion, CS_Fusion_FP, Block_F, BI_ResnetBlocWithAttn,
                      PositionalEncoding, ResnetBlocWithAttn, Swish)
 from .graph import GraphBuilder
+from .layers import make_full_precision
 
 
 class BIDiffSRUNet(nn.Module):
@@ -17,13 +18,14 @@ class BIDiffSRUNet(nn.Module):
     Levels i = 0..L-1 have width inner_channel * channel_mults[i] (each mult twice the last:
     CP-Down doubles channels). A decoder level whose nominal resolution (image_size halved per
     level; a config property, not the input size) is in ``fp_res`` is full precision.
+    ``binary=False`` builds the full-precision twin (``layers.make_full_precision``).
     """
 
     def __init__(self, in_channel: int = 6, out_channel: int = 3, inner_channel: int = 64,
                  norm_groups: int = 16, channel_mults: tuple[int, ...] = (1, 2, 4, 8),
                  attn_res: tuple[int, ...] = (), res_blocks: int = 2, dropout: float = 0.2,
                  image_size: int = 256, fp_res: tuple[int, ...] = (256, 128),
-                 total_step: int = 2000, dynamic_group: int = 5) -> None:
+                 total_step: int = 2000, dynamic_group: int = 5, binary: bool = True) -> None:
         super().__init__()
         mults = list(channel_mults)
         for a, b in zip(mults, mults[1:]):
@@ -72,6 +74,9 @@ class BIDiffSRUNet(nn.Module):
                 res *= 2
         self.ups = nn.ModuleList(ups)
         self.final_conv = Block_F(pre, out_channel, norm_groups)
+        self.binary = binary
+        if not binary:
+            make_full_precision(self)
 
     def check_inputs(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> int:
         """Validate shapes and timesteps; returns the expert group of t[0]."""

@@ -30,6 +30,8 @@ _FLAGS = {  # TrainConfig field -> help
     "seed": "seed of init, data and noise",
     "log_every": "steps per log line",
     "checkpoint_minutes": "minutes between checkpoints and EMA snapshots",
+    "teacher": "distil from this checkpoint's outputs (e.g. a bidiff-s2-x2-fp run), as well as the HR",
+    "distil_weight": "weight of the L1 to the teacher's output (with --teacher)",
 }
 
 
