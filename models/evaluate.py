@@ -28,7 +28,7 @@ from bidiff.models.layers import HardBinaryConv
 from bidiff.models.metrics import psnr_y, ssim_y
 from bidiff.models.sampler import sample
 from bidiff.runtime.consistency import back_project
-from bidiff.runtime.schedule import check_time_shifts, time_shift_for
+from bidiff.runtime.schedule import check_time_shifts, check_timestep_spacing, time_shift_for
 
 BICUBIC = "bicubic"
 
@@ -184,15 +184,18 @@ def comparison_picture(outputs: dict[str, np.ndarray], names: Sequence[str], sr_
 
 def checkpoint_samplers(meta: dict[str, str], source: str, steps: Sequence[int], *,
                         time_shift: int | None = None, back_projection: int | None = None,
+                        timestep_spacing: str | None = None,
                         paper: bool = False) -> list[SamplerSetting]:
     """The rows to score: the checkpoint's own sampler (its spacing, the shift measured for each
-    step count, its back-projection; ``time_shift`` / ``back_projection`` override) at each of
+    step count, its back-projection; ``time_shift`` / ``back_projection`` /
+    ``timestep_spacing`` override) at each of
     ``steps``, and with ``paper`` the paper's sampler (50 leading DDIM steps, no time shift)
     with the same back-projection."""
     tuned = checkpoint_sampler(meta, source)
     table = check_time_shifts(tuned["time_shifts"])
     bp = tuned["back_projection"] if back_projection is None else back_projection
-    rows = [SamplerSetting(f"{n} steps", n, tuned["timestep_spacing"],
+    spacing = tuned["timestep_spacing"] if timestep_spacing is None else check_timestep_spacing(timestep_spacing)
+    rows = [SamplerSetting(f"{n} steps", n, spacing,
                            time_shift_for(n, table, tuned["time_shift"]) if time_shift is None else time_shift,
                            bp) for n in steps]
     if paper:
@@ -204,11 +207,12 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
              steps: Sequence[int] | None = None, seed: int = 0, max_side: int | None = None,
              limit: int | None = None, picture_crop: int = 128,
              time_shift: int | None = None, back_projection: int | None = None,
+             timestep_spacing: str | None = None,
              degradations: Sequence[str] = (BICUBIC,), paper: bool = False,
              runner: Runner | None = None, runner_name: str = "") -> EvalResult:
     """Evaluate a checkpoint (None: the shipped one) on a folder; write results.md/.json and
     comparison.png (first degradation) into ``out_dir``. ``steps``: None = the checkpoint's
-    ``default_steps`` and twice that. ``time_shift``, ``back_projection``: None = the
+    ``default_steps`` and twice that. ``time_shift``, ``back_projection``, ``timestep_spacing``: None = the
     checkpoint's (``checkpoint_sampler``; the shift for each step count as
     ``Manifest.time_shift_for`` picks it), as an artifact exported from it would sample.
     ``paper``: also score the paper's 50-step sampler. ``runner``: see ``evaluate``;
@@ -224,7 +228,8 @@ def run_eval(checkpoint: str | Path | None, folder: str | Path, out_dir: str | P
         default = int(meta.get("default_steps", 50))
         steps = (default, 2 * default)
     samplers = checkpoint_samplers(meta, path.name, steps, time_shift=time_shift,
-                                   back_projection=back_projection, paper=paper)
+                                   back_projection=back_projection,
+                                   timestep_spacing=timestep_spacing, paper=paper)
     t0 = time.monotonic()
     result, outputs = evaluate(model, config, images, samplers, degradations=degradations,
                                seed=seed, max_side=max_side, runner=runner)

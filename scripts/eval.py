@@ -25,6 +25,7 @@ from bidiff.models.data import EVAL_DEGRADATIONS
 from bidiff.models.evaluate import EvalResult, markdown_table, run_eval
 from bidiff.runtime.artifact import sha256_file
 from bidiff.runtime.sampler import sample
+from bidiff.runtime.schedule import TIMESTEP_SPACINGS
 
 
 def _eval_artifact(args: argparse.Namespace, artifact: Path, kw: dict) -> EvalResult:
@@ -66,6 +67,9 @@ def main() -> None:
                         help="sampler time shift (default: the checkpoint's metadata, else 0)")
     parser.add_argument("--back-projection", type=int, default=None,
                         help="LR-consistency rounds (default: the checkpoint's metadata, else 0)")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="DDIM step spacing (default: the checkpoint's metadata, else leading; "
+                             "a run trained from scratch carries none)")
     parser.add_argument("--runtime", metavar="TARGET", default=None,
                         help="sample through the device runtime on an artifact exported for "
                              "TARGET (onnx, x86_64, ...) instead of the PyTorch sampler")
@@ -83,7 +87,8 @@ def main() -> None:
         raise SystemExit(f"--steps must be positive, got {args.steps}")
     kw = dict(steps=args.steps, seed=args.seed, max_side=args.max_side, limit=args.limit,
               picture_crop=args.picture_crop, time_shift=args.time_shift,
-              back_projection=args.back_projection, degradations=args.degradations, paper=args.paper)
+              back_projection=args.back_projection, timestep_spacing=args.timestep_spacing,
+              degradations=args.degradations, paper=args.paper)
     if args.artifact is not None:
         result = _eval_artifact(args, args.artifact, kw)
     elif args.runtime is not None:

@@ -65,7 +65,7 @@ def test_center_crop():
 
 def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
     """run_eval uses the checkpoint's tuned time_shift and back_projection unless told
-    otherwise, and records them."""
+    otherwise (and the spacing when told), and records them."""
     torch.manual_seed(0)
     model = create_model(TINY)
     plain, tuned = tmp_path / "plain.safetensors", tmp_path / "tuned.safetensors"
@@ -76,11 +76,16 @@ def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
     b = run_eval(tuned, photos, tmp_path / "b", **kw)
     c = run_eval(tuned, photos, tmp_path / "c", time_shift=0, back_projection=0, **kw)
     d = run_eval(plain, photos, tmp_path / "d", back_projection=3, **kw)
-    info = [r.info["samplers"] for r in (a, b, c, d)]
+    e = run_eval(plain, photos, tmp_path / "e", timestep_spacing="trailing", **kw)
+    info = [r.info["samplers"] for r in (a, b, c, d, e)]
     assert info == ["3 steps: leading, shift 0, back-projection x0",
                     "3 steps: leading, shift 700, back-projection x3",
                     "3 steps: leading, shift 0, back-projection x0",
-                    "3 steps: leading, shift 0, back-projection x3"]
+                    "3 steps: leading, shift 0, back-projection x3",
+                    "3 steps: trailing, shift 0, back-projection x0"]
+    assert e.scores["bicubic"]["3 steps"] != a.scores["bicubic"]["3 steps"]
+    with pytest.raises(ValueError, match="timestep_spacing must be one of leading, trailing, got 'middle'"):
+        run_eval(plain, photos, tmp_path / "f", timestep_spacing="middle", **kw)
     a, b, c, d = (r.scores["bicubic"] for r in (a, b, c, d))
     assert a == c and a["3 steps"] != b["3 steps"]
     assert a["bicubic"] == d["bicubic"] and a["3 steps"] != d["3 steps"]
