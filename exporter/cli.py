@@ -1,6 +1,6 @@
 """``bidiff-export``: checkpoint -> artifact (portable ONNX graphs, later a native library).
 
-    bidiff-export [CHECKPOINT] --out PATH [--target onnx] [--config NAME] [--tile 128] [--force]
+    bidiff-export [CHECKPOINT] --out PATH [--target onnx] [--config NAME] [--tile N] [--force]
 
 CHECKPOINT defaults to the shipped model. Bad input (unknown config or target, a checkpoint
 that does not fit its config, an existing output without --force, an unwritable output, a tile
@@ -53,14 +53,15 @@ def summary(r: ExportResult) -> str:
               help=f"Export target: {', '.join(TARGETS)}.")
 @click.option("--config", "-c", default=None,
               help="Model config name (needed for official .pth checkpoints; default: the checkpoint's own).")
-@click.option("--tile", default=DEFAULT_TILE, show_default=True, type=int,
-              help="HR tile size the graphs are fixed to (a multiple of 8).")
+@click.option("--tile", default=None, type=int,
+              help="HR tile size the graphs are fixed to (a multiple of 8). Default: the patch the "
+                   f"checkpoint was trained at (64 for the shipped model), else {DEFAULT_TILE}.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--float-onnx", type=click.Path(), default=None,
               help="Also keep the plain float ONNX export (for benchmarks) in this directory.")
 @click.option("--steps", default=None, type=int,
               help=f"DDIM steps the artifact runs when the caller gives none, {STEPS.span}. Default: "
-                   "the checkpoint's recommendation (50 for the shipped model), else 50.")
+                   "the checkpoint's recommendation (1 for the shipped model), else 50.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def cli(checkpoint, out, target, config, tile, force, float_onnx, steps, progress) -> None:
     """Export a BI-DiffSR checkpoint (default: the shipped model) to a bidiff artifact."""

@@ -176,6 +176,21 @@ def _recommended_steps(ckpt_path: Path) -> int:
                         f"{ckpt_path.name}: metadata default_steps")
 
 
+def _recommended_tile(ckpt_path: Path) -> int:
+    """The checkpoint's ``tile`` metadata (the HR patch it was trained at: its GroupNorms saw
+    statistics of that size, and tiles of it score best, docs/TRAINING.md), else DEFAULT_TILE."""
+    if ckpt_path.suffix != ".safetensors":
+        return DEFAULT_TILE
+    from bidiff.models.checkpoint import read_metadata
+    value = read_metadata(ckpt_path).get("tile")
+    if value is None:
+        return DEFAULT_TILE
+    try:
+        return check_tile(int(value) if value.isdigit() else value)
+    except ExportError as e:
+        raise ExportError(f"{ckpt_path.name}: metadata {e}") from None
+
+
 def _tuned_sampler(ckpt_path: Path) -> dict:
     """The checkpoint's sampler settings (``models.checkpoint.SAMPLER_METADATA`` of bidiff
     safetensors; the paper's sampler otherwise), which the manifest carries to the device."""
@@ -254,14 +269,17 @@ class Unrolled:
     config: Any                       # bidiff.models.ModelConfig
     checkpoint_sha256: str
     default_steps: int
+    tile: int                         # the HR tile the graphs are fixed to
     sampler: dict[str, Any]           # the checkpoint's tuned sampler (manifest fields)
     metadata: dict[str, str]          # every graph's metadata_props
 
 
-def unroll_stage(checkpoint: str | os.PathLike | None, config: str | None, *, tile: int,
+def unroll_stage(checkpoint: str | os.PathLike | None, config: str | None, *, tile: int | None,
                  steps: int | None) -> Unrolled:
-    """Load the checkpoint, switch it to deploy mode and check that the tile fits it."""
+    """Load the checkpoint, switch it to deploy mode and check that the tile (None: the
+    checkpoint's) fits it."""
     model, cfg, ckpt_path = _load(checkpoint, config)
+    tile = _recommended_tile(ckpt_path) if tile is None else tile
     from bidiff.models import set_deploy
     set_deploy(model, True)
     check_tile(tile, multiple=max(_MIN_TILE_MULTIPLE, model.input_multiple))
@@ -271,14 +289,14 @@ def unroll_stage(checkpoint: str | os.PathLike | None, config: str | None, *, ti
     sampler = _tuned_sampler(ckpt_path)
     return Unrolled(model=model, config=cfg, checkpoint_sha256=ckpt_sha,
                     default_steps=steps if steps is not None else _recommended_steps(ckpt_path),
-                    sampler=sampler, metadata=_graph_metadata(cfg, ckpt_sha, sampler))
+                    tile=tile, sampler=sampler, metadata=_graph_metadata(cfg, ckpt_sha, sampler))
 
 
-def graphs_stage(u: Unrolled, staging: Path, *, tile: int,
+def graphs_stage(u: Unrolled, staging: Path, *,
                  progress: Callable[[str], None]) -> tuple[dict[int, Path], Manifest]:
     """One binary ONNX graph per group under ``staging/onnx`` and the portable manifest."""
     from .onnx_export import write_onnx_graphs
-    paths = write_onnx_graphs(u.model, staging / ONNX_DIR, tile=tile, binary=True,
+    paths = write_onnx_graphs(u.model, staging / ONNX_DIR, tile=u.tile, binary=True,
                               metadata=u.metadata, progress=progress)
     cfg = u.config
     manifest = Manifest(
@@ -286,7 +304,7 @@ def graphs_stage(u: Unrolled, staging: Path, *, tile: int,
                         formulation=cfg.formulation.to_dict(), checkpoint_sha256=u.checkpoint_sha256),
         groups=[GroupInfo(index=k, t_min=lo, t_max=hi, onnx=f"{ONNX_DIR}/{paths[k].name}")
                 for k, lo, hi in group_table(u.model)],
-        tile=int(tile), input_multiple=int(u.model.input_multiple), default_steps=u.default_steps,
+        tile=int(u.tile), input_multiple=int(u.model.input_multiple), default_steps=u.default_steps,
         **u.sampler, versions=_versions())
     return paths, manifest
 
@@ -305,13 +323,13 @@ def compile_stage(tvm_build, spec: TargetSpec, paths: dict[int, Path], staging: 
         backends=["tvm", "onnxruntime"], versions={**manifest.versions, **_tvm_versions()})
 
 
-def float_stage(u: Unrolled, scratch: Path, *, tile: int,
+def float_stage(u: Unrolled, scratch: Path, *,
                 keep: str | os.PathLike | None) -> tuple[int, Path | None]:
     """Bytes of the plain float ONNX of the same network (built in a temp dir under ``scratch``)
     and where it was kept (``keep``; None: deleted)."""
     tmp = Path(tempfile.mkdtemp(prefix=".float-onnx-", dir=scratch))
     try:
-        export_float_onnx(u.model, tmp, tile=tile, metadata=u.metadata)
+        export_float_onnx(u.model, tmp, tile=u.tile, metadata=u.metadata)
         size = sum(p.stat().st_size for p in tmp.iterdir())
         if keep is None:
             return size, None
@@ -340,7 +358,7 @@ def write_stage(writer: ArtifactWriter, manifest: Manifest) -> tuple[Path, dict[
 
 
 def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str | None = None,
-                    target: str = "onnx", out: str | os.PathLike, tile: int = DEFAULT_TILE,
+                    target: str = "onnx", out: str | os.PathLike, tile: int | None = None,
                     force: bool = False, progress: bool = True,
                     float_onnx: str | os.PathLike | None = None,
                     measure_float: bool = True, steps: int | None = None) -> ExportResult:
@@ -352,8 +370,9 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
       checkpoint's own.
     - ``target``: ``onnx`` (portable graphs only, the default) or a native target name from
       ``bidiff.exporter.targets`` (needs ``bidiff.exporter.tvm.build``).
-    - ``tile``: the HR tile S the graphs are fixed to (default 128: a multiple of 8 that keeps
-      one network call small; the runtime tiles larger images with overlap).
+    - ``tile``: the HR tile S the graphs are fixed to (a multiple of 8; the runtime tiles larger
+      images with overlap); default None = the checkpoint's ``tile`` metadata (the patch it was
+      trained at), else 128.
     - ``force``: replace an existing ``out`` (atomically, once the new artifact is complete).
     - ``progress``: show a tqdm bar on stderr.
     - ``float_onnx``: also keep the plain float ONNX export (same graphs, standard Conv with
@@ -365,7 +384,8 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
     spec = get_target(target) if isinstance(target, str) else None
     if spec is None:
         raise ExportError(f"target must be a name, got {target!r}")
-    check_tile(tile)
+    if tile is not None:
+        check_tile(tile)
     if steps is not None:
         _check_steps(steps, "steps")
     if isinstance(config, str):
@@ -393,7 +413,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
                 bar.set_postfix_str(msg)
                 bar.update(1)
 
-            paths, manifest = graphs_stage(u, writer.staging, tile=tile, progress=step)
+            paths, manifest = graphs_stage(u, writer.staging, progress=step)
             if tvm_build is not None:
                 bar.set_postfix_str(f"compiling for {spec.name}")
                 manifest = compile_stage(tvm_build, spec, paths, writer.staging, manifest)
@@ -401,7 +421,7 @@ def export_artifact(checkpoint: str | os.PathLike | None = None, *, config: str 
             float_bytes, float_path = None, None
             if with_float:
                 bar.set_postfix_str("float ONNX for comparison")
-                float_bytes, float_path = float_stage(u, writer.staging.parent, tile=tile, keep=float_onnx)
+                float_bytes, float_path = float_stage(u, writer.staging.parent, keep=float_onnx)
                 bar.update(1)
             bar.set_postfix_str("writing artifact")
             packed = _packed_weight_bytes(writer.staging / ONNX_DIR)

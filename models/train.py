@@ -261,6 +261,7 @@ def _load_teacher(path: str, student: ModelConfig, device: torch.device) -> nn.M
 def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
     _atomic_save(_state(run), run_dir / STATE_FILE)
     meta = {**run.sampler, "steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
+            "tile": str(run.config.patch),
             "hardware": hardware, "train_config": json.dumps(asdict(run.config))}
     _export(run_dir / "latest_ema.safetensors", run.ema, run.model_config, {**meta, "weights": "ema"})
     _export(run_dir / "latest_raw.safetensors", run.model, run.model_config, {**meta, "weights": "raw"})

@@ -119,6 +119,15 @@ def test_sampler_settings_come_from_the_checkpoint(tmp_path) -> None:
         assert np.array_equal(d.upscale(lr, steps=2), d.upscale(lr, steps=2, time_shift=900))
         assert not np.array_equal(d.upscale(lr, steps=2), d.upscale(lr, steps=2, time_shift=0))
         assert np.array_equal(d.upscale(lr), base)
+    trained_at = tmp_path / "trained_at_8.safetensors"                # the tile: its metadata
+    save_checkpoint(trained_at, model, get_config("tiny-binary"), extra_metadata={"tile": "8"})
+    assert export_artifact(trained_at, out=tmp_path / "t8", **{**kw, "tile": None}).manifest.tile == 8
+    assert export_artifact(plain, out=tmp_path / "t128", **{**kw, "tile": None}).manifest.tile == 128
+    assert export_artifact(trained_at, out=tmp_path / "t16", **kw).manifest.tile == 16
+    bad_tile = tmp_path / "bad_tile.safetensors"
+    save_checkpoint(bad_tile, model, get_config("tiny-binary"), extra_metadata={"tile": "12"})
+    with pytest.raises(ValueError, match=r"^bad_tile.safetensors: metadata tile 12 must be a positive multiple of 8"):
+        export_artifact(bad_tile, out=tmp_path / "bad-art", **{**kw, "tile": None})
     for ckpt, message in [(bad_shift, "time_shift must be an integer in 0\\.\\.1999, got 2000"),
                           (bad_bp, "back_projection must be an integer in 0\\.\\.16, got 'x'")]:
         with pytest.raises(ValueError, match=rf"^{ckpt.name}: metadata {message}$"):

@@ -114,6 +114,7 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
     meta = read_metadata(tmp_path / "c" / "latest_ema.safetensors")      # its sampler carries on
     assert (meta["steps"], meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) \
         == ("5", "2", "trailing", "1")
+    assert meta["tile"] == "16"                   # the patch it trained at: the export's tile
     with pytest.raises(SystemExit, match="holds 'tiny-binary', not 'bidiff-s-x2'"):
         train(_cfg(model="bidiff-s-x2"), tmp_path / "d", images=images, progress=False,
               init=tmp_path / "a" / "latest_raw.safetensors")
