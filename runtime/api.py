@@ -23,7 +23,8 @@ from .artifact import Artifact, ArtifactError, default_cache_dir, host_info, rea
 from .backends import BACKENDS, Backend, BackendError, create_backend
 from .bounds import STEPS
 from .formulation import Formulation
-from .sampler import Progress, sample
+from .ensemble import check_ensemble, sample_ensemble
+from .sampler import Progress
 
 MAX_STEPS = STEPS.hi
 check_steps = STEPS.check
@@ -52,7 +53,8 @@ class Upscaler:
 
     def upscale(self, image: Any, *, steps: int | None = None, seed: int = 0,
                 progress: Progress | None = None, overlap: int | None = None,
-                time_shift: int | None = None, back_projection: int | None = None) -> Any:
+                time_shift: int | None = None, back_projection: int | None = None,
+                ensemble: int = 1) -> Any:
         """Super-resolve ``image`` by the artifact's scale.
 
         image: a PIL image, a path, or an H x W (x 3 | x 4) uint8 / uint16 / float numpy array.
@@ -66,12 +68,15 @@ class Upscaler:
         None = the artifact's for this step count (``Manifest.time_shift_for``).
         back_projection: rounds of LR-consistency correction of the result
         (``consistency.back_project``); None = the artifact's, 0 = none.
+        ensemble: average over 1, 2, 4 or 8 flips / rotations of the input (``ensemble``), at
+        that many times the network calls.
         """
         steps = check_steps(self.manifest.default_steps if steps is None else steps)
+        ensemble = check_ensemble(ensemble)
         inp = images.load_input(image)
         with self._lock:
-            rgb = sample(self.backend, inp.rgb, scale=self.scale, formulation=self.formulation,
-                         steps=steps, seed=int(seed), overlap=overlap,
+            rgb = sample_ensemble(self.backend, inp.rgb, scale=self.scale, ensemble=ensemble,
+                         formulation=self.formulation, steps=steps, seed=int(seed), overlap=overlap,
                          time_shift=(self.manifest.time_shift_for(steps) if time_shift is None
                                      else time_shift),
                          back_projection=(self.manifest.back_projection if back_projection is None

@@ -27,6 +27,7 @@ from .artifact import Artifact, ArtifactError, file_status, read_artifact, targe
 from .backends import BACKENDS, BackendError
 from .bounds import STEPS, THREADS
 from .consistency import BACK_PROJECTION
+from .ensemble import ENSEMBLES
 from .schedule import TIME_SHIFT
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -107,6 +108,10 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--back-projection", type=BACK_PROJECTION.click_type(), default=None,
               help="Rounds of correction that make the result downscale back to the input "
                    "(0 = off). Default: the artifact's (measured with the model).")
+@click.option("--ensemble", type=click.Choice([str(n) for n in ENSEMBLES]), default="1",
+              show_default=True,
+              help="Average the results for this many flips / rotations of the input (that many "
+                   "times the network calls; see docs/TRAINING.md for what it gains).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=THREADS.click_type(), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")
@@ -126,8 +131,8 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="With --tracker: servers to use at once. Default: all registered under --key.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
-            time_shift: int | None, back_projection: int | None, seed: int, threads: int | None,
-            backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool,
+            time_shift: int | None, back_projection: int | None, ensemble: str, seed: int,
+            threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool,
             tracker: str | None, key: str | None, devices: int | None) -> None:
     """Upscale images (files or folders of images) into OUTPUT."""
     from .api import load            # keeps `bidiff info` / `--help` from loading the sampler
@@ -172,7 +177,7 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
         targets[f] = dst
 
     # 2. Upscale, one image at a time, each written atomically.
-    sampler = {"time_shift": time_shift, "back_projection": back_projection}
+    sampler = {"time_shift": time_shift, "back_projection": back_projection, "ensemble": int(ensemble)}
     if tracker:        # the folder is made with the first result: a failed run leaves nothing
         _upscale_remote(art, files, targets, out_dir, tracker, key, devices, quiet=quiet,
                         steps=steps, seed=seed, overlap=overlap, **sampler)

@@ -24,7 +24,7 @@ from bidiff.models import SHIPPED_CHECKPOINT
 from bidiff.models.data import EVAL_DEGRADATIONS
 from bidiff.models.evaluate import EvalResult, markdown_table, run_eval
 from bidiff.runtime.artifact import sha256_file
-from bidiff.runtime.sampler import sample
+from bidiff.runtime.ensemble import ENSEMBLES, sample_ensemble
 from bidiff.runtime.schedule import TIMESTEP_SPACINGS
 
 
@@ -35,11 +35,12 @@ def _eval_artifact(args: argparse.Namespace, artifact: Path, kw: dict) -> EvalRe
         sha = up.manifest.model.checkpoint_sha256
         if sha and sha != sha256_file(checkpoint):
             raise SystemExit(f"{artifact} was not exported from {checkpoint}: pass its checkpoint with -c")
-        runner = partial(sample, up.backend, scale=up.scale, formulation=up.formulation,
-                         overlap=args.overlap)
+        runner = partial(sample_ensemble, up.backend, scale=up.scale, formulation=up.formulation,
+                         overlap=args.overlap, ensemble=args.ensemble)
         return run_eval(args.checkpoint, args.input, args.output, runner=runner,
                         runner_name=f"bidiff runtime, {up.backend_name}, tiles of "
-                                    f"{up.manifest.tile}, overlap {args.overlap or 'default'}", **kw)
+                                    f"{up.manifest.tile}, overlap {args.overlap or 'default'}, "
+                                    f"ensemble of {args.ensemble}", **kw)
 
 
 def main() -> None:
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=None,
                         help="with --runtime/--artifact: HR pixels shared by neighbouring tiles, at "
                              "least (default: the runtime's tile plan)")
+    parser.add_argument("--ensemble", type=int, choices=ENSEMBLES, default=1,
+                        help="with --runtime/--artifact: average over this many flips / rotations "
+                             "of each input (default: 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -96,8 +100,9 @@ def main() -> None:
             export_artifact(args.checkpoint, target=args.runtime, out=Path(tmp) / "a",
                             progress=False, measure_float=False)
             result = _eval_artifact(args, Path(tmp) / "a", kw)
-    elif args.overlap is not None:
-        raise SystemExit("--overlap needs --runtime or --artifact (the PyTorch sampler takes whole images)")
+    elif args.overlap is not None or args.ensemble != 1:
+        raise SystemExit("--overlap and --ensemble need --runtime or --artifact (the PyTorch sampler "
+                         "takes whole images, once)")
     else:
         result = run_eval(args.checkpoint, args.input, args.output, **kw)
     print(markdown_table(result), end="")

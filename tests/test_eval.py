@@ -114,7 +114,7 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     saved = json.loads((out / "results.json").read_text())
-    assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128, overlap default"
+    assert saved["info"]["sampler"] == "bidiff runtime, onnxruntime, tiles of 128, overlap default, ensemble of 1"
     assert list(saved["scores"]["bicubic"]) == ["bicubic", "bicubic + back-projection x1", "2 steps"]
     export_artifact(ckpt, out=tmp_path / "art", progress=False, measure_float=False)
     hr = center_crop(np.asarray(Image.open(photos / "a.png")), max_side=32, multiple=2)
@@ -132,6 +132,12 @@ def test_eval_through_the_runtime_script(tmp_path, photos):
     assert res.returncode == 1 and not (tmp_path / "eval2").exists()
     assert res.stderr.strip().splitlines() == [
         f"{tmp_path / 'art'} was not exported from {other}: pass its checkpoint with -c"]
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), "-c", str(ckpt),
+                          "-i", str(photos), "-o", str(tmp_path / "eval3"), "--ensemble", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and not (tmp_path / "eval3").exists()
+    assert res.stderr.strip().splitlines() == ["--overlap and --ensemble need --runtime or --artifact "
+                                               "(the PyTorch sampler takes whole images, once)"]
 
 
 def test_eval_three_degradations_default_steps_and_the_papers_sampler(tmp_path, photos):

@@ -67,23 +67,23 @@ def test_upscale_file_folder_and_alpha(tmp_path: Path, art: Path, photo: Path, c
 
 def test_sampler_flags_override_the_artifact(tmp_path: Path, art: Path, photo: Path, capsys,
                                              monkeypatch) -> None:
-    """--time-shift and --back-projection reach the sampler; without them the artifact's own
-    settings (0 here) do.
+    """--time-shift, --back-projection and --ensemble reach the sampler; without them the
+    artifact's own settings (0 here) and one pass do.
     (The fake network is the ideal one, whose last step is exact whatever the shift, so the
     sampler's call is checked, and its effect in test_runtime_sampler.)"""
     from bidiff.runtime import api
     seen = []
 
     def spy(*a, **kw):
-        seen.append((kw["time_shift"], kw["back_projection"]))
+        seen.append((kw["time_shift"], kw["back_projection"], kw["ensemble"]))
         return real(*a, **kw)
-    real = api.sample
-    monkeypatch.setattr(api, "sample", spy)
-    for extra in ([], ["--time-shift", "900"], ["--back-projection", "4"]):
+    real = api.sample_ensemble
+    monkeypatch.setattr(api, "sample_ensemble", spy)
+    for extra in ([], ["--time-shift", "900"], ["--back-projection", "4"], ["--ensemble", "4"]):
         code, _, err = run(["upscale", photo, "-o", tmp_path / "o.png", "--artifact", art,
                             "--steps", "2", "-q", *extra], capsys)
         assert code == 0, err
-    assert seen == [(0, 0), (900, 0), (0, 4)]
+    assert seen == [(0, 0, 1), (900, 0, 1), (0, 4, 1), (0, 0, 4)]
 
 
 def test_info(art: Path, tmp_path: Path, capsys) -> None:
@@ -133,6 +133,7 @@ BATTERY = [
     ("unknown backend", lambda d, p, a: [p, "--backend", "cuda"], "backend"),
     ("time shift 2000", lambda d, p, a: [p, "--time-shift", "2000"], "time-shift"),
     ("back-projection 17", lambda d, p, a: [p, "--back-projection", "17"], "back-projection"),
+    ("ensemble 3", lambda d, p, a: [p, "--ensemble", "3"], "'--ensemble': '3' is not one of '1', '2', '4', '8'"),
     ("modified artifact", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "modified")], "checksum mismatch"),
     ("other arch", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "other-arch")], "this machine is"),
     ("future format", lambda d, p, a: [p, "--artifact", _bad_artifact(a, d, "future")], "upgrade bidiff"),
