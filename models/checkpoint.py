@@ -44,11 +44,13 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,
-                    extra_metadata: Mapping[str, str] | None = None) -> None:
-    """Write weights (float32) + config to a safetensors file, atomically."""
+                    extra_metadata: Mapping[str, str] | None = None, *,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Write weights + config to a safetensors file, atomically. ``dtype=torch.float16`` halves
+    a work-in-progress checkpoint kept in git (``load_checkpoint`` reads it back as float32)."""
     meta = {"format": CHECKPOINT_FORMAT, "config": config.to_json()}
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)

@@ -63,6 +63,12 @@ def test_safetensors_round_trip_carries_config(tmp_path, tiny):
     assert cfg2 == cfg and cfg2.formulation.type == "residual"
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+    half = tmp_path / "half.safetensors"                 # a work-in-progress copy in git
+    save_checkpoint(half, model, cfg, dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b)
 
 
 def test_checkpoint_for_another_config_names_keys(tmp_path, tiny):

@@ -1,6 +1,9 @@
 """A tiny training run: the loss falls, and a resumed run equals an uninterrupted one."""
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import alphas_cumprod
 
 TINY = get_config("tiny-binary")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -115,6 +119,16 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
     assert (meta["steps"], meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) \
         == ("5", "2", "trailing", "1")
     assert meta["tile"] == "16"                   # the patch it trained at: the export's tile
+    kept = tmp_path / "kept" / "wip.safetensors"                      # scripts/keep_weights.py
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_weights.py"),
+                          str(tmp_path / "c" / "latest_ema.safetensors"), str(kept)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith(f"wrote {kept}"), res.stderr
+    assert read_metadata(kept)["steps"] == "5"
+    again = train(_cfg(steps=6), tmp_path / "e", images=images, model_config=TINY, progress=False,
+                  init=kept, until=5)
+    assert again.step == 5 and all(torch.equal(a.half().float(), b) for a, b in zip(
+        more.ema.state_dict().values(), again.model.state_dict().values()))
     with pytest.raises(SystemExit, match="holds 'tiny-binary', not 'bidiff-s-x2'"):
         train(_cfg(model="bidiff-s-x2"), tmp_path / "d", images=images, progress=False,
               init=tmp_path / "a" / "latest_raw.safetensors")
