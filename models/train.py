@@ -251,7 +251,10 @@ def _init_from(run: _Run, path: Path) -> None:
 
 def _load_teacher(path: str, student: ModelConfig, device: torch.device) -> nn.Module:
     """The frozen distillation teacher; it must predict what the student predicts."""
-    teacher, cfg = load_checkpoint(path)
+    try:
+        teacher, cfg = load_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"teacher: {e}") from None
     if (cfg.formulation, cfg.scale) != (student.formulation, student.scale):
         raise SystemExit(f"teacher {path} ({cfg.name}) predicts another target than {student.name}: "
                          "choose a teacher with the same formulation and scale")

@@ -87,6 +87,9 @@ def test_training_from_a_teacher_checkpoint_and_its_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit, match="predicts another target than tiny-binary"):
         train(TrainConfig(**{**cfg_kw, "loss_back_projection": 0}, teacher=str(teacher_path)),
               tmp_path / "run2", images=images, model_config=get_config("tiny-binary"), progress=False)
+    with pytest.raises(SystemExit, match="^teacher: checkpoint .*nope.safetensors does not exist$"):
+        train(TrainConfig(**cfg_kw, teacher=str(tmp_path / "nope.safetensors")), tmp_path / "run3",
+              images=images, model_config=X0, progress=False)
     with pytest.raises(ValueError, match="distil_weight -1.0 is negative"):
         TrainConfig(distil_weight=-1.0)
 
