@@ -304,10 +304,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         if init is not None:
             _init_from(run, Path(init))
     cfg = run.config
+    teacher = _load_teacher(cfg.teacher, run.model_config, dev) if cfg.teacher else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if images is None:
         images = load_images(cfg.data)
-    teacher = _load_teacher(cfg.teacher, run.model_config, dev) if cfg.teacher else None
     abar = torch.from_numpy(alphas_cumprod().copy()).to(dev)
     hardware = hardware_description(dev)
     last = min(cfg.steps, until if until is not None else cfg.steps)

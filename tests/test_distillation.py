@@ -90,6 +90,7 @@ def test_training_from_a_teacher_checkpoint_and_its_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit, match="^teacher: checkpoint .*nope.safetensors does not exist$"):
         train(TrainConfig(**cfg_kw, teacher=str(tmp_path / "nope.safetensors")), tmp_path / "run3",
               images=images, model_config=X0, progress=False)
+    assert not (tmp_path / "run3").exists()
     with pytest.raises(ValueError, match="distil_weight -1.0 is negative"):
         TrainConfig(distil_weight=-1.0)
 
