@@ -164,31 +164,31 @@ def _check_steps(steps: object, what: str) -> int:
         raise ExportError(str(e)) from None
 
 
-def _recommended_steps(ckpt_path: Path) -> int:
-    """The checkpoint's ``default_steps`` metadata (bidiff safetensors only), else 50."""
+def _metadata_int(ckpt_path: Path, key: str, default: int, check: Callable[[object], int]) -> int:
+    """An integer setting from a bidiff checkpoint's metadata, checked, else ``default``; a bad
+    value is an ExportError naming the file and the key."""
     if ckpt_path.suffix != ".safetensors":
-        return DEFAULT_STEPS
+        return default
     from bidiff.models.checkpoint import read_metadata
-    value = read_metadata(ckpt_path).get("default_steps")
+    value = read_metadata(ckpt_path).get(key)
     if value is None:
-        return DEFAULT_STEPS
-    return _check_steps(int(value) if value.isdigit() else value,
-                        f"{ckpt_path.name}: metadata default_steps")
+        return default
+    try:
+        return check(int(value) if value.isdigit() else value)
+    except ExportError as e:
+        raise ExportError(f"{ckpt_path.name}: metadata {e}") from None
+
+
+def _recommended_steps(ckpt_path: Path) -> int:
+    """The checkpoint's ``default_steps`` metadata, else 50."""
+    return _metadata_int(ckpt_path, "default_steps", DEFAULT_STEPS,
+                         lambda v: _check_steps(v, "default_steps"))
 
 
 def _recommended_tile(ckpt_path: Path) -> int:
     """The checkpoint's ``tile`` metadata (the HR patch it was trained at: its GroupNorms saw
     statistics of that size, and tiles of it score best, docs/TRAINING.md), else DEFAULT_TILE."""
-    if ckpt_path.suffix != ".safetensors":
-        return DEFAULT_TILE
-    from bidiff.models.checkpoint import read_metadata
-    value = read_metadata(ckpt_path).get("tile")
-    if value is None:
-        return DEFAULT_TILE
-    try:
-        return check_tile(int(value) if value.isdigit() else value)
-    except ExportError as e:
-        raise ExportError(f"{ckpt_path.name}: metadata {e}") from None
+    return _metadata_int(ckpt_path, "tile", DEFAULT_TILE, check_tile)
 
 
 def _tuned_sampler(ckpt_path: Path) -> dict:
