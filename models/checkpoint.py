@@ -15,6 +15,7 @@ from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import check_time_shift, check_time_shifts, check_timestep_spacing
 
 from .configs import ModelConfig, get_config
+from .layers import HardBinaryConv
 from .unet import BIDiffSRUNet
 
 CHECKPOINT_FORMAT = "bidiff-checkpoint-1"
@@ -45,16 +46,65 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,
                     extra_metadata: Mapping[str, str] | None = None, *,
-                    dtype: torch.dtype = torch.float32) -> None:
-    """Write weights + config to a safetensors file, atomically. ``dtype=torch.float16`` halves
-    a work-in-progress checkpoint kept in git (``load_checkpoint`` reads it back as float32)."""
+                    compact: bool = False) -> None:
+    """Write weights + config to a safetensors file, atomically.
+
+    ``compact=True`` stores the latent weights of the 1-bit convs as int8 (``pack_latents``):
+    about a third of the bytes for a wide model, so a work-in-progress or shipped checkpoint
+    stays under the repository's file-size limit, while every sign and every per-channel alpha
+    the forward uses survive (to float rounding). ``load_checkpoint`` reads either form.
+    """
     meta = {"format": CHECKPOINT_FORMAT, "config": config.to_json()}
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if compact:
+        tensors = pack_latents(tensors, binary_weight_keys(model))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+LATENT_SCALE = ".int8_scale"
+"""Suffix of the per-output-channel float32 step stored next to an int8 latent weight."""
+
+
+def binary_weight_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the latent weights of the model's 1-bit convs."""
+    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, HardBinaryConv)]
+
+
+def pack_latents(state: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """int8 latents with a per-output-channel step chosen so the forward's inputs are kept.
+
+    A 1-bit conv uses only sign(W) and alpha = mean|W| per output channel. q = round(W / step0)
+    with step0 = max|W| / 127, except that a nonzero weight never rounds to 0 (it keeps its
+    sign as +-1); the stored step is then alpha / mean|q|, so q * step has the same alpha. The
+    latent magnitudes (what training resumes from) keep 7 bits.
+    """
+    packed = dict(state)
+    for key in keys:
+        w = state[key].to(torch.float64)
+        flat = w.flatten(1)
+        step0 = flat.abs().amax(dim=1).clamp(min=1e-30) / 127.0
+        q = torch.round(flat / step0[:, None])
+        q = torch.where((q == 0) & (flat != 0), torch.sign(flat), q)
+        alpha = flat.abs().mean(dim=1)
+        step = alpha / q.abs().mean(dim=1).clamp(min=1.0)
+        packed[key] = q.to(torch.int8).reshape(w.shape).contiguous()
+        packed[key + LATENT_SCALE] = step.to(torch.float32).reshape(-1, 1, 1, 1).contiguous()
+    return packed
+
+
+def unpack_latents(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo ``pack_latents``: float32 weights under the original keys."""
+    out = {k: v for k, v in state.items() if not k.endswith(LATENT_SCALE)}
+    for key, q in out.items():
+        if q.dtype == torch.int8:
+            if key + LATENT_SCALE not in state:
+                raise ValueError(f"int8 tensor {key} has no {key + LATENT_SCALE}")
+            out[key] = q.to(torch.float32) * state[key + LATENT_SCALE]
+    return out
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -97,7 +147,7 @@ def _read_state_dict(path: Path, config: ModelConfig | None) -> tuple[dict[str, 
             stored = ModelConfig.from_dict(json.loads(meta["config"]))
             config = stored if config is None else config
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, config
+            return unpack_latents({k: f.get_tensor(k) for k in f.keys()}), config
     if config is None:
         raise ValueError(f"{path} is an official checkpoint: pass its config name (e.g. official-x2)")
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,12 +1,16 @@
 """Model API: registry, checkpoints carrying their config, and clear errors on bad input."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from bidiff.models import create_model, get_config, list_configs, load_checkpoint, save_checkpoint, set_deploy
+from bidiff.models.checkpoint import LATENT_SCALE, binary_weight_keys, read_metadata, unpack_latents
 from bidiff.models.configs import ModelConfig
+from bidiff.models.layers import HardBinaryConv
 from bidiff.runtime.binary_op import binary_conv2d_reference, pack_weights, weight_scale
 
 
@@ -63,12 +67,38 @@ def test_safetensors_round_trip_carries_config(tmp_path, tiny):
     assert cfg2 == cfg and cfg2.formulation.type == "residual"
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    half = tmp_path / "half.safetensors"                 # a work-in-progress copy in git
-    save_checkpoint(half, model, cfg, dtype=torch.float16)
-    assert half.stat().st_size < 0.6 * path.stat().st_size
-    loaded, _ = load_checkpoint(half)
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
-        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b)
+
+
+def test_compact_checkpoint_keeps_every_sign_and_alpha(tmp_path, tiny):
+    """int8 latents (a work-in-progress or shipped checkpoint in git): the 1-bit forward's inputs
+    survive, the full-precision tensors are bit-identical, and the file is smaller."""
+    model, cfg = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():                                 # latents of trained magnitudes and signs
+        for m in model.modules():
+            if isinstance(m, HardBinaryConv):
+                m.weight.copy_(torch.randn_like(m.weight) * 0.02)
+    full, small = tmp_path / "full.safetensors", tmp_path / "small.safetensors"
+    save_checkpoint(full, model, cfg)
+    save_checkpoint(small, model, cfg, {"steps": 3}, compact=True)
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    keys = binary_weight_keys(model)
+    with safe_open(str(small), framework="pt") as f:
+        assert f.get_tensor(keys[0]).dtype == torch.int8 and keys[0] + LATENT_SCALE in f.keys()
+    loaded, cfg2 = load_checkpoint(small)
+    assert cfg2 == cfg and read_metadata(small)["steps"] == "3"
+    own = dict(model.named_modules())
+    for name, m in loaded.named_modules():
+        if isinstance(m, HardBinaryConv):
+            assert torch.equal(torch.sign(m.weight), torch.sign(own[name].weight))
+            torch.testing.assert_close(m.scaling_factor(), own[name].scaling_factor(), rtol=1e-6, atol=0)
+            step = own[name].weight.abs().amax() / 127
+            assert (m.weight - own[name].weight).abs().max() <= step
+    latents = set(keys)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and (k in latents or torch.equal(a, b))
+    q = {keys[0]: torch.ones(2, dtype=torch.int8)}
+    with pytest.raises(ValueError, match=f"int8 tensor {keys[0]} has no {keys[0]}.int8_scale"):
+        unpack_latents(q)
 
 
 def test_checkpoint_for_another_config_names_keys(tmp_path, tiny):
