@@ -187,7 +187,7 @@ def _recommended_steps(ckpt_path: Path) -> int:
 
 def _recommended_tile(ckpt_path: Path) -> int:
     """The checkpoint's ``tile`` metadata (the HR patch it was trained at: its GroupNorms saw
-    statistics of that size, and tiles of it score best, docs/TRAINING.md), else DEFAULT_TILE."""
+    statistics of that size, and tiles of it score best, docs/EXPERIMENTS.md), else DEFAULT_TILE."""
     return _metadata_int(ckpt_path, "tile", DEFAULT_TILE, check_tile)
 
 

@@ -30,7 +30,7 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
     - zero first-conv weights on the x_t channels. At the timesteps a few-step sampler visits
       x_t is almost pure noise (std 1 against a residual of a few hundredths), so with random
       weights every feature is mostly noise and the 1-bit activations (signs) carry next to
-      nothing of the image; Adam did not shrink those weights in 500 steps (docs/TRAINING.md).
+      nothing of the image; Adam did not shrink those weights in 500 steps (docs/EXPERIMENTS.md).
       Starting at zero, the network sees the condition cleanly and can still learn to use x_t.
     """
     cfg = get_config(config) if isinstance(config, str) else config

@@ -7,11 +7,11 @@ from the model config's formulation (``official``: the HR image; ``residual``:
 4 (HR - condition)), and so does what the loss compares: eps, or x0 itself for a model whose
 ``prediction`` is ``sample``.
 
-Additions for a small model on few cores (documented in docs/TRAINING.md): an EMA of the
-weights whose decay warms up as min(decay, (1 + n) / (10 + n)) so early exports are not
-dominated by the random init, a linear LR warm-up and an optional cosine decay, and ``t_min``:
-timesteps drawn from t_min..T-1 only, so a few-step x0 sampler that visits only the top of the
-schedule (1 step at trailing spacing: t = 1999) is trained on what it will see.
+Additions for a small model on few cores (documented in docs/TRAINING.md; ``t_min`` measured in
+docs/EXPERIMENTS.md): an EMA of the weights whose decay warms up as min(decay, (1 + n) / (10 + n))
+so early exports are not dominated by the random init, a linear LR warm-up and an optional cosine
+decay, and ``t_min``: timesteps drawn from t_min..T-1 only, so a few-step x0 sampler that visits
+only the top of the schedule (1 step at trailing spacing: t = 1999) is trained on what it will see.
 
 A run directory holds ``state.pt`` (everything needed to continue bit for bit: weights, EMA,
 optimizer, step, all RNG states, the configs), ``latest_ema.safetensors`` /

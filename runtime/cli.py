@@ -111,7 +111,7 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
 @click.option("--ensemble", type=click.Choice([str(n) for n in ENSEMBLES]), default="1",
               show_default=True,
               help="Average the results for this many flips / rotations of the input (that many "
-                   "times the network calls; see docs/TRAINING.md for what it gains).")
+                   "times the network calls; see docs/EXPERIMENTS.md for what it gains).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--threads", type=THREADS.click_type(), default=None,
               help="Backend threads. Default: $BIDIFF_THREADS, else the usable cores (CPU affinity).")

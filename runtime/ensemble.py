@@ -4,7 +4,7 @@ The 1-step x0 model is in effect a deterministic function of the condition (aver
 seeds gains +0.005 dB), so what is left to average away is the network's orientation bias:
 running it on 2, 4 or 8 of the input's flips / rotations, undoing each on the output and taking
 the mean (the "self-ensemble" of SR papers, EDSR+) gains a few hundredths of a dB for N times
-the network calls (docs/TRAINING.md). Back-projection then runs once, on the mean: it is affine,
+the network calls (docs/EXPERIMENTS.md). Back-projection then runs once, on the mean: it is affine,
 so that equals averaging back-projected outputs except where they were clipped.
 """
 from __future__ import annotations
