@@ -4,6 +4,8 @@ Copies a weights-only checkpoint in the compact form (``save_checkpoint(compact=
 1-bit convs' latent weights as int8, every sign and per-channel alpha kept; the rest float32),
 metadata and all, so that a later session continues with ``scripts/train.py --init OUT`` at the
 same step count. ``bidiff-m2-x2`` (12.8 M parameters) takes 15.7 MB, under git's 25 MB a file.
+``--set KEY=VALUE`` records sampler settings a run from scratch lacks (``default_steps``,
+``tile`` and the keys of ``SAMPLER_METADATA``), as a checkpoint to export or ship needs them.
 """
 from __future__ import annotations
 
@@ -11,19 +13,43 @@ import argparse
 from pathlib import Path
 
 from bidiff.models import load_checkpoint, save_checkpoint
-from bidiff.models.checkpoint import read_metadata
+from bidiff.models.checkpoint import SAMPLER_METADATA, checkpoint_sampler, read_metadata
+
+SETTABLE = ("default_steps", "tile", *SAMPLER_METADATA)
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    """``--set`` entries, checked: a known key, and a positive int for the step count and tile
+    (the sampler keys are checked with the whole metadata)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SETTABLE:
+            raise SystemExit(f"keep_weights: --set {pair!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(SETTABLE)}")
+        if key in ("default_steps", "tile") and not (value.isdigit() and int(value) > 0):
+            raise SystemExit(f"keep_weights: --set {key}={value!r}: expected a positive integer")
+        out[key] = value
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="a bidiff .safetensors checkpoint (e.g. a run's latest_ema)")
     parser.add_argument("dst", type=Path, help="where to write the compact copy")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"set a metadata entry ({', '.join(SETTABLE)}); repeatable")
     args = parser.parse_args()
     try:
         model, cfg = load_checkpoint(args.src)
     except ValueError as e:
         raise SystemExit(f"keep_weights: {e}") from None
     meta = {k: v for k, v in read_metadata(args.src).items() if k not in ("format", "config")}
+    meta.update(_settings(args.set))
+    try:
+        checkpoint_sampler(meta, str(args.src))
+    except ValueError as e:
+        raise SystemExit(f"keep_weights: {e}") from None
     args.dst.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.dst, model, cfg, meta, compact=True)
     print(f"wrote {args.dst} ({args.dst.stat().st_size / 1e6:.1f} MB, step {meta.get('steps', '?')})")

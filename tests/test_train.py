@@ -125,6 +125,19 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.startswith(f"wrote {kept}"), res.stderr
     assert read_metadata(kept)["steps"] == "5"
+    ship = tmp_path / "kept" / "ship.safetensors"          # --set: a from-scratch run's sampler
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_weights.py"), str(kept), str(ship),
+                          "--set", "default_steps=1", "--set", "timestep_spacing=leading"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (read_metadata(ship)["default_steps"], read_metadata(ship)["timestep_spacing"]) == ("1", "leading")
+    for bad, message in ((["--set", "tile=0"], "keep_weights: --set tile='0': expected a positive integer"),
+                         (["--set", "back_projection=-1"], "metadata back_projection"),
+                         (["--set", "steps=9"], "keep_weights: --set 'steps=9': expected KEY=VALUE")):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_weights.py"), str(kept),
+                              str(tmp_path / "bad.safetensors"), *bad], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "bad.safetensors").exists()
     again = train(_cfg(steps=6), tmp_path / "e", images=images, model_config=TINY, progress=False,
                   init=kept, until=5)
     kept_model, _ = load_checkpoint(kept)                   # compact: the 1-bit convs' signs kept
