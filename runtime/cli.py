@@ -129,7 +129,8 @@ def _out_ext(src: Path, ext: str, has_alpha: bool) -> str:
                    "Needs --key.")
 @click.option("--key", default=None, help="With --tracker: the device key the servers registered.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="With --tracker: servers to use at once. Default: all registered under --key.")
+              help="With --tracker: servers to use at once. Default: all registered under --key, "
+                   "at most as many as the images have tiles per step.")
 def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps: int | None,
             time_shift: int | None, back_projection: int | None, ensemble: str, seed: int,
             threads: int | None, backend: str, overlap: int | None, suffix: str | None, ext: str, quiet: bool,
@@ -145,10 +146,10 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
 
     # 1. Everything that can be wrong is checked before any work: inputs decode, the output
     #    folder is writable, the artifact verifies and fits a backend.
-    has_alpha = {}
+    has_alpha, sizes = {}, {}
     for f in files:
         inp = images.load_input(f)
-        has_alpha[f] = inp.alpha is not None
+        has_alpha[f], sizes[f] = inp.alpha is not None, inp.size     # (H, W) as the sampler sees it
         del inp
     _check_writable_dir(out_dir)
     if tracker:
@@ -179,7 +180,7 @@ def upscale(inputs: tuple[Path, ...], output: Path, artifact: Path | None, steps
     # 2. Upscale, one image at a time, each written atomically.
     sampler = {"time_shift": time_shift, "back_projection": back_projection, "ensemble": int(ensemble)}
     if tracker:        # the folder is made with the first result: a failed run leaves nothing
-        _upscale_remote(art, files, targets, out_dir, tracker, key, devices, quiet=quiet,
+        _upscale_remote(art, files, targets, sizes, out_dir, tracker, key, devices, quiet=quiet,
                         steps=steps, seed=seed, overlap=overlap, **sampler)
         return
     _make_dir(out_dir)
@@ -225,11 +226,25 @@ def _make_dir(out_dir: Path) -> None:
         raise CliError(f"output folder {out_dir} is not writable ({e.strerror or e}): choose another -o") from None
 
 
-def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path], out_dir: Path,
-                    tracker: str, key: str, devices: int | None, *, quiet: bool, **upscale_kw) -> None:
-    """The files over the RPC servers of ``key`` (``pool.Pool``), each written when it is done."""
+def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path],
+                    sizes: dict[Path, tuple[int, int]], out_dir: Path, tracker: str, key: str,
+                    devices: int | None, *, quiet: bool, **upscale_kw) -> None:
+    """The files over the RPC servers of ``key`` (``pool.Pool``), each written when it is done.
+    sizes: each file's (height, width), read in the checks; the pool opens no more sessions
+    than the files' tiles per step add up to."""
+    from .benchmark import network_calls
     from .pool import Pool
     from .rpc import parse_address, rpc_timeout
+
+    m = art.manifest
+
+    def width(f: Path) -> int | None:
+        """Tiles per DDIM step of ``f`` (every ensemble pass has as many: turns swap the sides)."""
+        if f not in sizes:
+            return None
+        h, w = sizes[f]
+        return network_calls(w, h, scale=m.model.scale, tile=m.tile, steps=1,
+                             overlap=upscale_kw.get("overlap"), align=m.input_multiple)[0]
 
     def log(msg: str) -> None:
         if not quiet:
@@ -251,7 +266,7 @@ def _upscale_remote(art: Artifact, files: list[Path], targets: dict[Path, Path],
 
     pool = Pool(art, parse_address(tracker), key, devices=devices, timeout=rpc_timeout(), log=log)
     pool.run(files, lambda up, f: up.upscale(f, **upscale_kw), done,
-             lambda f, where: log(f"{f.name} starts on {where}"))
+             lambda f, where: log(f"{f.name} starts on {where}"), width=width)
 
 
 @cli.command()

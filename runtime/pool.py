@@ -3,7 +3,9 @@
 Each worker asks the tracker for a free server of the key (``rpc.Tracker.request``: the tracker
 does the scheduling), opens a ``rpc.RemoteBackend`` on it and takes images off a shared queue
 until none is left, running the sampler here with that backend. The RPC calls release the
-GIL, so N workers keep N servers busy from one process.
+GIL, so N workers keep N servers busy from one process. Given each job's width (its tiles per
+DDIM step), no more workers start than the jobs' widths add up to: a session beyond that would
+upload the artifact and never get a tile.
 
 Fewer images than servers (one large photo; the last images of a folder): a worker that finds
 the queue empty joins an image in progress and evaluates its tiles (:class:`_Share`). Within
@@ -172,7 +174,9 @@ class Pool(Generic[Job, Result]):
     worker; ``done(job, result, calls)`` in the calling thread, once per job, with the network
     calls each server made for it (HOST:PORT -> count, the image's own server first);
     ``started(job, where)`` in the worker, each time a server (HOST:PORT) takes the job, so a
-    run without progress bars still shows what each server holds (a job put back starts again)."""
+    run without progress bars still shows what each server holds (a job put back starts again).
+    ``width(job)``: the job's tiles per step, the most sessions it can keep busy at once (None,
+    or no ``width``: unknown); the pool opens at most their sum, else one per server."""
 
     def __init__(self, artifact: Artifact, tracker: tuple[str, int], key: str, *,
                  devices: int | None, timeout: float,
@@ -189,13 +193,16 @@ class Pool(Generic[Job, Result]):
 
     def run(self, jobs: Sequence[Job], work: Callable[[Upscaler, Job], Result],
             done: Callable[[Job, Result, dict[str, int]], None],
-            started: Callable[[Job, str], None] = lambda job, where: None) -> None:
+            started: Callable[[Job, str], None] = lambda job, where: None, *,
+            width: Callable[[Job], int | None] | None = None) -> None:
         probe = Tracker(self.address, self.timeout)
         try:
             servers = probe.wait_for_servers(self.key, self.timeout)
         finally:
             probe.close()
-        n = max(1, self.devices or len(servers))   # more servers than images share tiles
+        n = self.devices or len(servers)            # more servers than images share tiles,
+        useful = _total_width(jobs, width)          # up to the images' tiles per step
+        n = max(1, n if useful is None else min(n, useful))
         self._pending.extend(range(len(jobs)))
         self._workers = [_Worker() for _ in range(n)]
         for w in self._workers:
@@ -342,6 +349,19 @@ class Pool(Generic[Job, Result]):
         b, w.backend = w.backend, None
         if b is not None:
             b.close()
+
+
+def _total_width(jobs: Sequence[Job], width: Callable[[Job], int | None] | None) -> int | None:
+    """The tiles per step of all ``jobs`` together (each at least 1), or None if any is unknown."""
+    if width is None:
+        return None
+    total = 0
+    for job in jobs:
+        w = width(job)
+        if w is None:
+            return None
+        total += max(1, int(w))
+    return total
 
 
 __all__ = ["Pool"]

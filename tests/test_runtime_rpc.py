@@ -1,7 +1,8 @@
 """`bidiff upscale --tracker` and `bidiff bench --tracker` against a real TVM RPC tracker and
 servers on 127.0.0.1: the pool writes the bytes of a local run (whole images, and one large
-image's tiles shared by two servers), survives servers that die or hang mid-run, refuses a
-foreign artifact and a key without servers in one line.
+image's tiles shared by two servers), opens no more sessions than the images' tiles per step,
+survives servers that die or hang mid-run, refuses a foreign artifact and a key without servers
+in one line.
 
 Every process runs in its own process group, which teardown kills whole: a stock
 ``rpc_server`` runs its sessions in worker processes that outlive a plain SIGTERM of it. Every
@@ -387,19 +388,26 @@ def large(work: Path, artifact: Path) -> tuple[Path, bytes]:
     return d / "big.png", out.read_bytes()
 
 
-@pytest.fixture
-def pair(cluster: Cluster, request) -> tuple[str, list[str]]:
-    """Two ``bidiff device-server`` of a key of their own (so the run gets exactly these two),
-    stopped after the test."""
+@contextmanager
+def own_servers(cluster: Cluster, request, n: int):
+    """``n`` ``bidiff device-server`` of a key of their own (so the run gets exactly these),
+    stopped on leaving: (key, names)."""
     key = f"tiles-{request.node.name}".replace("[", "-").replace("]", "")
-    names = [f"{key}-{i}" for i in range(2)]
+    names = [f"{key}-{i}" for i in range(n)]
     try:
-        for n in names:
-            cluster.add_server(n, bidiff=True, key=key)
-        wait_until(lambda: len(cluster.registered(key)) == 2, START_S, f"2 servers of {key} to register")
+        for name in names:
+            cluster.add_server(name, bidiff=True, key=key)
+        wait_until(lambda: len(cluster.registered(key)) == n, START_S, f"{n} servers of {key} to register")
         yield key, names
     finally:
-        cluster.stop([n for n in names if n in cluster.procs])
+        cluster.stop([name for name in names if name in cluster.procs])
+
+
+@pytest.fixture
+def pair(cluster: Cluster, request) -> tuple[str, list[str]]:
+    """Two servers of a key of their own (:func:`own_servers`)."""
+    with own_servers(cluster, request, 2) as got:
+        yield got
 
 
 def test_one_large_image_shares_its_tiles(cluster: Cluster, artifact: Path, large, pair,
@@ -444,3 +452,48 @@ def test_large_image_survives_a_server_killed_mid_image(cluster: Cluster, artifa
     assert f"bidiff: server {killed} failed to run the network" in text, text
     assert "its tiles go to the image's other servers" in text, text
     assert len([ln for ln in err if ln.startswith("[1/1] ")]) == 1, text
+
+
+# ----------------------------------------------------------------- no more sessions than tiles
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_no_session_beyond_the_tiles_per_step(cluster: Cluster, artifact: Path, photos: Path,
+                                              local: Path, tmp_path: Path, request, monkeypatch,
+                                              copies: int) -> None:
+    """Three servers, ``copies`` images of one tile each (img0): the pool opens one session per
+    tile per step, ``copies``, not one per server (a session uploads the artifact and loads it
+    there, and the extra ones would never get a tile). Same bytes. In-process, so the sessions
+    started are counted on the client (``RemoteBackend.start``)."""
+    from click.testing import CliRunner
+
+    from bidiff.runtime import pool
+    from bidiff.runtime.cli import cli
+
+    m = read_artifact(artifact).manifest
+    w, h = (side * m.model.scale for side in SIZES[0])
+    assert len(TileGrid.create(h, w, TILE, default_overlap(TILE), align=m.input_multiple)) == 1
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(copies):
+        shutil.copy(photos / "img0.png", src / f"copy{i}.png")
+    sessions: list[str] = []
+
+    class Counted(pool.RemoteBackend):
+        def start(self):
+            super().start()
+            sessions.append(self.where)       # list.append: atomic across the workers
+            return self
+
+    monkeypatch.setattr(pool, "RemoteBackend", Counted)
+    with own_servers(cluster, request, 3) as (key, names):
+        out = tmp_path / "out"
+        r = CliRunner().invoke(cli, ["upscale", str(src), "-o", str(out), "--artifact", str(artifact),
+                                     "--steps", str(STEPS), "--tracker", cluster.address, "--key", key])
+    assert r.exit_code == 0, (r.output, r.exception)
+    expect = (local / "img0_x2.png").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == [f"copy{i}_x2.png" for i in range(copies)]
+    assert all(p.read_bytes() == expect for p in out.iterdir())
+    # one per image in practice (the workers ask for servers at once); no lower bound of
+    # ``copies``: a session still being set up when the run ends is not counted
+    assert 1 <= len(sessions) <= copies, (sessions, r.output)
+    assert set(sessions) <= {cluster.servers[n] for n in names}, (sessions, r.output)
