@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed (models.data)")
     parser.add_argument("--loss-back-projection", type=int, default=0,
                         help="x0 models: back-project the prediction before the loss (models.train)")
+    parser.add_argument("--t-min", type=int, default=0,
+                        help="train only timesteps t >= this (1600: the 1-step sampler's expert)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -57,7 +59,7 @@ def main() -> None:
                       patch=args.patch, lr=args.lr, lr_schedule="constant",
                       warmup_steps=args.warmup_steps, min_lr=args.min_lr, seed=args.seed,
                       degradation=args.degradation, loss_back_projection=args.loss_back_projection,
-                      checkpoint_minutes=1e9)
+                      t_min=args.t_min, checkpoint_minutes=1e9)
     run_dir = args.runs / (args.name or args.config)
     common = dict(device=args.device, workers=args.workers)
     start, seconds0 = 0, 0.0

@@ -265,3 +265,23 @@ def test_torch_back_projection_equals_the_runtime_one_and_trains_through_it():
     with pytest.raises(ValueError, match="needs an x0-predicting model"):
         diffusion_loss(create_model(TINY), hr, cond, 10, torch.randn(hr.shape), TINY, abar, lr=low,
                        back_projection=1)
+
+
+def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
+    """scripts/train_timed.py (the lent-GPU entry point): phase 1 at the constant peak LR, then
+    a cosine to the end step its budget reaches, with the recipe's flags (here --t-min)."""
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, img in enumerate(_images()):
+        Image.fromarray(img).save(data / f"p{i}.png")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_timed.py"), "--config", "tiny-binary",
+                          "--minutes", "0.5", "--probe-steps", "3", "--warmup-steps", "1", "--batch", "2",
+                          "--patch", "16", "--t-min", "1600", "--data", str(data), "--runs", str(tmp_path / "runs"),
+                          "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "phase 1: 3 steps at" in res.stdout
+    state = torch.load(tmp_path / "runs" / "tiny-binary" / "state.pt", weights_only=False)
+    cfg = state["config"]
+    assert (cfg["t_min"], cfg["lr_schedule"], cfg["decay_start"]) == (1600, "cosine", 3)
+    assert state["step"] == cfg["steps"] >= 3
