@@ -13,22 +13,30 @@ import argparse
 from pathlib import Path
 
 from bidiff.models import load_checkpoint, save_checkpoint
+from bidiff.exporter.export import check_tile
 from bidiff.models.checkpoint import SAMPLER_METADATA, checkpoint_sampler, read_metadata
+from bidiff.runtime.bounds import STEPS
 
 SETTABLE = ("default_steps", "tile", *SAMPLER_METADATA)
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
-    """``--set`` entries, checked: a known key, and a positive int for the step count and tile
-    (the sampler keys are checked with the whole metadata)."""
+    """``--set`` entries, checked as the exporter checks them when it reads the metadata
+    (``STEPS``, ``check_tile``; the sampler keys are checked with the whole metadata)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in SETTABLE:
             raise SystemExit(f"keep_weights: --set {pair!r}: expected KEY=VALUE with KEY one of "
                              f"{', '.join(SETTABLE)}")
-        if key in ("default_steps", "tile") and not (value.isdigit() and int(value) > 0):
-            raise SystemExit(f"keep_weights: --set {key}={value!r}: expected a positive integer")
+        number = int(value) if value.isdigit() else value
+        try:
+            if key == "default_steps":
+                STEPS.check(number, "default_steps")
+            elif key == "tile":
+                check_tile(number)
+        except ValueError as e:
+            raise SystemExit(f"keep_weights: --set {key}: {e}") from None
         out[key] = value
     return out
 

@@ -131,7 +131,8 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (read_metadata(ship)["default_steps"], read_metadata(ship)["timestep_spacing"]) == ("1", "leading")
-    for bad, message in ((["--set", "tile=0"], "keep_weights: --set tile='0': expected a positive integer"),
+    for bad, message in ((["--set", "tile=12"], "keep_weights: --set tile: tile 12 must be a positive multiple of 8"),
+                         (["--set", "default_steps=0"], "keep_weights: --set default_steps: "),
                          (["--set", "back_projection=-1"], "metadata back_projection"),
                          (["--set", "steps=9"], "keep_weights: --set 'steps=9': expected KEY=VALUE")):
         res = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_weights.py"), str(kept),
