@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from bidiff.runtime.bicubic import upscale_condition
 
@@ -82,16 +82,34 @@ EVAL_DEGRADATIONS = ("bicubic", "lanczos", "bicubic+jpeg85")
 """How scripts/eval.py makes LR images: Pillow BICUBIC (the first models' training degradation),
 Pillow LANCZOS, and Pillow BICUBIC followed by a JPEG round trip at quality 85."""
 
+STRESS_DEGRADATIONS = ("box", "blur0.8+bicubic", "bicubic+noise2", "bicubic+jpeg55",
+                       "lanczos+jpeg95")
+"""Robustness probes (``eval.py --degradations``): box (area) downscaling and a light JPEG,
+both inside the ``mixed`` training distribution, and three it never shows — a Gaussian blur of
+sigma 0.8 px before bicubic downscaling (a soft lens), Gaussian noise of sigma 2 (of 255) on the
+LR (sensor noise, seeded so reruns agree) and JPEG quality 55 (below ``JPEG_QUALITY``)."""
+
 
 def eval_downsample(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
-    """The LR of an HWC uint8 HR image under one of ``EVAL_DEGRADATIONS``."""
-    if degradation == "bicubic":
-        return downsample(hr, scale)
-    if degradation == "lanczos":
-        return downsample(hr, scale, Image.Resampling.LANCZOS)
+    """The LR of an HWC uint8 HR image under one of ``EVAL_DEGRADATIONS`` or
+    ``STRESS_DEGRADATIONS``."""
+    resample = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+    if degradation in ("bicubic", "lanczos", "box"):
+        return downsample(hr, scale, resample.get(degradation, Image.Resampling.BICUBIC))
     if degradation == "bicubic+jpeg85":
         return jpeg_round_trip(downsample(hr, scale), 85)
-    raise ValueError(f"unknown degradation {degradation!r}; valid: {', '.join(EVAL_DEGRADATIONS)}")
+    if degradation == "bicubic+jpeg55":
+        return jpeg_round_trip(downsample(hr, scale), 55)
+    if degradation == "lanczos+jpeg95":
+        return jpeg_round_trip(downsample(hr, scale, Image.Resampling.LANCZOS), 95)
+    if degradation == "blur0.8+bicubic":
+        return downsample(np.asarray(Image.fromarray(hr).filter(ImageFilter.GaussianBlur(0.8))), scale)
+    if degradation == "bicubic+noise2":
+        lr = downsample(hr, scale).astype(np.float64)
+        lr += np.random.default_rng(0).normal(0.0, 2.0, lr.shape)
+        return np.clip(lr, 0, 255).round().astype(np.uint8)
+    raise ValueError(f"unknown degradation {degradation!r}; valid: "
+                     f"{', '.join(EVAL_DEGRADATIONS + STRESS_DEGRADATIONS)}")
 
 
 def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generator) -> np.ndarray:

@@ -449,7 +449,7 @@ class Artifact:
         return self.path(self.manifest.library) if self.manifest.library else None
 
 
-SHIPPED_MODEL = "bidiff-s2-x2"
+SHIPPED_MODEL = "bidiff-m2-x2"
 """Config name of the shipped model, the default artifact's network. Its weights are
 ``bidiff/models/weights/<SHIPPED_MODEL>.safetensors``; the one place that names them, kept here
 (torch-free, the lowest layer) because the runtime's default artifact, the exporter and the

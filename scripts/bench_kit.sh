@@ -20,14 +20,15 @@ if [ -e "$kit" ]; then
     exit 2
 fi
 mkdir -p "$kit"
-ckpt=models/weights/bidiff-s2-x2.safetensors
+model=$(python3 -c 'from bidiff.runtime.artifact import SHIPPED_MODEL; print(SHIPPED_MODEL)')
+ckpt=models/weights/$model.safetensors
 python3 scripts/bench.py --part a --target "$target" --bundle "$kit/a"
 python3 scripts/bench.py --part b --target "$target" --bundle "$kit/b"
-python3 scripts/bench.py --part c --config bidiff-s2-x2 --checkpoint "$ckpt" --target "$target" \
+python3 scripts/bench.py --part c --config "$model" --checkpoint "$ckpt" --target "$target" \
     --bundle "$kit/cs"
 python3 scripts/bench.py --part c --config official-x2 --target "$target" --bundle "$kit/co"
 python3 scripts/bench.py --part k --target "$target" --bundle "$kit/k"
-python3 scripts/bench.py --part r --config bidiff-s2-x2 --checkpoint "$ckpt" --target "$target" \
+python3 scripts/bench.py --part r --config "$model" --checkpoint "$ckpt" --target "$target" \
     --bundle "$kit/r"
 tvm_lib=$(python3 -c 'import pathlib, tvm; print(pathlib.Path(tvm.__file__).parent / "lib")')
 cp "$tvm_lib/libtvm_runtime.so" "$kit/"

@@ -3,7 +3,7 @@
 Rows: bicubic, bicubic + the model's back-projection (no network), the model at its default
 steps and at twice that (or ``--steps``), and with ``--paper`` the paper's 50-step sampler;
 columns: each LR degradation (``--degradations``, default all three of
-``models.data.EVAL_DEGRADATIONS``). Writes results.md (mean and per-image Y PSNR/SSIM),
+``models.data.EVAL_DEGRADATIONS``; ``STRESS_DEGRADATIONS`` probe robustness). Writes results.md (mean and per-image Y PSNR/SSIM),
 results.json and comparison.png (bicubic | SR | HR crops) into the output folder. By default images are sampled whole with the
 PyTorch sampler; ``--runtime onnx|x86_64`` exports the checkpoint to a temporary artifact and
 samples through the device runtime instead, tile by tile, exactly as ``bidiff upscale`` does
@@ -21,7 +21,7 @@ import torch
 from bidiff import runtime
 from bidiff.exporter import export_artifact
 from bidiff.models import SHIPPED_CHECKPOINT
-from bidiff.models.data import EVAL_DEGRADATIONS
+from bidiff.models.data import EVAL_DEGRADATIONS, STRESS_DEGRADATIONS
 from bidiff.models.evaluate import EvalResult, markdown_table, run_eval
 from bidiff.runtime.artifact import sha256_file
 from bidiff.runtime.ensemble import ENSEMBLES, sample_ensemble
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("-s", "--steps", type=int, nargs="+", default=None,
                         help="sampler step counts (default: the checkpoint's default_steps and twice that)")
     parser.add_argument("--degradations", nargs="+", default=list(EVAL_DEGRADATIONS),
-                        choices=EVAL_DEGRADATIONS, help="how LR images are made (default: all)")
+                        choices=EVAL_DEGRADATIONS + STRESS_DEGRADATIONS,
+                        help="how LR images are made (default: the three of the issue-17 table; "
+                             "the others probe robustness, see models.data.STRESS_DEGRADATIONS)")
     parser.add_argument("--paper", action="store_true",
                         help="also score the paper's sampler (50 leading DDIM steps, no time shift)")
     parser.add_argument("--max-side", type=int, default=None,

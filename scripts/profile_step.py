@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one denoising step's time goes in the TVM library, kernel by kernel.
 
-    python scripts/profile_step.py --checkpoint models/weights/bidiff-s2-x2.safetensors --threads 1
+    python scripts/profile_step.py --checkpoint models/weights/bidiff-m2-x2.safetensors --threads 1
     python scripts/profile_step.py --library ART/model.so --tile 128 --threads 2   # no compiler
 
 Builds group 0 of the model at one tile for this CPU (like ``bench.py --part c``), or takes an

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bidiff import runtime
 from bidiff.models import create_model, get_config, save_checkpoint
 from bidiff.models.evaluate import center_crop, run_eval
 from bidiff.models.metrics import psnr_y, ssim_y
@@ -168,3 +169,22 @@ def test_eval_three_degradations_default_steps_and_the_papers_sampler(tmp_path, 
     assert eval_downsample(hr, 2, "bicubic+jpeg85").shape == (8, 8, 3)
     with pytest.raises(ValueError, match="unknown degradation 'area'"):
         eval_downsample(hr, 2, "area")
+
+
+def test_stress_degradations_are_what_they_say() -> None:
+    """Each robustness probe is its documented degradation, deterministic, and none is a twin
+    of the evaluation's own three."""
+    from bidiff.models.data import EVAL_DEGRADATIONS, STRESS_DEGRADATIONS, eval_downsample
+    hr = np.asarray(Image.open(Path(runtime.__file__).parent / "samples" / "astronaut_128.png")
+                    .convert("RGB"))
+    lr = {d: eval_downsample(hr, 2, d) for d in EVAL_DEGRADATIONS + STRESS_DEGRADATIONS}
+    assert all(v.shape == (64, 64, 3) and v.dtype == np.uint8 for v in lr.values())
+    box = np.asarray(Image.fromarray(hr).resize((64, 64), Image.Resampling.BOX))
+    np.testing.assert_array_equal(lr["box"], box)
+    noise = lr["bicubic+noise2"].astype(np.float64) - lr["bicubic"]
+    assert abs(noise.mean()) < 0.1 and 1.8 < noise.std() < 2.2          # sigma 2, zero mean
+    np.testing.assert_array_equal(eval_downsample(hr, 2, "bicubic+noise2"), lr["bicubic+noise2"])
+    err = {d: np.abs(lr[d].astype(np.float64) - lr["bicubic"]).mean() for d in lr}
+    assert err["bicubic+jpeg55"] > err["bicubic+jpeg85"] > 0                # stronger compression
+    assert err["blur0.8+bicubic"] > 0.5                                    # softer than bicubic
+    assert len({v.tobytes() for v in lr.values()}) == len(lr)
