@@ -92,24 +92,27 @@ LR (sensor noise, seeded so reruns agree) and JPEG quality 55 (below ``JPEG_QUAL
 
 def eval_downsample(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
     """The LR of an HWC uint8 HR image under one of ``EVAL_DEGRADATIONS`` or
-    ``STRESS_DEGRADATIONS``."""
-    resample = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
-    if degradation in ("bicubic", "lanczos", "box"):
-        return downsample(hr, scale, resample.get(degradation, Image.Resampling.BICUBIC))
-    if degradation == "bicubic+jpeg85":
-        return jpeg_round_trip(downsample(hr, scale), 85)
-    if degradation == "bicubic+jpeg55":
-        return jpeg_round_trip(downsample(hr, scale), 55)
-    if degradation == "lanczos+jpeg95":
-        return jpeg_round_trip(downsample(hr, scale, Image.Resampling.LANCZOS), 95)
-    if degradation == "blur0.8+bicubic":
-        return downsample(np.asarray(Image.fromarray(hr).filter(ImageFilter.GaussianBlur(0.8))), scale)
-    if degradation == "bicubic+noise2":
-        lr = downsample(hr, scale).astype(np.float64)
-        lr += np.random.default_rng(0).normal(0.0, 2.0, lr.shape)
-        return np.clip(lr, 0, 255).round().astype(np.uint8)
-    raise ValueError(f"unknown degradation {degradation!r}; valid: "
-                     f"{', '.join(EVAL_DEGRADATIONS + STRESS_DEGRADATIONS)}")
+    ``STRESS_DEGRADATIONS``: the name's ``+``-separated parts applied in order (``blurS``
+    before the downscaler, ``noiseS`` and ``jpegQ`` after it)."""
+    if degradation not in EVAL_DEGRADATIONS + STRESS_DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r}; valid: "
+                         f"{', '.join(EVAL_DEGRADATIONS + STRESS_DEGRADATIONS)}")
+    img = hr
+    for part in degradation.split("+"):
+        if part in _DOWNSCALERS:
+            img = downsample(img, scale, _DOWNSCALERS[part])
+        elif part.startswith("blur"):
+            img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(float(part[4:]))))
+        elif part.startswith("noise"):
+            noisy = img + np.random.default_rng(0).normal(0.0, float(part[5:]), img.shape)
+            img = np.clip(noisy, 0, 255).round().astype(np.uint8)
+        else:
+            img = jpeg_round_trip(img, int(part.removeprefix("jpeg")))
+    return img
+
+
+_DOWNSCALERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+                "box": Image.Resampling.BOX}
 
 
 def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generator) -> np.ndarray:

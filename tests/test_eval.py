@@ -186,5 +186,7 @@ def test_stress_degradations_are_what_they_say() -> None:
     np.testing.assert_array_equal(eval_downsample(hr, 2, "bicubic+noise2"), lr["bicubic+noise2"])
     err = {d: np.abs(lr[d].astype(np.float64) - lr["bicubic"]).mean() for d in lr}
     assert err["bicubic+jpeg55"] > err["bicubic+jpeg85"] > 0                # stronger compression
+    light = np.abs(lr["lanczos+jpeg95"].astype(np.float64) - lr["lanczos"]).mean()
+    assert 0 < light < err["bicubic+jpeg85"]                                # lighter compression
     assert err["blur0.8+bicubic"] > 0.5                                    # softer than bicubic
     assert len({v.tobytes() for v in lr.values()}) == len(lr)
