@@ -49,6 +49,10 @@ STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 
 
+# Per-pixel distances the loss can take; L1 is the official objective.
+LOSSES = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.square().mean()}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a run; saved in its state so a resume continues the same run."""
@@ -71,6 +75,7 @@ class TrainConfig:
     checkpoint_minutes: float = 15.0
     teacher: str = ""
     distil_weight: float = 1.0
+    loss: Literal["l1", "l2"] = "l1"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -82,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"t_min {self.t_min} is outside 0..{NUM_TRAIN_TIMESTEPS - 1}")
         if self.distil_weight < 0:
             raise ValueError(f"distil_weight {self.distil_weight} is negative")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -115,9 +122,10 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    noise: torch.Tensor, model_config: ModelConfig,
                    abar: torch.Tensor, *, lr: torch.Tensor | None = None,
                    back_projection: int = 0, teacher: nn.Module | None = None,
-                   distil_weight: float = 1.0) -> torch.Tensor:
+                   distil_weight: float = 1.0, loss: str = "l1") -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
-    timestep ``t`` for the whole batch.
+    timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
+    quantity PSNR scores).
 
     ``back_projection`` > 0 (x0 models only): the predicted image is back-projected onto ``lr``
     that many rounds, as the runtime does after sampling, and the L1 is taken on the image
@@ -150,10 +158,11 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     else:
         weight = 1.0
         want = x0 if form.prediction == "sample" else noise
-    loss = (out - want).abs().mean()
+    distance = LOSSES[loss]
+    total = distance(out - want)
     if guide is not None:
-        loss = loss + distil_weight * (out - guide).abs().mean()
-    return loss * weight
+        total = total + distil_weight * distance(out - guide)
+    return total * weight
 
 
 def hardware_description(device: torch.device) -> str:
@@ -338,7 +347,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                   torch.from_numpy(batch.cond).to(dev), t, noise,
                                   run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
                                   back_projection=cfg.loss_back_projection, teacher=teacher,
-                                  distil_weight=cfg.distil_weight)
+                                  distil_weight=cfg.distil_weight, loss=cfg.loss)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

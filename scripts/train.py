@@ -32,6 +32,7 @@ _FLAGS = {  # TrainConfig field -> help
     "checkpoint_minutes": "minutes between checkpoints and EMA snapshots",
     "teacher": "distil from this checkpoint's outputs (e.g. a bidiff-s2-x2-fp run), as well as the HR",
     "distil_weight": "weight of the L1 to the teacher's output (with --teacher)",
+    "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores)",
 }
 
 

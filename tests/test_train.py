@@ -286,3 +286,18 @@ def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     cfg = state["config"]
     assert (cfg["t_min"], cfg["lr_schedule"], cfg["decay_start"]) == (1600, "cosine", 3)
     assert state["step"] == cfg["steps"] >= 3
+
+
+def test_l2_loss_is_the_mean_squared_error_of_the_same_comparison():
+    """``loss="l2"`` squares the very difference L1 takes the magnitude of (x0 here)."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    hr, cond = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    half = lambda x_t, c, t: torch.full_like(x_t, 0.5)    # noqa: E731
+    err = 0.5 - 4 * (hr - cond)
+    l1 = diffusion_loss(half, hr, cond, 1700, torch.randn(hr.shape), cfg, abar)
+    l2 = diffusion_loss(half, hr, cond, 1700, torch.randn(hr.shape), cfg, abar, loss="l2")
+    assert l1.item() == pytest.approx(err.abs().mean().item(), rel=1e-6)
+    assert l2.item() == pytest.approx(err.square().mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="^unknown loss 'huber'; valid: l1, l2$"):
+        TrainConfig(loss="huber")
