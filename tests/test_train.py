@@ -301,3 +301,23 @@ def test_l2_loss_is_the_mean_squared_error_of_the_same_comparison():
     assert l2.item() == pytest.approx(err.square().mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="^unknown loss 'huber'; valid: l1, l2$"):
         TrainConfig(loss="huber")
+
+
+def test_bf16_precision_runs_the_network_under_autocast_and_keeps_float32_weights(tmp_path):
+    """``precision="bf16"``: the loss is near fp32's but not equal (the convs ran in bf16), its
+    gradients reach float32 parameters, and a run saves it in its config."""
+    model, hr, cond, noise, abar = _model_and_batch(TINY, 2, seed=3)
+    exact = diffusion_loss(model, hr, cond, 1000, noise, TINY, abar)
+    fast = diffusion_loss(model, hr, cond, 1000, noise, TINY, abar, precision="bf16")
+    assert fast.dtype == torch.float32
+    assert fast.item() != exact.item()
+    assert fast.item() == pytest.approx(exact.item(), rel=0.05)
+    fast.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    run = train(_cfg(precision="bf16", steps=2), tmp_path / "r", images=_images(), model_config=TINY,
+                progress=False)
+    assert run.step == 2 and all(p.dtype == torch.float32 for p in run.model.parameters())
+    state = torch.load(tmp_path / "r" / "state.pt", weights_only=False)
+    assert state["config"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="^unknown precision 'fp16'; valid: fp32, bf16$"):
+        TrainConfig(precision="fp16")
