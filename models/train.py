@@ -84,6 +84,7 @@ class TrainConfig:
     distil_weight: float = 1.0
     loss: Literal["l1", "l2"] = "l1"
     precision: Literal["fp32", "bf16"] = "fp32"
+    refine_t: int = -1
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -97,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"distil_weight {self.distil_weight} is negative")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        if not -1 <= self.refine_t < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"refine_t {self.refine_t} is outside -1..{NUM_TRAIN_TIMESTEPS - 1} (-1: off)")
+        if self.refine_t >= 0 and self.teacher:
+            raise ValueError("refine_t and teacher cannot be combined")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
@@ -133,7 +138,7 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    abar: torch.Tensor, *, lr: torch.Tensor | None = None,
                    back_projection: int = 0, teacher: nn.Module | None = None,
                    distil_weight: float = 1.0, loss: str = "l1",
-                   precision: str = "fp32") -> torch.Tensor:
+                   precision: str = "fp32", refine_t: int = -1) -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
     quantity PSNR scores).
@@ -149,6 +154,12 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
 
     ``precision="bf16"``: the network calls (student and teacher) run under bf16 autocast; their
     outputs come back as float32 for everything after them.
+
+    ``refine_t`` >= 0 (x0 models): a second call, as a two-step DDIM sampler makes it: the first
+    call's x0 (clipped to [-1, 1] like the scheduler's) and the ε it implies give x_t at
+    ``refine_t`` (0: the ``linspace`` spacing's last step, x_t = the estimate within 0.001), the
+    network predicts x0 again there, and the loss is the mean of both calls' losses, gradients
+    flowing through the first call into the second.
     """
     form = model_config.formulation
     x0 = form.target(hr, cond)
@@ -156,12 +167,23 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
     fast = PRECISIONS[precision]
-    with torch.autocast(hr.device.type, dtype=fast) if fast else contextlib.nullcontext():
-        out = model(x_t, cond, t_batch).float()
-        guide = None
-        if teacher is not None:
-            with torch.no_grad():
-                guide = teacher(x_t, cond, t_batch).float()
+
+    def call(x: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hr.device.type, dtype=fast) if fast else contextlib.nullcontext():
+            return model(x, cond, t_now).float()
+
+    outs = [call(x_t, t_batch)]
+    if refine_t >= 0:
+        if form.prediction != "sample" or teacher is not None:
+            raise ValueError("a refining second call needs an x0-predicting model and no teacher")
+        first = outs[0].clamp(-1.0, 1.0)
+        eps = (x_t - a.sqrt() * first) / (1 - a).sqrt()
+        a2 = abar[refine_t]
+        outs.append(call(a2.sqrt() * first + (1 - a2).sqrt() * eps, torch.full_like(t_batch, refine_t)))
+    guide = None
+    if teacher is not None:
+        with torch.no_grad(), torch.autocast(hr.device.type, dtype=fast) if fast else contextlib.nullcontext():
+            guide = teacher(x_t, cond, t_batch).float()
     if back_projection:
         if form.prediction != "sample" or lr is None:
             raise ValueError("a back-projected loss needs an x0-predicting model and the LR batch")
@@ -170,14 +192,14 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
             return back_project(form.to_image(pred, cond), lr, model_config.scale, back_projection)
 
         weight = form.residual_scale if form.type == "residual" else 1.0
-        out, want, guide = to_image(out), hr, None if guide is None else to_image(guide)
+        outs, want, guide = [to_image(o) for o in outs], hr, None if guide is None else to_image(guide)
     else:
         weight = 1.0
         want = x0 if form.prediction == "sample" else noise
     distance = LOSSES[loss]
-    total = distance(out - want)
+    total = sum(distance(o - want) for o in outs) / len(outs)
     if guide is not None:
-        total = total + distil_weight * distance(out - guide)
+        total = total + distil_weight * distance(outs[0] - guide)
     return total * weight
 
 
@@ -364,7 +386,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                   run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
                                   back_projection=cfg.loss_back_projection, teacher=teacher,
                                   distil_weight=cfg.distil_weight, loss=cfg.loss,
-                                  precision=cfg.precision)
+                                  precision=cfg.precision, refine_t=cfg.refine_t)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -53,7 +53,7 @@ from .consistency import check_back_projection
 from .formulation import Formulation
 from .schedule import check_time_shift, check_time_shifts, check_timestep_spacing, time_shift_for
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # 1: the first format. 2: the sampler fields ``time_shift``, ``time_shifts``, ``back_projection``
 # (a version-1 reader ignores unknown keys, so it would sample such an artifact differently
 # without a word; it refuses version 2 instead). Version-1 artifacts read as ever (the fields
@@ -61,7 +61,8 @@ FORMAT_VERSION = 3
 # graphs output x0, not ε) and ``timestep_spacing`` ("trailing"). The writer stamps the lowest
 # version that describes the artifact, so an ε-model with the paper's spacing stays version 2
 # (byte-identical re-exports) and a version-2 reader refuses exactly the artifacts it would
-# sample wrongly.
+# sample wrongly. 4: ``timestep_spacing`` "linspace" (a version-3 reader would call it
+# malformed); every other artifact keeps its version.
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".bidiff"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -179,6 +180,10 @@ class Manifest:
             Formulation.from_dict(self.model.formulation)
         except (ValueError, TypeError) as e:
             raise bad(str(e)) from None
+        if self.required_version() > max(self.format_version, 2):   # 1 reads as 2's defaults
+            raise bad(f"format_version {self.format_version} cannot describe its sampler "
+                      f"(timestep_spacing {self.timestep_spacing!r}, {self.model.formulation}): "
+                      f"needs {self.required_version()}")
         if not self.groups:
             raise bad("no groups")
         if [g.index for g in self.groups] != list(range(len(self.groups))):
@@ -245,7 +250,10 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 def required_format_version(formulation: dict[str, Any], timestep_spacing: str) -> int:
-    """3 for an x0-predicting model or a non-leading spacing (see ``FORMAT_VERSION``), else 2."""
+    """4 for the linspace spacing, 3 for an x0-predicting model or the trailing spacing (see
+    ``FORMAT_VERSION``), else 2."""
+    if timestep_spacing == "linspace":
+        return 4
     if timestep_spacing != "leading" or formulation.get("prediction", "epsilon") != "epsilon":
         return 3
     return 2

@@ -22,7 +22,7 @@ NUM_TRAIN_TIMESTEPS = 2000
 BETA_START = 1e-6
 BETA_END = 1e-2
 NUM_GROUPS = 5
-TIMESTEP_SPACINGS = ("leading", "trailing")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample")
 TIME_SHIFT = IntBound("time_shift", 0, NUM_TRAIN_TIMESTEPS - 1)   # DDIMScheduler(time_shift=...)
 
@@ -136,7 +136,10 @@ class DDIMScheduler:
       for 50 steps but does for a few (one step would be t = 0 on pure noise);
     - ``trailing``: t = T-1, T-1-T/n, ..., T/n-1 (diffusers' "trailing"); with 5 steps
       1999, 1599, 1199, 799, 399: the first step sees pure noise, as in training, and each of
-      the five expert groups is visited once.
+      the five expert groups is visited once;
+    - ``linspace``: t = round(linspace(T-1, 0, n)) (diffusers' "linspace"); with 2 steps
+      1999, 0: the second call sees the first one's x0 almost noise-free (sqrt(1 - abar_0) =
+      0.001), so a model trained for it refines its own estimate. One step is t = 0 alone.
 
     ``prediction_type`` says what ``model_output`` is: ``epsilon`` (the noise, the paper's) or
     ``sample`` (x0 itself; ε is then derived from x_t and x0 for the update).
@@ -151,7 +154,7 @@ class DDIMScheduler:
 
     def __init__(self, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                  beta_start: float = BETA_START, beta_end: float = BETA_END,
-                 timestep_spacing: Literal["leading", "trailing"] = "leading",
+                 timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading",
                  prediction_type: Literal["epsilon", "sample"] = "epsilon", clip_sample: bool = True,
                  clip_range: float = 1.0, time_shift: int = 0) -> None:
         self.timestep_spacing = check_timestep_spacing(timestep_spacing)
@@ -173,6 +176,8 @@ class DDIMScheduler:
         if self.timestep_spacing == "leading":
             ratio = self.num_train_timesteps // n
             self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
+        elif self.timestep_spacing == "linspace":
+            self.timesteps = np.linspace(0, self.num_train_timesteps - 1, n).round()[::-1].astype(np.int64)
         else:
             ratio = self.num_train_timesteps / n
             self.timesteps = (np.round(np.arange(self.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1)

@@ -33,6 +33,8 @@ _FLAGS = {  # TrainConfig field -> help
     "teacher": "distil from this checkpoint's outputs (e.g. a bidiff-s2-x2-fp run), as well as the HR",
     "distil_weight": "weight of the L1 to the teacher's output (with --teacher)",
     "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores)",
+    "refine_t": "x0 models: also train a second call at this timestep on the first call's estimate "
+                "(0: the 2-step linspace sampler's), the loss the mean of both; -1: off",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
 }
 

@@ -85,7 +85,7 @@ def test_eval_samples_with_the_checkpoints_sampler_settings(tmp_path, photos):
                     "3 steps: leading, shift 0, back-projection x3",
                     "3 steps: trailing, shift 0, back-projection x0"]
     assert e.scores["bicubic"]["3 steps"] != a.scores["bicubic"]["3 steps"]
-    with pytest.raises(ValueError, match="timestep_spacing must be one of leading, trailing, got 'middle'"):
+    with pytest.raises(ValueError, match="timestep_spacing must be one of leading, trailing, linspace, got 'middle'"):
         run_eval(plain, photos, tmp_path / "f", timestep_spacing="middle", **kw)
     a, b, c, d = (r.scores["bicubic"] for r in (a, b, c, d))
     assert a == c and a["3 steps"] != b["3 steps"]

@@ -102,7 +102,8 @@ def test_modified_missing_and_future_version(tmp_path: Path) -> None:
     with pytest.raises(A.ArtifactError, match="group_3.onnx is missing"):
         A.read_artifact(root)
     edit_manifest(root, format_version=A.FORMAT_VERSION + 1)
-    with pytest.raises(A.ArtifactError, match=r"artifact format 4 is newer than this runtime supports \(3\): upgrade bidiff"):
+    with pytest.raises(A.ArtifactError, match=rf"artifact format {A.FORMAT_VERSION + 1} is newer than this runtime supports "
+                                              rf"\({A.FORMAT_VERSION}\): upgrade bidiff"):
         A.read_artifact(root)
     edit_manifest(root, format_version=1, files={"../etc/passwd": "0" * 64})
     with pytest.raises(A.ArtifactError, match="unsafe path"):
@@ -129,11 +130,13 @@ def test_version_1_artifact_reads_with_the_papers_sampler(tmp_path: Path) -> Non
     ({"type": "residual", "residual_scale": 4.0}, "leading", 2),
     ({"type": "residual", "residual_scale": 4.0, "prediction": "sample"}, "leading", 3),
     ({"type": "official"}, "trailing", 3),
+    ({"type": "residual", "residual_scale": 4.0, "prediction": "sample"}, "linspace", 4),
 ])
-def test_x0_prediction_and_spacing_round_trip_as_format_3(tmp_path: Path, formulation, spacing,
-                                                          version) -> None:
-    """The writer stamps the lowest version that describes the sampler, so a version-2 reader
-    refuses exactly the artifacts it would sample wrongly; the fields survive the round trip."""
+def test_x0_prediction_and_spacing_round_trip_as_format_3_or_4(tmp_path: Path, formulation, spacing,
+                                                               version) -> None:
+    """The writer stamps the lowest version that describes the sampler, so an older reader
+    refuses exactly the artifacts it would sample wrongly; the fields survive the round trip,
+    and a manifest claiming a lower version than its sampler needs is malformed."""
     m = tiny_manifest()
     m.model.formulation, m.timestep_spacing = formulation, spacing
     root = tmp_path / "a"
@@ -144,9 +147,15 @@ def test_x0_prediction_and_spacing_round_trip_as_format_3(tmp_path: Path, formul
         w.finish(m)
     d = json.loads((root / A.MANIFEST).read_text())
     assert d["format_version"] == version
-    assert ("timestep_spacing" in d) == (version == 3)       # version-2 manifests keep their bytes
+    assert ("timestep_spacing" in d) == (version >= 3)       # version-2 manifests keep their bytes
     got = A.read_artifact(root).manifest
     assert (got.model.formulation, got.timestep_spacing) == (formulation, spacing)
+    if version > 2:
+        edit_manifest(root, format_version=version - 1)
+        with pytest.raises(A.ArtifactError, match=rf"^manifest is malformed \(format_version {version - 1} "
+                                                  rf"cannot describe its sampler .*: needs {version}\): "
+                                                  r"re-export the artifact$"):
+            A.read_artifact(root)
 
 
 @pytest.mark.parametrize("field,bad,message", [
@@ -171,9 +180,9 @@ def test_sampler_fields(tmp_path: Path, field: str, bad: int, message: str) -> N
 
 def test_unknown_spacing_or_prediction_is_malformed(tmp_path: Path) -> None:
     root = make_fake_artifact(tmp_path / "a")
-    edit_manifest(root, timestep_spacing="linspace")
+    edit_manifest(root, timestep_spacing="middle")
     with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(timestep_spacing must be one of "
-                                              r"leading, trailing, got 'linspace'\): re-export the artifact$"):
+                                              r"leading, trailing, linspace, got 'middle'\): re-export the artifact$"):
         A.read_artifact(root)
     edit_manifest(root, timestep_spacing="trailing",
                   model={"name": "fake", "network": {}, "scale": 2,

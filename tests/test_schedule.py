@@ -22,6 +22,24 @@ def test_leading_timesteps(golden_npz):
     assert list(sched.set_timesteps(1)) == [0]
 
 
+def test_trailing_and_linspace_timesteps():
+    """diffusers' spacings; a 2-step linspace x0 sampler hands its second call the first call's
+    estimate within sqrt(1 - abar_0) = 0.001 of the noise, and returns the second's x0."""
+    trailing = schedule.DDIMScheduler(timestep_spacing="trailing")
+    assert list(trailing.set_timesteps(5)) == [1999, 1599, 1199, 799, 399]
+    sched = schedule.DDIMScheduler(timestep_spacing="linspace", prediction_type="sample")
+    assert list(sched.set_timesteps(5)) == [1999, 1499, 1000, 500, 0]
+    assert list(sched.set_timesteps(1)) == [0]
+    assert list(sched.set_timesteps(2)) == [1999, 0]
+    rng = np.random.default_rng(0)
+    x_T, first, second = (rng.normal(0, s, (2, 3, 4, 4)).astype(np.float32) for s in (1, 0.2, 0.2))
+    x_0 = sched.step(first, 0, x_T).prev_sample
+    assert 0 < np.abs(x_0 - first).max() < 0.002 * np.abs(x_T).max() + 1e-6
+    np.testing.assert_array_equal(sched.step(second, 1, x_0).prev_sample, second)
+    with pytest.raises(ValueError, match="^timestep_spacing must be one of leading, trailing, linspace, got 'middle'$"):
+        schedule.DDIMScheduler(timestep_spacing="middle")
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2001])
 def test_bad_step_counts(bad):
     with pytest.raises(ValueError, match="steps must be between 1 and 2000"):
