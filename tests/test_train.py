@@ -321,3 +321,29 @@ def test_bf16_precision_runs_the_network_under_autocast_and_keeps_float32_weight
     assert state["config"]["precision"] == "bf16"
     with pytest.raises(ValueError, match="^unknown precision 'fp16'; valid: fp32, bf16$"):
         TrainConfig(precision="fp16")
+
+
+def test_refine_t_trains_a_second_call_on_the_first_calls_estimate():
+    """The second call sees x_t at refine_t made, as the DDIM update makes it, from the first
+    call's clipped x0 and the ε it implies; the loss is the mean of both calls' losses."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    hr, cond, noise = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    calls = []
+
+    def spy(x_t, c, t):
+        calls.append((x_t, int(t[0, 0])))
+        return torch.full_like(x_t, 1.5 if len(calls) == 1 else 0.25)
+
+    x0 = 4 * (hr - cond)
+    loss = diffusion_loss(spy, hr, cond, 1700, noise, cfg, abar, refine_t=0)
+    assert [t for _, t in calls] == [1700, 0]
+    a, a0 = abar[1700], abar[0]
+    eps = (calls[0][0] - a.sqrt() * 1.0) / (1 - a).sqrt()          # the estimate clipped to 1
+    torch.testing.assert_close(calls[1][0], a0.sqrt() * 1.0 + (1 - a0).sqrt() * eps)
+    want = ((1.5 - x0).abs().mean() + (0.25 - x0).abs().mean()) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="^a refining second call needs an x0-predicting model and no teacher$"):
+        diffusion_loss(spy, hr, cond, 1700, noise, TINY, abar, refine_t=0)
+    with pytest.raises(ValueError, match=r"^refine_t 2000 is outside -1\.\.1999 \(-1: off\)$"):
+        TrainConfig(refine_t=2000)
