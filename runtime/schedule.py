@@ -139,7 +139,9 @@ class DDIMScheduler:
       the five expert groups is visited once;
     - ``linspace``: t = round(linspace(T-1, 0, n)) (diffusers' "linspace"); with 2 steps
       1999, 0: the second call sees the first one's x0 almost noise-free (sqrt(1 - abar_0) =
-      0.001), so a model trained for it refines its own estimate. One step is t = 0 alone.
+      0.001), so a model trained for it refines its own estimate. One step is t = T-1, where
+      diffusers has 0, so that ``steps=1`` on such a model is its first call alone, not a call
+      at t = 0 on pure noise.
 
     ``prediction_type`` says what ``model_output`` is: ``epsilon`` (the noise, the paper's) or
     ``sample`` (x0 itself; ε is then derived from x_t and x0 for the update).
@@ -177,7 +179,7 @@ class DDIMScheduler:
             ratio = self.num_train_timesteps // n
             self.timesteps = (np.arange(n, dtype=np.int64) * ratio)[::-1].copy()
         elif self.timestep_spacing == "linspace":
-            self.timesteps = np.linspace(0, self.num_train_timesteps - 1, n).round()[::-1].astype(np.int64)
+            self.timesteps = np.linspace(self.num_train_timesteps - 1, 0, n).round().astype(np.int64)
         else:
             ratio = self.num_train_timesteps / n
             self.timesteps = (np.round(np.arange(self.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1)
