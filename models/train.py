@@ -60,6 +60,12 @@ LOSSES = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.square().mean()}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    fast = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=fast) if fast else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a run; saved in its state so a resume continues the same run."""
@@ -166,10 +172,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     a = abar[t]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
-    fast = PRECISIONS[precision]
-
     def call(x: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(hr.device.type, dtype=fast) if fast else contextlib.nullcontext():
+        with precision_context(hr.device, precision):
             return model(x, cond, t_now).float()
 
     outs = [call(x_t, t_batch)]
@@ -182,7 +186,7 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         outs.append(call(a2.sqrt() * first + (1 - a2).sqrt() * eps, torch.full_like(t_batch, refine_t)))
     guide = None
     if teacher is not None:
-        with torch.no_grad(), torch.autocast(hr.device.type, dtype=fast) if fast else contextlib.nullcontext():
+        with torch.no_grad(), precision_context(hr.device, precision):
             guide = teacher(x_t, cond, t_batch).float()
     if back_projection:
         if form.prediction != "sample" or lr is None:
