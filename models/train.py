@@ -58,6 +58,7 @@ LOSSES = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.square().mean()}
 # VMs, gradients within cos 0.97 of fp32's (docs/TRAINING.md). The loss, the back-projection,
 # Adam and the saved weights stay float32 either way.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+FIRST_X_T = ("noise", "zeros")
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -91,6 +92,7 @@ class TrainConfig:
     loss: Literal["l1", "l2"] = "l1"
     precision: Literal["fp32", "bf16"] = "fp32"
     refine_t: int = -1
+    first_x_t: Literal["noise", "zeros"] = "noise"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ValueError("refine_t and teacher cannot be combined")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.first_x_t not in FIRST_X_T:
+            raise ValueError(f"unknown first_x_t {self.first_x_t!r}; valid: {', '.join(FIRST_X_T)}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -144,7 +148,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    abar: torch.Tensor, *, lr: torch.Tensor | None = None,
                    back_projection: int = 0, teacher: nn.Module | None = None,
                    distil_weight: float = 1.0, loss: str = "l1",
-                   precision: str = "fp32", refine_t: int = -1) -> torch.Tensor:
+                   precision: str = "fp32", refine_t: int = -1,
+                   first_x_t: str = "noise") -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
     quantity PSNR scores).
@@ -166,11 +171,18 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     ``refine_t`` (0: the ``linspace`` spacing's last step, x_t = the estimate within 0.001), the
     network predicts x0 again there, and the loss is the mean of both calls' losses, gradients
     flowing through the first call into the second.
+
+    ``first_x_t="zeros"``: the first call sees x_t = 0, as a sampler started from x_T = 0 gives
+    it. Why: at the top timesteps x_t is almost pure noise, so the network learns to ignore its
+    x_t inputs; a refining call needs those same inputs to carry the estimate, and zeros in the
+    first call leave them free for it (noise there pulls the shared weights the other way).
     """
     form = model_config.formulation
+    if first_x_t == "zeros" and form.prediction != "sample":
+        raise ValueError("x_t = 0 in the first call needs an x0-predicting model")
     x0 = form.target(hr, cond)
     a = abar[t]
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_t = torch.zeros_like(x0) if first_x_t == "zeros" else a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
     def call(x: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
         with precision_context(hr.device, precision):
@@ -390,7 +402,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                   run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
                                   back_projection=cfg.loss_back_projection, teacher=teacher,
                                   distil_weight=cfg.distil_weight, loss=cfg.loss,
-                                  precision=cfg.precision, refine_t=cfg.refine_t)
+                                  precision=cfg.precision, refine_t=cfg.refine_t,
+                                  first_x_t=cfg.first_x_t)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -35,6 +35,8 @@ _FLAGS = {  # TrainConfig field -> help
     "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores)",
     "refine_t": "x0 models: also train a second call at this timestep on the first call's estimate "
                 "(0: the 2-step linspace sampler's), the loss the mean of both; -1: off",
+    "first_x_t": "x0 models: the first call's x_t, noise (the forward process) | zeros (a sampler "
+                 "started from x_T = 0; frees the x_t inputs for a --refine-t call)",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
 }
 

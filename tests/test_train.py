@@ -347,3 +347,30 @@ def test_refine_t_trains_a_second_call_on_the_first_calls_estimate():
         diffusion_loss(spy, hr, cond, 1700, noise, TINY, abar, refine_t=0)
     with pytest.raises(ValueError, match=r"^refine_t 2000 is outside -1\.\.1999 \(-1: off\)$"):
         TrainConfig(refine_t=2000)
+
+
+def test_first_x_t_zeros_gives_the_first_call_zeros_and_the_refining_call_the_estimate():
+    """``first_x_t="zeros"``: the first call sees x_t = 0 at its t (as a sampler started from
+    x_T = 0), and the refining call sees what the DDIM update makes from that x_t and the first
+    call's clipped x0; an ε model is refused (its target would be unpredictable noise)."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    hr, cond, noise = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    calls = []
+
+    def spy(x_t, c, t):
+        calls.append(x_t.clone())
+        return torch.full_like(x_t, 0.5)
+
+    diffusion_loss(spy, hr, cond, 1999, noise, cfg, abar, refine_t=0, first_x_t="zeros")
+    assert torch.equal(calls[0], torch.zeros_like(hr))
+    a, a0 = abar[1999], abar[0]
+    eps = (0 - a.sqrt() * 0.5) / (1 - a).sqrt()
+    torch.testing.assert_close(calls[1], torch.full_like(hr, float(a0.sqrt() * 0.5 + (1 - a0).sqrt() * eps)))
+    calls.clear()
+    diffusion_loss(spy, hr, cond, 1999, noise, cfg, abar)
+    assert not torch.equal(calls[0], torch.zeros_like(hr))
+    with pytest.raises(ValueError, match="^x_t = 0 in the first call needs an x0-predicting model$"):
+        diffusion_loss(spy, hr, cond, 1999, noise, TINY, abar, first_x_t="zeros")
+    with pytest.raises(ValueError, match="^unknown first_x_t 'ones'; valid: noise, zeros$"):
+        TrainConfig(first_x_t="ones")
