@@ -184,6 +184,7 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     a = abar[t]
     x_t = torch.zeros_like(x0) if first_x_t == "zeros" else a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_batch = torch.full((hr.shape[0], 1), t, dtype=torch.int64, device=hr.device)
+
     def call(x: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
         with precision_context(hr.device, precision):
             return model(x, cond, t_now).float()

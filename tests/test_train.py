@@ -374,3 +374,20 @@ def test_first_x_t_zeros_gives_the_first_call_zeros_and_the_refining_call_the_es
         diffusion_loss(spy, hr, cond, 1999, noise, TINY, abar, first_x_t="zeros")
     with pytest.raises(ValueError, match="^unknown first_x_t 'ones'; valid: noise, zeros$"):
         TrainConfig(first_x_t="ones")
+
+
+def test_train_passes_first_x_t_and_refine_t_to_the_loss(tmp_path, monkeypatch):
+    """The run's config reaches every step's loss (the options above are inert otherwise)."""
+    import bidiff.models.train as train_module
+    seen = []
+    real = train_module.diffusion_loss
+
+    def spy(*args, **kw):
+        seen.append((kw["first_x_t"], kw["refine_t"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", spy)
+    x0_tiny = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    train(_cfg(steps=2, first_x_t="zeros", refine_t=0), tmp_path / "r", images=_images(),
+          model_config=x0_tiny, progress=False)
+    assert seen == [("zeros", 0), ("zeros", 0)]
