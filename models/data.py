@@ -1,10 +1,11 @@
 """Training pairs: random HR patches, their LR and the shared bicubic condition.
 
 The degradation is ``bicubic`` (Pillow BICUBIC downscaling, antialiased, rounded to 8-bit like a
-saved image: what the first models trained on) or ``mixed``: per patch one of Pillow's
-antialiased bicubic, Lanczos, box (area) or bilinear downscalers, then with probability
-``JPEG_PROBABILITY`` a JPEG round trip at a quality drawn from ``JPEG_QUALITY``, so a model does
-not depend on one downscaler (users' photos come from many). The condition is ``bidiff.runtime.bicubic``'s
+saved image: what the first models trained on) or one of ``MIXES``: per patch one of Pillow's
+antialiased bicubic, Lanczos, box (area) or bilinear downscalers, then with the mix's probability
+a JPEG round trip at a quality drawn from its range, so a model does not depend on one
+downscaler (users' photos come from many). ``mixed`` is what the shipped models trained on;
+``mixed-jpeg`` shows JPEG in half the patches, down to quality 50 (most photos are JPEGs). The condition is ``bidiff.runtime.bicubic``'s
 INTER_CUBIC-compatible upscaling, the same function the device runs. Images are preloaded as
 uint8 arrays because decoding PNGs every step would cost more than the patch itself.
 """
@@ -24,11 +25,19 @@ from PIL import Image, ImageFilter
 from bidiff.runtime.bicubic import upscale_condition
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-DEGRADATIONS = ("bicubic", "mixed")
 MIXED_RESAMPLERS = (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX,
                     Image.Resampling.BILINEAR)
-JPEG_PROBABILITY = 0.3
-JPEG_QUALITY = (70, 95)             # inclusive range
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A training degradation mix: the share of JPEG'd patches and their quality range."""
+    jpeg_probability: float
+    jpeg_quality: tuple[int, int]   # inclusive range
+
+
+MIXES = {"mixed": Mix(0.3, (70, 95)), "mixed-jpeg": Mix(0.5, (50, 95))}
+DEGRADATIONS = ("bicubic", *MIXES)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ STRESS_DEGRADATIONS = ("box", "blur0.8+bicubic", "bicubic+noise2", "bicubic+jpeg
 """Robustness probes (``eval.py --degradations``): box (area) downscaling and a light JPEG,
 both inside the ``mixed`` training distribution, and three it never shows — a Gaussian blur of
 sigma 0.8 px before bicubic downscaling (a soft lens), Gaussian noise of sigma 2 (of 255) on the
-LR (sensor noise, seeded so reruns agree) and JPEG quality 55 (below ``JPEG_QUALITY``)."""
+LR (sensor noise, seeded so reruns agree) and JPEG quality 55 (below ``mixed``'s range)."""
 
 
 def eval_downsample(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
@@ -119,11 +128,12 @@ def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generat
     """The LR of one HWC uint8 HR patch under ``degradation`` (see the module docstring)."""
     if degradation == "bicubic":
         return downsample(hr, scale)
-    if degradation != "mixed":
+    if degradation not in MIXES:
         raise ValueError(f"unknown degradation {degradation!r}; valid: {', '.join(DEGRADATIONS)}")
+    mix = MIXES[degradation]
     lr = downsample(hr, scale, MIXED_RESAMPLERS[rng.integers(0, len(MIXED_RESAMPLERS))])
-    if rng.random() < JPEG_PROBABILITY:
-        lr = jpeg_round_trip(lr, rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+    if rng.random() < mix.jpeg_probability:
+        lr = jpeg_round_trip(lr, rng.integers(mix.jpeg_quality[0], mix.jpeg_quality[1] + 1))
     return lr
 
 

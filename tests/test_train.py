@@ -234,8 +234,21 @@ def test_mixed_degradation_varies_the_lr_and_keeps_bicubic_batches_unchanged():
     assert not np.array_equal(mixed.lr, plain.lr)            # ... other downscalers / JPEG
     other_patch = np.abs(plain.lr - plain.lr[::-1]).mean()
     assert np.abs(mixed.lr - plain.lr).mean() < 0.5 * other_patch   # still the same picture
-    with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed"):
+    with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed, mixed-jpeg"):
         TrainConfig(degradation="gauss")
+
+
+@pytest.mark.parametrize("name, share, low, high", [("mixed", 0.3, 70, 95), ("mixed-jpeg", 0.5, 50, 95)])
+def test_each_mix_jpegs_its_share_of_patches_over_its_quality_range(monkeypatch, name, share, low, high):
+    from bidiff.models import data
+    qualities = []
+    monkeypatch.setattr(data, "jpeg_round_trip", lambda img, q: qualities.append(int(q)) or img)
+    rng = np.random.default_rng(0)
+    patch = np.zeros((8, 8, 3), np.uint8)
+    for _ in range(2000):
+        data.degrade(patch, 2, name, rng)
+    assert abs(len(qualities) / 2000 - share) < 0.04
+    assert min(qualities) == low and max(qualities) == high
 
 
 def test_torch_back_projection_equals_the_runtime_one_and_trains_through_it():
