@@ -59,6 +59,9 @@ LOSSES = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.square().mean()}
 # Adam and the saved weights stay float32 either way.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 FIRST_X_T = ("noise", "zeros")
+# What a back-projected prediction is compared with: the HR image, or the HR image put through
+# the same back-projection onto the same LR (the best image the runtime can output from it).
+LOSS_TARGETS = ("hr", "projected")
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -93,6 +96,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     refine_t: int = -1
     first_x_t: Literal["noise", "zeros"] = "noise"
+    loss_target: Literal["hr", "projected"] = "hr"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -114,6 +118,10 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.first_x_t not in FIRST_X_T:
             raise ValueError(f"unknown first_x_t {self.first_x_t!r}; valid: {', '.join(FIRST_X_T)}")
+        if self.loss_target not in LOSS_TARGETS:
+            raise ValueError(f"unknown loss_target {self.loss_target!r}; valid: {', '.join(LOSS_TARGETS)}")
+        if self.loss_target == "projected" and not self.loss_back_projection:
+            raise ValueError("loss_target 'projected' needs loss_back_projection > 0")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -149,7 +157,7 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    back_projection: int = 0, teacher: nn.Module | None = None,
                    distil_weight: float = 1.0, loss: str = "l1",
                    precision: str = "fp32", refine_t: int = -1,
-                   first_x_t: str = "noise") -> torch.Tensor:
+                   first_x_t: str = "noise", target: str = "hr") -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
     quantity PSNR scores).
@@ -157,7 +165,12 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     ``back_projection`` > 0 (x0 models only): the predicted image is back-projected onto ``lr``
     that many rounds, as the runtime does after sampling, and the loss is taken on the image
     (times the residual scale, so its size matches the x0 loss): the network is then trained
-    only on the error back-projection leaves (``models.projection``).
+    only on the error back-projection leaves (``models.projection``). ``target="projected"``
+    compares it with the HR image back-projected the same way instead: back-projection is
+    affine, so the loss becomes the distance of A·(prediction − HR) alone, where the default
+    also carries the part of the error no prediction can change (what the LR's own
+    degradation, e.g. JPEG, leaves after projection), which under L1 sets the sign of the
+    gradient wherever it is the larger.
 
     ``teacher`` (same formulation; e.g. the full-precision twin): output distillation. The
     teacher sees the same x_t, and ``distil_weight`` times the same distance between the
@@ -209,7 +222,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
             return back_project(form.to_image(pred, cond), lr, model_config.scale, back_projection)
 
         weight = form.residual_scale if form.type == "residual" else 1.0
-        outs, want, guide = [to_image(o) for o in outs], hr, None if guide is None else to_image(guide)
+        want = hr if target == "hr" else back_project(hr, lr, model_config.scale, back_projection)
+        outs, guide = [to_image(o) for o in outs], None if guide is None else to_image(guide)
     else:
         weight = 1.0
         want = x0 if form.prediction == "sample" else noise
@@ -404,7 +418,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                   back_projection=cfg.loss_back_projection, teacher=teacher,
                                   distil_weight=cfg.distil_weight, loss=cfg.loss,
                                   precision=cfg.precision, refine_t=cfg.refine_t,
-                                  first_x_t=cfg.first_x_t)
+                                  first_x_t=cfg.first_x_t, target=cfg.loss_target)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -37,6 +37,9 @@ _FLAGS = {  # TrainConfig field -> help
                 "(0: the 2-step linspace sampler's), the loss the mean of both; -1: off",
     "first_x_t": "x0 models: the first call's x_t, noise (the forward process) | zeros (a sampler "
                  "started from x_T = 0; frees the x_t inputs for a --refine-t call)",
+    "loss_target": "with --loss-back-projection: compare with the HR image (hr) | the HR image "
+                   "back-projected onto the same LR (projected: leaves out the error no prediction "
+                   "can change, e.g. the LR's JPEG error)",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
 }
 
@@ -69,7 +72,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
-    cfg = TrainConfig(**given)
+    # A resumed run's flags override its saved config and are checked against it by train():
+    # on their own they may not be a valid config (--loss-target projected without the
+    # --loss-back-projection the run was saved with).
+    cfg = TrainConfig(**{k: v for k, v in given.items() if k == "model"}) if args.resume else TrainConfig(**given)
     run_dir = args.runs / (args.name or cfg.model)
     if args.init and args.resume:
         raise SystemExit("--init starts a new run; --resume continues one: pass only one of them")

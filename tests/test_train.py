@@ -281,6 +281,40 @@ def test_torch_back_projection_equals_the_runtime_one_and_trains_through_it():
                        back_projection=1)
 
 
+def test_projected_loss_target_leaves_out_what_the_lr_alone_decides():
+    """target="projected": the loss is |A (x0 - HR)| for the affine back-projection A, so it
+    does not change when the LR does (a JPEG'd LR, here noise added to it), where the HR
+    target's does; with the LR the HR downscales to exactly, the two nearly agree."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3))
+    hr, cond, low = (torch.from_numpy(a) for a in (batch.hr, batch.cond, batch.lr))
+    noisy = low + 0.05 * torch.randn(low.shape, generator=torch.Generator().manual_seed(1))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    noise = torch.randn(hr.shape)
+
+    def loss(lr, target):
+        return diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=lr, back_projection=3,
+                              target=target).item()
+    assert loss(noisy, "projected") == pytest.approx(loss(low, "projected"), rel=1e-5)
+    assert loss(noisy, "hr") > 1.5 * loss(low, "hr")
+    assert loss(low, "projected") == pytest.approx(loss(low, "hr"), rel=0.1)
+    with pytest.raises(ValueError, match="loss_target 'projected' needs loss_back_projection > 0"):
+        TrainConfig(loss_target="projected")
+
+
+def test_train_script_checks_resume_flags_against_the_saved_run(tmp_path):
+    """`--resume` flags are overrides of the saved config: alone they need not be a valid one
+    (here the saved run would supply --loss-back-projection), so the script must not reject
+    them before it has read the run."""
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--resume", "--name", "r",
+                          "--runs", str(tmp_path), "--loss-target", "projected"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == f"nothing to resume: {tmp_path / 'r' / 'state.pt'} does not exist"
+
+
 def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     """scripts/train_timed.py (the lent-GPU entry point): phase 1 at the constant peak LR, then
     a cosine to the end step its budget reaches, with the recipe's flags (here --t-min)."""
@@ -389,18 +423,19 @@ def test_first_x_t_zeros_gives_the_first_call_zeros_and_the_refining_call_the_es
         TrainConfig(first_x_t="ones")
 
 
-def test_train_passes_first_x_t_and_refine_t_to_the_loss(tmp_path, monkeypatch):
+def test_train_passes_first_x_t_refine_t_and_loss_target_to_the_loss(tmp_path, monkeypatch):
     """The run's config reaches every step's loss (the options above are inert otherwise)."""
     import bidiff.models.train as train_module
     seen = []
     real = train_module.diffusion_loss
 
     def spy(*args, **kw):
-        seen.append((kw["first_x_t"], kw["refine_t"]))
+        seen.append((kw["first_x_t"], kw["refine_t"], kw["target"]))
         return real(*args, **kw)
 
     monkeypatch.setattr(train_module, "diffusion_loss", spy)
     x0_tiny = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
-    train(_cfg(steps=2, first_x_t="zeros", refine_t=0), tmp_path / "r", images=_images(),
-          model_config=x0_tiny, progress=False)
-    assert seen == [("zeros", 0), ("zeros", 0)]
+    train(_cfg(steps=2, first_x_t="zeros", refine_t=0, loss_back_projection=1,
+               loss_target="projected"), tmp_path / "r", images=_images(), model_config=x0_tiny,
+          progress=False)
+    assert seen == [("zeros", 0, "projected"), ("zeros", 0, "projected")]
