@@ -5,9 +5,11 @@ saved image: what the first models trained on) or one of ``MIXES``: per patch on
 antialiased bicubic, Lanczos, box (area) or bilinear downscalers, then with the mix's probability
 a JPEG round trip at a quality drawn from its range, so a model does not depend on one
 downscaler (users' photos come from many). ``mixed`` is what the shipped models trained on;
-``mixed-jpeg`` shows JPEG in half the patches, down to quality 50 (most photos are JPEGs). The condition is ``bidiff.runtime.bicubic``'s
-INTER_CUBIC-compatible upscaling, the same function the device runs. Images are preloaded as
-uint8 arrays because decoding PNGs every step would cost more than the patch itself.
+``mixed-jpeg`` shows JPEG in half the patches, down to quality 50 (measured worse under every
+degradation, JPEG included: docs/EXPERIMENTS.md). The condition is
+``bidiff.runtime.bicubic``'s INTER_CUBIC-compatible upscaling, the same function the device
+runs. Images are preloaded as uint8 arrays because decoding PNGs every step would cost more
+than the patch itself.
 """
 from __future__ import annotations
 

@@ -75,7 +75,10 @@ def main() -> None:
     # A resumed run's flags override its saved config and are checked against it by train():
     # on their own they may not be a valid config (--loss-target projected without the
     # --loss-back-projection the run was saved with).
-    cfg = TrainConfig(**{k: v for k, v in given.items() if k == "model"}) if args.resume else TrainConfig(**given)
+    if args.resume:
+        cfg = TrainConfig(**{k: v for k, v in given.items() if k == "model"})
+    else:
+        cfg = TrainConfig(**given)
     run_dir = args.runs / (args.name or cfg.model)
     if args.init and args.resume:
         raise SystemExit("--init starts a new run; --resume continues one: pass only one of them")

@@ -302,6 +302,8 @@ def test_projected_loss_target_leaves_out_what_the_lr_alone_decides():
     assert loss(low, "projected") == pytest.approx(loss(low, "hr"), rel=0.1)
     with pytest.raises(ValueError, match="loss_target 'projected' needs loss_back_projection > 0"):
         TrainConfig(loss_target="projected")
+    with pytest.raises(ValueError, match="loss target 'projected' needs back_projection > 0"):
+        diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=low, target="projected")
 
 
 def test_train_script_checks_resume_flags_against_the_saved_run(tmp_path):
