@@ -191,9 +191,10 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     first call leave them free for it (noise there pulls the shared weights the other way).
     """
     form = model_config.formulation
-    if target not in LOSS_TARGETS or (target != "hr" and not back_projection):
-        raise ValueError(f"loss target {target!r} needs back_projection > 0; "
-                         f"valid: {', '.join(LOSS_TARGETS)}")
+    if target not in LOSS_TARGETS:
+        raise ValueError(f"unknown loss target {target!r}; valid: {', '.join(LOSS_TARGETS)}")
+    if target == "projected" and not back_projection:
+        raise ValueError("loss target 'projected' needs back_projection > 0")
     if first_x_t == "zeros" and form.prediction != "sample":
         raise ValueError("x_t = 0 in the first call needs an x0-predicting model")
     x0 = form.target(hr, cond)

@@ -304,6 +304,23 @@ def test_projected_loss_target_leaves_out_what_the_lr_alone_decides():
         TrainConfig(loss_target="projected")
     with pytest.raises(ValueError, match="loss target 'projected' needs back_projection > 0"):
         diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=low, target="projected")
+    with pytest.raises(ValueError, match="^unknown loss target 'pro'; valid: hr, projected$"):
+        diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=low, back_projection=1, target="pro")
+
+
+def test_projection_floor_orders_the_degradations_by_what_the_lr_alone_loses():
+    """scripts/projection_floor.py: HR back-projected onto its own bicubic LR comes back almost
+    exactly (the runtime's projection models that downscaler); a JPEG'd LR leaves far more,
+    the more the lower the quality."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from projection_floor import projection_floor
+    finally:
+        sys.path.pop(0)
+    db = projection_floor(_images(size=64), crops=4, size=32, scale=2, rounds=3, seed=0)
+    assert db["bicubic"] > 55 > 50 > db["lanczos"]
+    assert db["bicubic+jpeg95"] > db["bicubic+jpeg85"] > db["bicubic+jpeg70"] > db["bicubic+jpeg50"]
+    assert db["bicubic"] - db["bicubic+jpeg50"] > 20
 
 
 def test_train_script_checks_resume_flags_against_the_saved_run(tmp_path):
