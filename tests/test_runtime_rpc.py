@@ -41,7 +41,9 @@ TILE, STEPS, KEY = 32, 10, "bidiff-test"
 # img0 takes 1 tile, the others 25 each: the worker that finishes img0 is known to be free
 # while the others are mid-image
 SIZES = [(16, 16), (64, 64), (60, 64), (64, 60)]
-START_S, RUN_S = 120, 180            # bounds: a process coming up, one CLI run
+# hang bounds, not timings: a process coming up (4 servers importing TVM at once take minutes on
+# two loaded cores; a server that dies fails at once, see Cluster.wait_registered), one CLI run
+START_S, RUN_S = 600, 180
 
 
 def free_port() -> int:
@@ -70,6 +72,7 @@ class Cluster:
                                 "--port", str(self.port), "--port-end", str(self.port + 1)])
         wait_until(self._tracker_up, START_S, "the tracker")
         self.servers: dict[str, str] = {}        # name -> HOST:PORT
+        self.keys: dict[str, str] = {}           # server name -> its key
 
     def _start(self, name: str, args: list[str], program: list[str] | None = None) -> None:
         log = open(self.log_dir / f"{name}.log", "wb")
@@ -106,6 +109,19 @@ class Cluster:
             self._start(name, ["-m", "bidiff.runtime.cli", "device-server", *device_server]
                         if bidiff else ["-m", "tvm.exec.rpc_server", *common])
         self.servers[name] = f"127.0.0.1:{port}"
+        self.keys[name] = key
+
+    def wait_registered(self, n: int, key: str = KEY) -> None:
+        """Wait until ``n`` servers of ``key`` are registered; fail at once, with its log, if the
+        tracker or a server of ``key`` has exited meanwhile."""
+        def up() -> bool:
+            dead = [name for name, p in self.procs.items()
+                    if self.keys.get(name, key) == key and p.poll() is not None]
+            if dead:
+                log = (self.log_dir / f"{dead[0]}.log").read_text(errors="replace").strip().splitlines()
+                pytest.fail(f"{dead[0]} exited:\n" + "\n".join(log[-15:]), pytrace=False)
+            return len(self.registered(key)) == n
+        wait_until(up, START_S, f"{n} servers of {key} to register")
 
     def signal(self, name: str, sig: int) -> None:
         os.killpg(self.procs[name].pid, sig)
@@ -147,7 +163,7 @@ def cluster(work: Path):
     try:
         for i, bidiff in enumerate([False, True, False, True]):
             c.add_server(f"server{i}", bidiff=bidiff)
-        wait_until(lambda: len(c.registered()) == 4, START_S, "4 servers to register")
+        c.wait_registered(4)
         yield c
     finally:
         c.stop()
@@ -397,7 +413,7 @@ def own_servers(cluster: Cluster, request, n: int):
     try:
         for name in names:
             cluster.add_server(name, bidiff=True, key=key)
-        wait_until(lambda: len(cluster.registered(key)) == n, START_S, f"{n} servers of {key} to register")
+        cluster.wait_registered(n, key)
         yield key, names
     finally:
         cluster.stop([name for name in names if name in cluster.procs])
