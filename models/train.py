@@ -42,6 +42,7 @@ from torch import nn
 from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import SAMPLER_METADATA, read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
+from bidiff.models.layers import HardBinaryConv
 from bidiff.models.projection import back_project
 from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
@@ -62,6 +63,9 @@ FIRST_X_T = ("noise", "zeros")
 # What a back-projected prediction is compared with: the HR image, or the HR image put through
 # the same back-projection onto the same LR (the best image the runtime can output from it).
 LOSS_TARGETS = ("hr", "projected")
+# Which parameters the optimizer moves: all, or all but the 1-bit convs' latent weights (their
+# signs then stay those of the weights the run started from).
+TRAIN_PARAMS = ("all", "full-precision")
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -97,6 +101,7 @@ class TrainConfig:
     refine_t: int = -1
     first_x_t: Literal["noise", "zeros"] = "noise"
     loss_target: Literal["hr", "projected"] = "hr"
+    train_params: Literal["all", "full-precision"] = "all"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -122,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"unknown loss_target {self.loss_target!r}; valid: {', '.join(LOSS_TARGETS)}")
         if self.loss_target == "projected" and not self.loss_back_projection:
             raise ValueError("loss_target 'projected' needs loss_back_projection > 0")
+        if self.train_params not in TRAIN_PARAMS:
+            raise ValueError(f"unknown train_params {self.train_params!r}; valid: {', '.join(TRAIN_PARAMS)}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -282,7 +289,11 @@ def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) 
     torch.manual_seed(cfg.seed)
     model = create_model(model_config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    if cfg.train_params == "full-precision":
+        for m in model.modules():
+            if isinstance(m, HardBinaryConv):
+                m.weight.requires_grad_(False)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Run(cfg, model_config, model, ema, opt, 0, 0.0, gen)
 
@@ -302,6 +313,9 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
         raise SystemExit(f"{path} trains {saved.model!r}, not {overrides['model']!r}; "
                          "drop --config or choose another --name")
     cfg = replace(saved, **overrides)
+    if cfg.train_params != saved.train_params:
+        raise SystemExit(f"{path} trains {saved.train_params!r} parameters; its optimizer state cannot "
+                         f"move {cfg.train_params!r}: continue from its weights with --init instead")
     run = _new_run(cfg, ModelConfig.from_dict(json.loads(state["model_config"])), device)
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])

@@ -40,6 +40,8 @@ _FLAGS = {  # TrainConfig field -> help
     "loss_target": "with --loss-back-projection: compare with the HR image (hr) | the HR image "
                    "back-projected onto the same LR (projected: leaves out the error no prediction "
                    "can change, e.g. the LR's JPEG error)",
+    "train_params": "parameters the optimizer moves: all | full-precision (all but the 1-bit convs' "
+                    "latent weights, whose signs then stay those of --init)",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
 }
 

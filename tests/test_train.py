@@ -12,6 +12,7 @@ import torch
 from bidiff.models import create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import BatchStream, sample_batch, step_rng
+from bidiff.models.layers import HardBinaryConv
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
 from bidiff.runtime.formulation import Formulation
@@ -171,6 +172,29 @@ def test_resume_without_state_and_restart_over_state_are_user_errors(tmp_path):
     with pytest.raises(SystemExit, match="trains 'tiny-binary'"):
         train(_cfg(), tmp_path, resume=True, overrides={"model": "bidiff-s-x2"},
               images=_images(), progress=False)
+
+
+def test_full_precision_training_keeps_every_binary_sign(tmp_path):
+    """train_params="full-precision": the 1-bit convs' latent weights stay bit for bit those of
+    --init (so do the EMA's), every other trained parameter moves; a resume may not switch."""
+    images = _images()
+    start = train(_cfg(steps=2), tmp_path / "a", images=images, model_config=TINY, progress=False)
+    init = tmp_path / "a" / "latest_raw.safetensors"
+    run = train(_cfg(steps=6, train_params="full-precision"), tmp_path / "b", images=images,
+                model_config=TINY, progress=False, init=init)
+    binary = {n + ".weight" for n, m in run.model.named_modules() if isinstance(m, HardBinaryConv)}
+    assert binary
+    before = start.model.state_dict()
+    for name, value in run.model.named_parameters():
+        if name in binary:
+            assert torch.equal(value, before[name]) and torch.equal(run.ema.state_dict()[name], value), name
+    moved = [n for n, v in run.model.named_parameters() if n not in binary and not torch.equal(v, before[n])]
+    assert len(moved) > 0.5 * (len(before) - len(binary))
+    with pytest.raises(SystemExit, match="trains 'full-precision' parameters; .* --init instead"):
+        train(_cfg(steps=8), tmp_path / "b", resume=True, overrides={"train_params": "all"},
+              images=images, progress=False)
+    with pytest.raises(ValueError, match="unknown train_params 'binary'; valid: all, full-precision"):
+        _cfg(train_params="binary")
 
 
 def test_schedules():
