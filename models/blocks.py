@@ -97,6 +97,31 @@ class Block_F(nn.Module):
         return g.module(self.block, x, path + ".block")
 
 
+
+class CondEmbed(nn.Module):
+    """A per-tile summary of the condition, added to the timestep embedding: every block's
+    per-channel bias (``_ResnetBlock.timestep_func``) can then depend on what kind of input the
+    tile is (clean, JPEG-blocky, soft), which one fixed timestep of a 1-step sampler cannot
+    tell it. Three strided full-precision convs, a global mean, a linear layer initialised to
+    zero (so a network that gains it computes what it computed before)."""
+
+    def __init__(self, in_channel: int, dim: int, width: int = 32) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channel, width, 3, stride=2, padding=1), Swish(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), Swish(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), Swish())
+        self.proj = nn.Linear(2 * width, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(cond).mean(dim=(2, 3)))
+
+    def emit_onnx(self, g: GraphBuilder, cond: str, path: str) -> str:
+        pooled = g.op("GlobalAveragePool", [g.module(self.convs, cond, path + ".convs")], path + ".pool")
+        return g.module(self.proj, g.op("Flatten", [pooled], path + ".flat", axis=1), path + ".proj")
+
 class _ResnetBlock(nn.Module):
     """h = block1(x) + Linear(Swish(time_emb)); y = block2(h) + x (block2 carries the dropout)."""
 

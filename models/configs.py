@@ -112,6 +112,14 @@ def bidiff_m2_x2() -> ModelConfig:
                        "the time per tile)")
 
 
+
+@register_config
+def bidiff_m2c_x2() -> ModelConfig:
+    return ModelConfig("bidiff-m2c-x2", {**bidiff_m2_x2().network, "cond_embed": True}, 2,
+                       bidiff_m2_x2().formulation,
+                       "bidiff-m2-x2 with a per-tile summary of the condition added to the timestep "
+                       "embedding (an experiment; starts from bidiff-m2-x2's weights)")
+
 @register_config
 def bidiff_s2_x2_fp() -> ModelConfig:
     return ModelConfig("bidiff-s2-x2-fp", {**bidiff_s2_x2().network, "binary": False}, 2,
@@ -126,3 +134,9 @@ def tiny_binary() -> ModelConfig:
                                            res_blocks=1, dropout=0.0, image_size=32, fp_res=[]),
                        2, Formulation("residual", 4.0),
                        "a tiny all-binary network for tests")
+
+
+@register_config
+def tiny_binary_cond() -> ModelConfig:
+    return ModelConfig("tiny-binary-cond", {**tiny_binary().network, "cond_embed": True}, 2,
+                       tiny_binary().formulation, "tiny-binary with the condition summary (tests)")

@@ -327,17 +327,27 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
     return run
 
 
+
+def _grows(old: ModelConfig, new: ModelConfig) -> bool:
+    """``new`` is ``old`` plus a condition summary (``cond_embed``), which starts as a no-op, so
+    ``old``'s weights start it as the same function."""
+    net = dict(new.network)
+    return (bool(net.pop("cond_embed", False)) and net == {k: v for k, v in old.network.items() if k != "cond_embed"}
+            and not old.network.get("cond_embed", False)
+            and (new.scale, new.formulation) == (old.scale, old.formulation))
+
 def _init_from(run: _Run, path: Path) -> None:
     """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
     the model and the EMA, its ``steps`` / ``train_seconds`` metadata and its sampler settings
     carry on (so every snapshot samples as the model it continues); the optimizer
     moments start afresh and the noise stream is reseeded with the step (the data stream is
-    per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init."""
+    per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init.
+    The weights of a network without the condition summary start one with it (``_grows``)."""
     model, cfg = load_checkpoint(path)
-    if cfg.name != run.model_config.name:
+    if cfg.name != run.model_config.name and not _grows(cfg, run.model_config):
         raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")
-    run.model.load_state_dict(model.state_dict())
-    run.ema.load_state_dict(model.state_dict())
+    for net in (run.model, run.ema):
+        net.load_state_dict(model.state_dict(), strict=cfg.name == run.model_config.name)
     meta = read_metadata(path)
     run.step = int(meta.get("steps", 0))
     run.train_seconds = float(meta.get("train_seconds", 0.0))

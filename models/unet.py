@@ -6,7 +6,7 @@ from torch import nn
 
 from bidiff.runtime.schedule import timestep_group
 
-from .blocks import (CP_Down, CP_Up, CS_Fusion, CS_Fusion_FP, Block_F, BI_ResnetBlocWithAttn,
+from .blocks import (CP_Down, CP_Up, CS_Fusion, CS_Fusion_FP, Block_F, BI_ResnetBlocWithAttn, CondEmbed,
                      PositionalEncoding, ResnetBlocWithAttn, Swish)
 from .graph import GraphBuilder
 from .layers import make_full_precision
@@ -19,13 +19,16 @@ class BIDiffSRUNet(nn.Module):
     CP-Down doubles channels). A decoder level whose nominal resolution (image_size halved per
     level; a config property, not the input size) is in ``fp_res`` is full precision.
     ``binary=False`` builds the full-precision twin (``layers.make_full_precision``).
+    ``cond_embed``: a per-tile summary of the condition is added to the timestep embedding
+    (``blocks.CondEmbed``; not in the paper).
     """
 
     def __init__(self, in_channel: int = 6, out_channel: int = 3, inner_channel: int = 64,
                  norm_groups: int = 16, channel_mults: tuple[int, ...] = (1, 2, 4, 8),
                  attn_res: tuple[int, ...] = (), res_blocks: int = 2, dropout: float = 0.2,
                  image_size: int = 256, fp_res: tuple[int, ...] = (256, 128),
-                 total_step: int = 2000, dynamic_group: int = 5, binary: bool = True) -> None:
+                 total_step: int = 2000, dynamic_group: int = 5, binary: bool = True,
+                 cond_embed: bool = False) -> None:
         super().__init__()
         mults = list(channel_mults)
         for a, b in zip(mults, mults[1:]):
@@ -38,6 +41,7 @@ class BIDiffSRUNet(nn.Module):
         self.timestep_level_mlp = nn.Sequential(
             PositionalEncoding(inner_channel), nn.Linear(inner_channel, inner_channel * 4),
             Swish(), nn.Linear(inner_channel * 4, inner_channel))
+        self.cond_embed = CondEmbed(in_channel - out_channel, inner_channel) if cond_embed else None
 
         pre = inner_channel
         feats = [pre]
@@ -103,6 +107,8 @@ class BIDiffSRUNet(nn.Module):
         g = self.check_inputs(x_t, cond, t)
         g = g if group is None else int(group)
         time_emb = self.timestep_level_mlp(t)
+        if self.cond_embed is not None:
+            time_emb = time_emb + self.cond_embed(cond)
         x = torch.cat([cond, x_t], dim=1)
         skips = []
         for layer in self.downs:
@@ -129,6 +135,8 @@ class BIDiffSRUNet(nn.Module):
         the same steps as forward, plus the static spatial size that attention and CP-Down
         need. Returns the output's tensor name."""
         time_emb = g.module(self.timestep_level_mlp, t, "timestep_level_mlp")
+        if self.cond_embed is not None:
+            time_emb = g.op("Add", [time_emb, g.module(self.cond_embed, cond, "cond_embed")], "temb_cond")
         x = g.op("Concat", [cond, x_t], "input_cat", axis=1)
         hw = (tile, tile)
         skips = []

@@ -56,7 +56,8 @@ def _model(name: str) -> torch.nn.Module:
     return set_deploy(model, True)
 
 
-_GROUPS = {"golden-small": [0, 1, 2, 3, 4], "tiny-binary": [0, 1, 2, 3, 4], "official-x2": [0, 1, 2, 3, 4]}
+_GROUPS = {"golden-small": [0, 1, 2, 3, 4], "tiny-binary": [0, 1, 2, 3, 4], "official-x2": [0, 1, 2, 3, 4],
+           "tiny-binary-cond": [0, 4]}
 
 
 @pytest.fixture(scope="module", params=list(_GROUPS))

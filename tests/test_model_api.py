@@ -146,3 +146,20 @@ def test_deploy_binary_conv_equals_numpy_reference(channels, kernel):
     with torch.no_grad():
         official = conv.binary_conv(conv.binary_act(x)).numpy()
     assert not np.allclose(official, ref, atol=1e-5)        # the zero cases really differ
+
+
+def test_condition_summary_starts_as_the_network_without_it():
+    """cond_embed (blocks.CondEmbed): loaded from the weights of the same network without it,
+    the output is bit for bit the old one (its last layer starts at zero); once that layer
+    moves, the output depends on the summary."""
+    torch.manual_seed(0)
+    base, grown = create_model("tiny-binary"), create_model("tiny-binary-cond")
+    missing = grown.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("cond_embed.") for k in missing)
+    g = torch.Generator().manual_seed(1)
+    x_t, cond = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    t = torch.tensor([[1999], [1999]])
+    with torch.no_grad():
+        assert torch.equal(base(x_t, cond, t), grown(x_t, cond, t))
+        grown.cond_embed.proj.weight.normal_(0.0, 0.5, generator=g)
+        assert not torch.allclose(base(x_t, cond, t), grown(x_t, cond, t), atol=1e-3)

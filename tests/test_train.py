@@ -197,6 +197,24 @@ def test_full_precision_training_keeps_every_binary_sign(tmp_path):
         _cfg(train_params="binary")
 
 
+def test_init_grows_a_network_by_the_condition_summary(tmp_path):
+    """--init with a tiny-binary checkpoint starts tiny-binary-cond as the same function (its
+    new layers at their no-op init); any other config mismatch stays an error."""
+    images = _images()
+    first = train(_cfg(steps=2), tmp_path / "a", images=images, model_config=TINY, progress=False)
+    init = tmp_path / "a" / "latest_raw.safetensors"
+    grown = train(_cfg(model="tiny-binary-cond", steps=2), tmp_path / "b", images=images,
+                  model_config=get_config("tiny-binary-cond"), progress=False, init=init, until=2)
+    g = torch.Generator().manual_seed(3)
+    x_t, cond, t = torch.randn(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g), torch.tensor([[1999]])
+    with torch.no_grad():
+        assert torch.equal(first.model(x_t, cond, t), grown.model(x_t, cond, t))
+        assert torch.equal(first.model(x_t, cond, t), grown.ema(x_t, cond, t))
+    with pytest.raises(SystemExit, match="holds 'tiny-binary', not 'bidiff-s-x2'; pass --config tiny-binary"):
+        train(_cfg(model="bidiff-s-x2"), tmp_path / "c", images=images, model_config=get_config("bidiff-s-x2"),
+              progress=False, init=init)
+
+
 def test_schedules():
     cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, lr_schedule="cosine")
     assert learning_rate(0, cfg) == pytest.approx(0.1)
