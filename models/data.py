@@ -147,24 +147,41 @@ def make_pair(hr: np.ndarray, scale: int, degradation: str = "bicubic") -> Batch
                  cond=upscale_condition(lr, scale))
 
 
-def random_patch(image: np.ndarray, patch: int, rng: np.random.Generator) -> np.ndarray:
-    """A random patch x patch crop under one of the 8 flips/rotations (HWC uint8)."""
+def random_patch(image: np.ndarray, patch: int, rng: np.random.Generator,
+                 zoom: float = 1.0) -> np.ndarray:
+    """A random patch x patch crop under one of the 8 flips/rotations (HWC uint8).
+
+    ``zoom`` < 1 shows the photo at a random scale z in [zoom, 1] (log-uniform): a square of
+    about patch / z pixels, as far as the image allows, downscaled to the patch with Pillow's
+    antialiased bicubic. Why: 112 photos show each texture at one scale; zooming out shows it at
+    many and makes the HR sharper per pixel, as small or downscaled photos are. Never zooms in,
+    which would make a blurred HR. ``zoom`` = 1 draws nothing extra, so such runs see the same
+    patches as before the option existed.
+    """
+    if not 0 < zoom <= 1:
+        raise ValueError(f"zoom {zoom} is outside (0, 1]")
     h, w = image.shape[:2]
     if h < patch or w < patch:
         raise ValueError(f"image of {h}x{w} is smaller than the {patch}px patch")
-    y, x = rng.integers(0, h - patch + 1), rng.integers(0, w - patch + 1)
-    crop = image[y:y + patch, x:x + patch]
+    side = patch
+    if zoom < 1:
+        side = min(h, w, round(patch / float(np.exp(rng.uniform(np.log(zoom), 0.0)))))
+    y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = image[y:y + side, x:x + side]
+    if side != patch:
+        crop = np.asarray(Image.fromarray(crop).resize((patch, patch), Image.Resampling.BICUBIC))
     k, flip = rng.integers(0, 4), rng.integers(0, 2)
     crop = np.rot90(crop, k)
     return np.ascontiguousarray(crop[:, ::-1] if flip else crop)
 
 
 def sample_batch(images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
-                 rng: np.random.Generator, degradation: str = "bicubic") -> Batch:
+                 rng: np.random.Generator, degradation: str = "bicubic", zoom: float = 1.0) -> Batch:
     """n random training pairs; images are drawn uniformly so small photos are not drowned out."""
     if patch % scale:
         raise ValueError(f"patch {patch} is not a multiple of the scale {scale}")
-    hr = np.stack([random_patch(images[i], patch, rng) for i in rng.integers(0, len(images), n)])
+    hr = np.stack([random_patch(images[i], patch, rng, zoom)
+                   for i in rng.integers(0, len(images), n)])
     lr = np.stack([degrade(p, scale, degradation, rng) for p in hr])
     lr = np.moveaxis(lr, -1, 1).astype(np.float32) / 255
     return Batch(hr=np.moveaxis(hr, -1, 1).astype(np.float32) / 255, lr=lr,
@@ -185,9 +202,10 @@ def _set_worker_images(images: Sequence[np.ndarray]) -> None:
     _WORKER_IMAGES = images
 
 
-def _worker_batch(n: int, patch: int, scale: int, seed: int, degradation: str, step: int) -> Batch:
+def _worker_batch(n: int, patch: int, scale: int, seed: int, degradation: str, zoom: float,
+                  step: int) -> Batch:
     return sample_batch(_WORKER_IMAGES, n, patch=patch, scale=scale, rng=step_rng(seed, step),
-                        degradation=degradation)
+                        degradation=degradation, zoom=zoom)
 
 
 class BatchStream:
@@ -200,8 +218,9 @@ class BatchStream:
     """
 
     def __init__(self, images: Sequence[np.ndarray], n: int, *, patch: int, scale: int,
-                 seed: int, start: int, workers: int = 0, degradation: str = "bicubic") -> None:
-        self._args = (n, patch, scale, seed, degradation)
+                 seed: int, start: int, workers: int = 0, degradation: str = "bicubic",
+                 zoom: float = 1.0) -> None:
+        self._args = (n, patch, scale, seed, degradation, zoom)
         self._images = images
         self._next = start  # step of the batch __next__ returns
         self._ahead = start  # step of the next batch handed to a worker
@@ -223,9 +242,9 @@ class BatchStream:
 
     def __next__(self) -> Batch:
         if self._pool is None:
-            n, patch, scale, seed, degradation = self._args
+            n, patch, scale, seed, degradation, zoom = self._args
             batch = sample_batch(self._images, n, patch=patch, scale=scale,
-                                 rng=step_rng(seed, self._next), degradation=degradation)
+                                 rng=step_rng(seed, self._next), degradation=degradation, zoom=zoom)
         else:
             batch = self._queue.popleft().result()
             self._submit()

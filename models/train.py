@@ -102,6 +102,7 @@ class TrainConfig:
     first_x_t: Literal["noise", "zeros"] = "noise"
     loss_target: Literal["hr", "projected"] = "hr"
     train_params: Literal["all", "full-precision"] = "all"
+    zoom: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -129,6 +130,8 @@ class TrainConfig:
             raise ValueError("loss_target 'projected' needs loss_back_projection > 0")
         if self.train_params not in TRAIN_PARAMS:
             raise ValueError(f"unknown train_params {self.train_params!r}; valid: {', '.join(TRAIN_PARAMS)}")
+        if not 0 < self.zoom <= 1:
+            raise ValueError(f"zoom {self.zoom} is outside (0, 1]")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -428,7 +431,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     t_ckpt = t_log = time.monotonic()
     run.model.train()
     batches = BatchStream(images, cfg.batch, patch=cfg.patch, scale=scale, seed=cfg.seed,
-                          start=run.step, workers=workers, degradation=cfg.degradation)
+                          start=run.step, workers=workers, degradation=cfg.degradation,
+                          zoom=cfg.zoom)
     stop: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -42,6 +42,8 @@ _FLAGS = {  # TrainConfig field -> help
                    "can change, e.g. the LR's JPEG error)",
     "train_params": "parameters the optimizer moves: all | full-precision (all but the 1-bit convs' "
                     "latent weights, whose signs then stay those of --init)",
+    "zoom": "smallest scale a training photo is shown at: each HR patch is cut at a random scale "
+            "in [zoom, 1] (antialiased bicubic; models.data.random_patch); 1: native pixels only",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
 }
 

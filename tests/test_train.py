@@ -11,7 +11,7 @@ import torch
 
 from bidiff.models import create_model, get_config, load_checkpoint, save_checkpoint
 from bidiff.models.checkpoint import read_metadata
-from bidiff.models.data import BatchStream, sample_batch, step_rng
+from bidiff.models.data import BatchStream, random_patch, sample_batch, step_rng
 from bidiff.models.layers import HardBinaryConv
 from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
@@ -65,13 +65,16 @@ def test_loss_goes_down_on_a_fixed_batch():
 
 
 def test_batch_stream_is_the_same_with_worker_processes():
-    """Batches are a function of (seed, step): workers and the start step change nothing."""
+    """Batches are a function of (seed, step): workers and the start step change nothing (the
+    degradation and zoom reach the workers too)."""
     images = _images()
-    inline = BatchStream(images, 3, patch=16, scale=2, seed=5, start=7)
-    ahead = BatchStream(images, 3, patch=16, scale=2, seed=5, start=8, workers=2)
+    kw = dict(patch=16, scale=2, degradation="mixed", zoom=0.5)
+    inline = BatchStream(images, 3, seed=5, start=7, **kw)
+    ahead = BatchStream(images, 3, seed=5, start=8, workers=2, **kw)
     try:
         first = next(inline)
-        expect = sample_batch(images, 3, patch=16, scale=2, rng=step_rng(5, 7))
+        expect = sample_batch(images, 3, rng=step_rng(5, 7), **kw)
+        assert not np.array_equal(expect.hr, sample_batch(images, 3, patch=16, scale=2, rng=step_rng(5, 7)).hr)
         np.testing.assert_array_equal(first.hr, expect.hr)
         for _ in range(5):
             a, b = next(inline), next(ahead)
@@ -278,6 +281,32 @@ def test_mixed_degradation_varies_the_lr_and_keeps_bicubic_batches_unchanged():
     assert np.abs(mixed.lr - plain.lr).mean() < 0.5 * other_patch   # still the same picture
     with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed, mixed-jpeg"):
         TrainConfig(degradation="gauss")
+
+
+def test_zoom_cuts_patches_at_scales_between_zoom_and_one():
+    """On a ramp that rises one level per pixel, a patch's slope is the scale it was cut at:
+    1 without zoom (and the same patches as before the option), 1..2 with zoom 0.5, over the
+    whole range, capped where the photo is too small for the zoomed-out square."""
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (256, 256, 3)).copy()
+
+    def slopes(image: np.ndarray, zoom: float) -> np.ndarray:
+        out = []
+        for seed in range(60):
+            p = random_patch(image, 32, np.random.default_rng(seed), zoom).astype(float)[4:-4, 4:-4, 0]
+            out.append(max(abs(np.diff(p, axis=0).mean()), abs(np.diff(p, axis=1).mean())))
+        return np.array(out)
+
+    assert np.array_equal(random_patch(ramp, 32, np.random.default_rng(3)),
+                          random_patch(ramp, 32, np.random.default_rng(3), 1.0))
+    np.testing.assert_allclose(slopes(ramp, 1.0), 1.0)
+    zoomed = slopes(ramp, 0.5)
+    assert zoomed.min() > 0.97 and zoomed.max() < 2.03
+    assert zoomed.min() < 1.15 and zoomed.max() > 1.85
+    assert slopes(ramp[:40], 0.25).max() < 40 / 32 + 0.03        # the square fits the photo
+    with pytest.raises(ValueError, match=r"zoom 0 is outside \(0, 1\]"):
+        TrainConfig(zoom=0)
+    with pytest.raises(ValueError, match=r"zoom 1.5 is outside \(0, 1\]"):
+        random_patch(ramp, 32, np.random.default_rng(0), 1.5)
 
 
 @pytest.mark.parametrize("name, share, low, high", [("mixed", 0.3, 70, 95), ("mixed-jpeg", 0.5, 50, 95)])
