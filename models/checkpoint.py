@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -44,21 +45,32 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
     return model
 
 
+LATENT_FORMS = ("float32", "int8", "signs")
+"""How ``save_checkpoint`` stores the 1-bit convs' latent weights: as trained; int8
+(``pack_latents``: training continues from 7-bit magnitudes); or only what the forward uses
+(``pack_signs``: one bit a weight and alpha per output channel)."""
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,
                     extra_metadata: Mapping[str, str] | None = None, *,
-                    compact: bool = False) -> None:
+                    latents: str = "float32") -> None:
     """Write weights + config to a safetensors file, atomically.
 
-    ``compact=True`` stores the latent weights of the 1-bit convs as int8 (``pack_latents``):
-    about a third of the bytes for a wide model, so a work-in-progress or shipped checkpoint
-    stays under the repository's file-size limit, while every sign and every per-channel alpha
-    the forward uses survive (to float rounding). ``load_checkpoint`` reads either form.
+    ``latents`` (``LATENT_FORMS``): ``int8`` is about a third of the bytes for a wide model, so a
+    work-in-progress checkpoint stays under the repository's file-size limit; ``signs`` about a
+    third of that again, for the shipped model, which every install carries (a Raspberry Pi
+    included) and which is exported, not trained. Both keep every sign and every per-channel
+    alpha the forward uses (to float rounding). ``load_checkpoint`` reads every form.
     """
+    if latents not in LATENT_FORMS:
+        raise ValueError(f"unknown latent form {latents!r}; valid: {', '.join(LATENT_FORMS)}")
     meta = {"format": CHECKPOINT_FORMAT, "config": config.to_json()}
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    if compact:
+    if latents == "int8":
         tensors = pack_latents(tensors, binary_weight_keys(model))
+    elif latents == "signs":
+        tensors = pack_signs(tensors, binary_weight_keys(model))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -96,14 +108,47 @@ def pack_latents(state: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str
     return packed
 
 
+SIGN_ALPHA, SIGN_SHAPE = ".sign_alpha", ".sign_shape"
+"""Suffixes of the per-output-channel alpha and the weight's shape stored next to the packed
+sign bits of ``pack_signs``."""
+
+
+def pack_signs(state: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Sign bits (numpy ``packbits`` order, a row per output channel) and alpha = mean|W|.
+
+    Unpacked, the latent weight is +-alpha: the same signs and (to float rounding) the same
+    alpha, so the same forward; training may start from it (``--init``) but not from the
+    magnitudes it was trained with. A latent of exactly 0 (sign 0) has no bit, so it is refused.
+    """
+    packed = dict(state)
+    for key in keys:
+        w = state[key]
+        flat = w.flatten(1)
+        if not flat.all():
+            raise ValueError(f"{key} has latent weights of exactly 0, whose sign 0 one bit cannot "
+                             "store: keep this checkpoint with int8 latents")
+        bits = np.packbits((flat > 0).numpy(), axis=1)
+        packed[key] = torch.from_numpy(bits)
+        packed[key + SIGN_ALPHA] = flat.abs().to(torch.float64).mean(dim=1).to(torch.float32).reshape(-1, 1, 1, 1)
+        packed[key + SIGN_SHAPE] = torch.tensor(w.shape, dtype=torch.int64)
+    return packed
+
+
 def unpack_latents(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo ``pack_latents``: float32 weights under the original keys."""
-    out = {k: v for k, v in state.items() if not k.endswith(LATENT_SCALE)}
+    """Undo ``pack_latents`` and ``pack_signs``: float32 weights under the original keys."""
+    out = {k: v for k, v in state.items() if not k.endswith((LATENT_SCALE, SIGN_ALPHA, SIGN_SHAPE))}
     for key, q in out.items():
         if q.dtype == torch.int8:
             if key + LATENT_SCALE not in state:
                 raise ValueError(f"int8 tensor {key} has no {key + LATENT_SCALE}")
             out[key] = q.to(torch.float32) * state[key + LATENT_SCALE]
+        elif q.dtype == torch.uint8:
+            if key + SIGN_ALPHA not in state or key + SIGN_SHAPE not in state:
+                raise ValueError(f"sign bits {key} have no {key + SIGN_ALPHA} and {key + SIGN_SHAPE}")
+            shape = tuple(int(d) for d in state[key + SIGN_SHAPE])
+            n = int(np.prod(shape[1:]))
+            bits = np.unpackbits(q.numpy(), axis=1, count=n).astype(np.float32) * 2 - 1
+            out[key] = (torch.from_numpy(bits) * state[key + SIGN_ALPHA].reshape(-1, 1)).reshape(shape)
     return out
 
 

@@ -1,9 +1,11 @@
 """Keep a run's weights compactly: `python scripts/keep_weights.py runs/m2/latest_ema.safetensors OUT`.
 
-Copies a weights-only checkpoint in the compact form (``save_checkpoint(compact=True)``: the
-1-bit convs' latent weights as int8, every sign and per-channel alpha kept; the rest float32),
-metadata and all, so that a later session continues with ``scripts/train.py --init OUT`` at the
-same step count. ``bidiff-m2-x2`` (12.8 M parameters) takes 15.7 MB, under git's 25 MB a file.
+Copies a weights-only checkpoint in a compact form, metadata and all: ``--latents int8`` (the
+default; the 1-bit convs' latent weights as int8, every sign and per-channel alpha kept, the rest
+float32), so that a later session continues with ``scripts/train.py --init OUT`` at the same
+step count (``bidiff-m2-x2``, 12.8 M parameters: 15.7 MB, under git's 25 MB a file); or
+``--latents signs`` (one bit a weight and alpha: 5.3 MB), the form the package ships, which every
+install down to a Raspberry Pi carries and which is exported, not trained.
 ``--set KEY=VALUE`` records sampler settings a run from scratch lacks (``default_steps``,
 ``tile`` and the keys of ``SAMPLER_METADATA``), as a checkpoint to export or ship needs them.
 """
@@ -45,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="a bidiff .safetensors checkpoint (e.g. a run's latest_ema)")
     parser.add_argument("dst", type=Path, help="where to write the compact copy")
+    parser.add_argument("--latents", choices=("int8", "signs"), default="int8",
+                        help="int8: training continues from the latent magnitudes (default) | signs: "
+                             "only what the forward uses, for the shipped copy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"set a metadata entry ({', '.join(SETTABLE)}); repeatable")
     args = parser.parse_args()
@@ -59,7 +64,10 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(f"keep_weights: {e}") from None
     args.dst.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(args.dst, model, cfg, meta, compact=True)
+    try:
+        save_checkpoint(args.dst, model, cfg, meta, latents=args.latents)
+    except ValueError as e:
+        raise SystemExit(f"keep_weights: {e}") from None
     print(f"wrote {args.dst} ({args.dst.stat().st_size / 1e6:.1f} MB, step {meta.get('steps', '?')})")
 
 

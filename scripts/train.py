@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder (default: runs)")
     parser.add_argument("--resume", action="store_true", help="continue runs/<name>/state.pt")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start a new run from these weights (e.g. models/weights/bidiff-m2-x2.safetensors)")
+                        help="start a new run from these weights (e.g. checkpoints/bidiff-m2-x2.safetensors)")
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

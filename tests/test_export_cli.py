@@ -148,6 +148,30 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
     assert "time_shift" not in meta and "time_shifts" not in meta
 
 
+def test_shipped_checkpoint_is_the_training_checkpoint_in_sign_bits() -> None:
+    """Every install carries the shipped weights, so their 1-bit convs are stored as sign bits
+    (5 MB, not 16); checkpoints/ holds the same step with int8 latents for ``--init``, with the
+    same metadata, signs and alphas: one network in two forms."""
+    import torch
+    from safetensors import safe_open
+    from bidiff.models import SHIPPED_CHECKPOINT, load_checkpoint
+    from bidiff.models.checkpoint import binary_weight_keys, read_metadata
+    training = Path(__file__).resolve().parents[1] / "checkpoints" / Path(SHIPPED_CHECKPOINT).name
+    shipped, _ = load_checkpoint(SHIPPED_CHECKPOINT)
+    trained, _ = load_checkpoint(training)
+    assert read_metadata(SHIPPED_CHECKPOINT) == read_metadata(training)
+    with safe_open(str(SHIPPED_CHECKPOINT), framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.uint8 for k in binary_weight_keys(shipped))
+    assert Path(SHIPPED_CHECKPOINT).stat().st_size < 0.4 * training.stat().st_size
+    b = dict(trained.named_modules())
+    for name, m in shipped.named_modules():
+        if hasattr(m, "scaling_factor"):
+            assert torch.equal(torch.sign(m.weight), torch.sign(b[name].weight)), name
+            torch.testing.assert_close(m.scaling_factor(), b[name].scaling_factor(), rtol=1e-6, atol=0)
+        elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert torch.equal(m.weight, b[name].weight), name
+
+
 def test_cli_success_force_and_archive(tiny_ckpt, tmp_path) -> None:
     out = tmp_path / "a.bidiff"
     proc = subprocess.run([sys.executable, "-m", "bidiff.exporter.cli", str(tiny_ckpt), "--out", str(out),

@@ -79,7 +79,7 @@ def test_compact_checkpoint_keeps_every_sign_and_alpha(tmp_path, tiny):
                 m.weight.copy_(torch.randn_like(m.weight) * 0.02)
     full, small = tmp_path / "full.safetensors", tmp_path / "small.safetensors"
     save_checkpoint(full, model, cfg)
-    save_checkpoint(small, model, cfg, {"steps": 3}, compact=True)
+    save_checkpoint(small, model, cfg, {"steps": 3}, latents="int8")
     assert small.stat().st_size < 0.6 * full.stat().st_size
     keys = binary_weight_keys(model)
     with safe_open(str(small), framework="pt") as f:
@@ -99,6 +99,48 @@ def test_compact_checkpoint_keeps_every_sign_and_alpha(tmp_path, tiny):
     q = {keys[0]: torch.ones(2, dtype=torch.int8)}
     with pytest.raises(ValueError, match=f"int8 tensor {keys[0]} has no {keys[0]}.int8_scale"):
         unpack_latents(q)
+
+
+def test_sign_checkpoint_keeps_the_forward_in_a_bit_a_weight(tmp_path, tiny):
+    """The shipped form: latents unpack to +-alpha with the trained signs and alphas, so the
+    network computes what it did (to float rounding); full-precision tensors are bit-identical;
+    a latent of exactly 0 and an unknown form are refused."""
+    model, cfg = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HardBinaryConv):
+                m.weight.copy_(torch.randn_like(m.weight) * 0.02)
+    int8, signs = tmp_path / "int8.safetensors", tmp_path / "signs.safetensors"
+    save_checkpoint(int8, model, cfg, latents="int8")
+    save_checkpoint(signs, model, cfg, {"steps": 3}, latents="signs")
+    keys = binary_weight_keys(model)
+    with safe_open(str(signs), framework="pt") as f:
+        bits = f.get_tensor(keys[0])
+        assert bits.dtype == torch.uint8 and bits.numel() * 8 < model.state_dict()[keys[0]].numel() + 8 * bits.shape[0]
+    loaded, cfg2 = load_checkpoint(signs)
+    assert cfg2 == cfg and read_metadata(signs)["steps"] == "3"
+    own = dict(model.named_modules())
+    for name, m in loaded.named_modules():
+        if isinstance(m, HardBinaryConv):
+            assert torch.equal(torch.sign(m.weight), torch.sign(own[name].weight))
+            alpha = own[name].scaling_factor()
+            torch.testing.assert_close(m.scaling_factor(), alpha, rtol=1e-6, atol=0)
+            torch.testing.assert_close(m.weight.abs(), alpha.expand_as(m.weight), rtol=1e-6, atol=0)
+    latents = set(keys)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and (k in latents or torch.equal(a, b))
+    x, cond = torch.randn(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, cond, torch.tensor([1999])), model.eval()(x, cond, torch.tensor([1999])),
+                                   rtol=0, atol=1e-4)
+    with torch.no_grad():
+        own[next(n for n, m in own.items() if isinstance(m, HardBinaryConv))].weight[0, 0, 0, 0] = 0
+    with pytest.raises(ValueError, match=r"has latent weights of exactly 0, whose sign 0 one bit cannot store: "
+                                         r"keep this checkpoint with int8 latents"):
+        save_checkpoint(tmp_path / "zero.safetensors", model, cfg, latents="signs")
+    with pytest.raises(ValueError, match="unknown latent form 'int4'; valid: float32, int8, signs"):
+        save_checkpoint(tmp_path / "x.safetensors", model, cfg, latents="int4")
+    assert not (tmp_path / "zero.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_checkpoint_for_another_config_names_keys(tmp_path, tiny):

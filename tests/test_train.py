@@ -135,6 +135,13 @@ def test_init_from_weights_continues_the_step_count(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (read_metadata(ship)["default_steps"], read_metadata(ship)["timestep_spacing"]) == ("1", "leading")
+    signs = tmp_path / "kept" / "signs.safetensors"         # --latents signs: the packaged form
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_weights.py"), str(ship), str(signs),
+                          "--latents", "signs"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert read_metadata(signs) == read_metadata(ship) and signs.stat().st_size < kept.stat().st_size
+    assert all(torch.equal(torch.sign(a), torch.sign(b)) for a, b in zip(
+        load_checkpoint(signs)[0].state_dict().values(), load_checkpoint(ship)[0].state_dict().values()))
     for bad, message in ((["--set", "tile=12"], "keep_weights: --set tile: tile 12 must be a positive multiple of 8"),
                          (["--set", "default_steps=0"], "keep_weights: --set default_steps: "),
                          (["--set", "back_projection=-1"], "metadata back_projection"),
