@@ -6,7 +6,9 @@ antialiased bicubic, Lanczos, box (area) or bilinear downscalers, then with the 
 a JPEG round trip at a quality drawn from its range, so a model does not depend on one
 downscaler (users' photos come from many). ``mixed`` is what the shipped models trained on;
 ``mixed-jpeg`` shows JPEG in half the patches, down to quality 50 (measured worse under every
-degradation, JPEG included: docs/EXPERIMENTS.md). The condition is
+degradation, JPEG included: docs/EXPERIMENTS.md); ``jpeg-only`` JPEGs every patch at
+``mixed``'s qualities, a probe of what a network given only JPEG inputs makes of them (how much
+a model that knew its input was JPEG could gain there). The condition is
 ``bidiff.runtime.bicubic``'s INTER_CUBIC-compatible upscaling, the same function the device
 runs. Images are preloaded as uint8 arrays because decoding PNGs every step would cost more
 than the patch itself.
@@ -38,7 +40,8 @@ class Mix:
     jpeg_quality: tuple[int, int]   # inclusive range
 
 
-MIXES = {"mixed": Mix(0.3, (70, 95)), "mixed-jpeg": Mix(0.5, (50, 95))}
+MIXES = {"mixed": Mix(0.3, (70, 95)), "mixed-jpeg": Mix(0.5, (50, 95)),
+         "jpeg-only": Mix(1.0, (70, 95))}
 DEGRADATIONS = ("bicubic", *MIXES)
 
 

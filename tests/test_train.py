@@ -286,7 +286,7 @@ def test_mixed_degradation_varies_the_lr_and_keeps_bicubic_batches_unchanged():
     assert not np.array_equal(mixed.lr, plain.lr)            # ... other downscalers / JPEG
     other_patch = np.abs(plain.lr - plain.lr[::-1]).mean()
     assert np.abs(mixed.lr - plain.lr).mean() < 0.5 * other_patch   # still the same picture
-    with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed, mixed-jpeg"):
+    with pytest.raises(ValueError, match="unknown degradation 'gauss'; valid: bicubic, mixed, mixed-jpeg, jpeg-only"):
         TrainConfig(degradation="gauss")
 
 
@@ -316,7 +316,8 @@ def test_zoom_cuts_patches_at_scales_between_zoom_and_one():
         random_patch(ramp, 32, np.random.default_rng(0), 1.5)
 
 
-@pytest.mark.parametrize("name, share, low, high", [("mixed", 0.3, 70, 95), ("mixed-jpeg", 0.5, 50, 95)])
+@pytest.mark.parametrize("name, share, low, high", [("mixed", 0.3, 70, 95), ("mixed-jpeg", 0.5, 50, 95),
+                                                      ("jpeg-only", 1.0, 70, 95)])
 def test_each_mix_jpegs_its_share_of_patches_over_its_quality_range(monkeypatch, name, share, low, high):
     from bidiff.models import data
     qualities = []
