@@ -8,7 +8,8 @@ downscaler (users' photos come from many). ``mixed`` is what the shipped models 
 ``mixed-jpeg`` shows JPEG in half the patches, down to quality 50 (measured worse under every
 degradation, JPEG included: docs/EXPERIMENTS.md); ``jpeg-only`` JPEGs every patch at
 ``mixed``'s qualities, a probe of what a network given only JPEG inputs makes of them (how much
-a model that knew its input was JPEG could gain there). The condition is
+a model that knew its input was JPEG could gain there); ``no-jpeg`` only ``mixed``'s downscalers,
+the probe's converse. The condition is
 ``bidiff.runtime.bicubic``'s INTER_CUBIC-compatible upscaling, the same function the device
 runs. Images are preloaded as uint8 arrays because decoding PNGs every step would cost more
 than the patch itself.
@@ -41,7 +42,7 @@ class Mix:
 
 
 MIXES = {"mixed": Mix(0.3, (70, 95)), "mixed-jpeg": Mix(0.5, (50, 95)),
-         "jpeg-only": Mix(1.0, (70, 95))}
+         "jpeg-only": Mix(1.0, (70, 95)), "no-jpeg": Mix(0.0, (70, 95))}
 DEGRADATIONS = ("bicubic", *MIXES)
 
 

@@ -23,7 +23,7 @@ _FLAGS = {  # TrainConfig field -> help
     "warmup_steps": "linear LR warm-up steps",
     "decay_start": "step where the cosine decay starts (>= warm-up)",
     "min_lr": "final LR of the cosine",
-    "degradation": "LR degradation: bicubic | mixed | mixed-jpeg | jpeg-only (downscalers + JPEG; models.data.MIXES)",
+    "degradation": "LR degradation: bicubic | mixed | mixed-jpeg | jpeg-only | no-jpeg (downscalers + JPEG; models.data.MIXES)",
     "loss_back_projection": "x0 models: back-project the prediction this many rounds before the loss",
     "t_min": "draw timesteps from t_min..1999 only (a 1-step x0 sampler sees t = 1999)",
     "ema_decay": "maximum EMA decay (warmed up as (1+n)/(10+n))",

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--min-lr", type=float, default=1e-6)
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--data", default="data/train")
-    parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed | mixed-jpeg | jpeg-only (models.data)")
+    parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed | mixed-jpeg | jpeg-only | no-jpeg (models.data)")
     parser.add_argument("--loss-back-projection", type=int, default=0,
                         help="x0 models: back-project the prediction before the loss (models.train)")
     parser.add_argument("--t-min", type=int, default=0,
