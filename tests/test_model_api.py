@@ -69,14 +69,20 @@ def test_safetensors_round_trip_carries_config(tmp_path, tiny):
         assert k == k2 and torch.equal(a, b)
 
 
-def test_compact_checkpoint_keeps_every_sign_and_alpha(tmp_path, tiny):
-    """int8 latents (a work-in-progress or shipped checkpoint in git): the 1-bit forward's inputs
-    survive, the full-precision tensors are bit-identical, and the file is smaller."""
+def _with_trained_latents(tiny):
+    """A copy of the tiny model whose 1-bit convs' latents have trained magnitudes and signs."""
     model, cfg = copy.deepcopy(tiny[0]), tiny[1]
-    with torch.no_grad():                                 # latents of trained magnitudes and signs
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, HardBinaryConv):
                 m.weight.copy_(torch.randn_like(m.weight) * 0.02)
+    return model, cfg
+
+
+def test_compact_checkpoint_keeps_every_sign_and_alpha(tmp_path, tiny):
+    """int8 latents (a work-in-progress or shipped checkpoint in git): the 1-bit forward's inputs
+    survive, the full-precision tensors are bit-identical, and the file is smaller."""
+    model, cfg = _with_trained_latents(tiny)
     full, small = tmp_path / "full.safetensors", tmp_path / "small.safetensors"
     save_checkpoint(full, model, cfg)
     save_checkpoint(small, model, cfg, {"steps": 3}, latents="int8")
@@ -105,13 +111,8 @@ def test_sign_checkpoint_keeps_the_forward_in_a_bit_a_weight(tmp_path, tiny):
     """The shipped form: latents unpack to +-alpha with the trained signs and alphas, so the
     network computes what it did (to float rounding); full-precision tensors are bit-identical;
     a latent of exactly 0 and an unknown form are refused."""
-    model, cfg = copy.deepcopy(tiny[0]), tiny[1]
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, HardBinaryConv):
-                m.weight.copy_(torch.randn_like(m.weight) * 0.02)
-    int8, signs = tmp_path / "int8.safetensors", tmp_path / "signs.safetensors"
-    save_checkpoint(int8, model, cfg, latents="int8")
+    model, cfg = _with_trained_latents(tiny)
+    signs = tmp_path / "signs.safetensors"
     save_checkpoint(signs, model, cfg, {"steps": 3}, latents="signs")
     keys = binary_weight_keys(model)
     with safe_open(str(signs), framework="pt") as f:
