@@ -32,8 +32,8 @@ _FLAGS = {  # TrainConfig field -> help
     "checkpoint_minutes": "minutes between checkpoints and EMA snapshots",
     "teacher": "distil from this checkpoint's outputs (e.g. a bidiff-s2-x2-fp run), as well as the HR",
     "distil_weight": "weight of the L1 to the teacher's output (with --teacher)",
-    "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores) | l1-luma "
-            "(L1 in YCbCr, chroma weighted 1/4)",
+    "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores) | l1-luma | "
+            "l2-luma (the same in YCbCr, each chroma channel weighted 1/4)",
     "refine_t": "x0 models: also train a second call at this timestep on the first call's estimate "
                 "(0: the 2-step linspace sampler's), the loss the mean of both; -1: off",
     "first_x_t": "x0 models: the first call's x_t, noise (the forward process) | zeros (a sampler "

@@ -13,7 +13,7 @@ from bidiff.models import create_model, get_config, load_checkpoint, save_checkp
 from bidiff.models.checkpoint import read_metadata
 from bidiff.models.data import BatchStream, random_patch, sample_batch, step_rng
 from bidiff.models.layers import HardBinaryConv
-from bidiff.models.train import (TrainConfig, diffusion_loss, ema_decay, l1_luma, learning_rate,
+from bidiff.models.train import (LOSSES, TrainConfig, diffusion_loss, ema_decay, learning_rate,
                                  train)
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import alphas_cumprod
@@ -444,27 +444,30 @@ def test_l2_loss_is_the_mean_squared_error_of_the_same_comparison():
     l2 = diffusion_loss(half, hr, cond, 1700, torch.randn(hr.shape), cfg, abar, loss="l2")
     assert l1.item() == pytest.approx(err.abs().mean().item(), rel=1e-6)
     assert l2.item() == pytest.approx(err.square().mean().item(), rel=1e-6)
-    with pytest.raises(ValueError, match="^unknown loss 'huber'; valid: l1, l2, l1-luma$"):
+    with pytest.raises(ValueError, match="^unknown loss 'huber'; valid: l1, l2, l1-luma, l2-luma$"):
         TrainConfig(loss="huber")
 
 
-def test_luma_loss_weighs_colour_a_quarter_of_brightness():
-    """``l1-luma``: a grey error costs what plain L1 charges; a colour error of the same size with
-    no luma in it (Cb or Cr alone) costs a quarter of its chroma magnitude; the loss reaches the
-    network through the same comparison (x0 here)."""
+def test_luma_losses_weigh_colour_a_quarter_of_brightness():
+    """``l1-luma`` / ``l2-luma``: a grey error costs what plain L1 / L2 charges; an error with no
+    luma in it (Cr alone) costs a quarter of its chroma distance; the loss reaches the network
+    through the same comparison (x0 here)."""
+    l1_luma, l2_luma = LOSSES["l1-luma"], LOSSES["l2-luma"]
     grey = torch.full((2, 3, 4, 4), -0.3)
     assert l1_luma(grey).item() == pytest.approx(0.3, rel=1e-6)
+    assert l2_luma(grey).item() == pytest.approx(0.09, rel=1e-5)
     ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
     red_only = torch.linalg.solve(ycbcr, torch.tensor([0.0, 0.0, 0.2]))    # Y = Cb = 0, Cr = 0.2
     d = red_only.view(1, 3, 1, 1).expand(2, 3, 4, 4)
     assert l1_luma(d).item() == pytest.approx(0.25 * 0.2, rel=1e-5)
+    assert l2_luma(d).item() == pytest.approx(0.25 * 0.04, rel=1e-4)
     cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
     hr, cond = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     abar = torch.from_numpy(alphas_cumprod().copy())
     half = lambda x_t, c, t: torch.full_like(x_t, 0.5)    # noqa: E731
     got = diffusion_loss(half, hr, cond, 1700, torch.randn(hr.shape), cfg, abar, loss="l1-luma")
     assert got.item() == pytest.approx(l1_luma(0.5 - 4 * (hr - cond)).item(), rel=1e-6)
-    assert TrainConfig(loss="l1-luma").loss == "l1-luma"
+    assert TrainConfig(loss="l2-luma").loss == "l2-luma"
 
 
 def test_bf16_precision_runs_the_network_under_autocast_and_keeps_float32_weights(tmp_path):
