@@ -52,6 +52,7 @@ class Batch:
     hr: np.ndarray
     lr: np.ndarray
     cond: np.ndarray
+    jpeg: np.ndarray | None = None    # [N] bool: the LR went through JPEG (training batches)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -130,17 +131,19 @@ _DOWNSCALERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling
                 "box": Image.Resampling.BOX}
 
 
-def degrade(hr: np.ndarray, scale: int, degradation: str, rng: np.random.Generator) -> np.ndarray:
-    """The LR of one HWC uint8 HR patch under ``degradation`` (see the module docstring)."""
+def degrade(hr: np.ndarray, scale: int, degradation: str,
+            rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """The LR of one HWC uint8 HR patch under ``degradation`` (see the module docstring), and
+    whether it went through JPEG (a loss may treat such patches apart: models.train)."""
     if degradation == "bicubic":
-        return downsample(hr, scale)
+        return downsample(hr, scale), False
     if degradation not in MIXES:
         raise ValueError(f"unknown degradation {degradation!r}; valid: {', '.join(DEGRADATIONS)}")
     mix = MIXES[degradation]
     lr = downsample(hr, scale, MIXED_RESAMPLERS[rng.integers(0, len(MIXED_RESAMPLERS))])
     if rng.random() < mix.jpeg_probability:
-        lr = jpeg_round_trip(lr, rng.integers(mix.jpeg_quality[0], mix.jpeg_quality[1] + 1))
-    return lr
+        return jpeg_round_trip(lr, rng.integers(mix.jpeg_quality[0], mix.jpeg_quality[1] + 1)), True
+    return lr, False
 
 
 def make_pair(hr: np.ndarray, scale: int, degradation: str = "bicubic") -> Batch:
@@ -186,10 +189,10 @@ def sample_batch(images: Sequence[np.ndarray], n: int, *, patch: int, scale: int
         raise ValueError(f"patch {patch} is not a multiple of the scale {scale}")
     hr = np.stack([random_patch(images[i], patch, rng, zoom)
                    for i in rng.integers(0, len(images), n)])
-    lr = np.stack([degrade(p, scale, degradation, rng) for p in hr])
-    lr = np.moveaxis(lr, -1, 1).astype(np.float32) / 255
+    pairs = [degrade(p, scale, degradation, rng) for p in hr]
+    lr = np.moveaxis(np.stack([p[0] for p in pairs]), -1, 1).astype(np.float32) / 255
     return Batch(hr=np.moveaxis(hr, -1, 1).astype(np.float32) / 255, lr=lr,
-                 cond=upscale_condition(lr, scale))
+                 cond=upscale_condition(lr, scale), jpeg=np.array([p[1] for p in pairs]))
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:

@@ -40,7 +40,8 @@ _FLAGS = {  # TrainConfig field -> help
                  "started from x_T = 0; frees the x_t inputs for a --refine-t call)",
     "loss_target": "with --loss-back-projection: compare with the HR image (hr) | the HR image "
                    "back-projected onto the same LR (projected: leaves out the error no prediction "
-                   "can change, e.g. the LR's JPEG error)",
+                   "can change, e.g. the LR's JPEG error) | split (hr for JPEG'd patches, projected "
+                   "for the rest)",
     "train_params": "parameters the optimizer moves: all | full-precision (all but the 1-bit convs' "
                     "latent weights, whose signs then stay those of --init)",
     "zoom": "smallest scale a training photo is shown at: each HR patch is cut at a random scale "

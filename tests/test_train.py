@@ -324,9 +324,9 @@ def test_each_mix_jpegs_its_share_of_patches_over_its_quality_range(monkeypatch,
     monkeypatch.setattr(data, "jpeg_round_trip", lambda img, q: qualities.append(int(q)) or img)
     rng = np.random.default_rng(0)
     patch = np.zeros((8, 8, 3), np.uint8)
-    for _ in range(2000):
-        data.degrade(patch, 2, name, rng)
+    flags = [data.degrade(patch, 2, name, rng)[1] for _ in range(2000)]
     assert abs(len(qualities) / 2000 - share) < 0.04
+    assert sum(flags) == len(qualities)
     assert (min(qualities), max(qualities)) == (low, high) if qualities else low is None
 
 
@@ -383,8 +383,37 @@ def test_projected_loss_target_leaves_out_what_the_lr_alone_decides():
         TrainConfig(loss_target="projected")
     with pytest.raises(ValueError, match="loss target 'projected' needs back_projection > 0"):
         diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=low, target="projected")
-    with pytest.raises(ValueError, match="^unknown loss target 'pro'; valid: hr, projected$"):
+    with pytest.raises(ValueError, match="^unknown loss target 'pro'; valid: hr, projected, split$"):
         diffusion_loss(model, hr, cond, 1900, noise, cfg, abar, lr=low, back_projection=1, target="pro")
+
+
+def test_split_loss_target_takes_the_hr_for_jpeg_patches_and_the_projected_hr_for_the_rest():
+    """target="split": a sample the batch marks as JPEG'd is compared with the HR, the others
+    with the projected HR; the flags come from the data pipeline (``mixed`` JPEGs ~30 %)."""
+    cfg = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3))
+    hr, cond = torch.from_numpy(batch.hr), torch.from_numpy(batch.cond)
+    low = torch.from_numpy(batch.lr) + 0.05 * torch.randn(batch.lr.shape, generator=torch.Generator().manual_seed(1))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    noise = torch.randn(hr.shape)
+
+    def loss(target, jpeg=None, rows=slice(None)):
+        return diffusion_loss(model, hr[rows], cond[rows], 1900, noise[rows], cfg, abar, lr=low[rows],
+                              back_projection=3, target=target, loss="l2",
+                              jpeg=None if jpeg is None else torch.tensor(jpeg)).item()
+    mixed = loss("split", [True, False])
+    assert mixed == pytest.approx((loss("hr", rows=slice(0, 1)) + loss("projected", rows=slice(1, 2))) / 2, rel=1e-5)
+    assert loss("split", [True, True]) == pytest.approx(loss("hr"), rel=1e-6)
+    assert loss("split", [False, False]) == pytest.approx(loss("projected"), rel=1e-6)
+    assert loss("hr") != pytest.approx(loss("projected"), rel=1e-3)
+    with pytest.raises(ValueError, match="^loss target 'split' needs the batch's jpeg flags$"):
+        loss("split")
+    flags = np.concatenate([sample_batch(_images(), 8, patch=16, scale=2, rng=np.random.default_rng(s),
+                                         degradation="mixed").jpeg for s in range(50)])
+    assert flags.dtype == bool and 0.2 < flags.mean() < 0.4
+    assert not sample_batch(_images(), 8, patch=16, scale=2, rng=np.random.default_rng(0)).jpeg.any()
 
 
 def test_projection_floor_orders_the_degradations_by_what_the_lr_alone_loses():
