@@ -53,7 +53,8 @@ LOG_FILE = "log.jsonl"
 
 # RGB difference -> (luma, blue-difference, red-difference) difference, BT.601 (JPEG's YCbCr).
 _YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-# Weight of each chroma channel against luma in ``l1-luma``: the eye (and the Y-PSNR that scores
+# Weight of each chroma channel against luma in the ``-luma`` losses (their Y row is the scored
+# Y of models.metrics up to its 219/255 studio-range factor): the eye (and the Y-PSNR that scores
 # super-resolution) resolves colour at about half the resolution of brightness, the reason JPEG
 # keeps a quarter of the chroma samples.
 CHROMA_WEIGHT = 0.25
