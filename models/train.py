@@ -44,6 +44,7 @@ from bidiff.models.checkpoint import SAMPLER_METADATA, read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
 from bidiff.models.layers import HardBinaryConv
 from bidiff.models.projection import back_project
+from bidiff.models.teachers import load_image_teacher
 from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
@@ -114,6 +115,7 @@ class TrainConfig:
     checkpoint_minutes: float = 15.0
     teacher: str = ""
     distil_weight: float = 1.0
+    image_teacher: str = ""
     loss: Literal["l1", "l2", "l1-luma", "l2-luma"] = "l1"
     precision: Literal["fp32", "bf16"] = "fp32"
     refine_t: int = -1
@@ -138,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"refine_t {self.refine_t} is outside -1..{NUM_TRAIN_TIMESTEPS - 1} (-1: off)")
         if self.refine_t >= 0 and self.teacher:
             raise ValueError("refine_t and teacher cannot be combined")
+        if self.image_teacher and (self.teacher or self.refine_t >= 0):
+            raise ValueError("image_teacher cannot be combined with teacher or refine_t")
+        if self.image_teacher and not self.loss_back_projection:
+            raise ValueError("image_teacher needs loss_back_projection > 0 (its guide is an image)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.first_x_t not in FIRST_X_T:
@@ -186,7 +192,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    distil_weight: float = 1.0, loss: str = "l1",
                    precision: str = "fp32", refine_t: int = -1,
                    first_x_t: str = "noise", target: str = "hr",
-                   jpeg: torch.Tensor | None = None) -> torch.Tensor:
+                   jpeg: torch.Tensor | None = None,
+                   guide_image: torch.Tensor | None = None) -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
     quantity PSNR scores).
@@ -211,6 +218,11 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     teacher sees the same x_t, and ``distil_weight`` times the same distance between the
     student's and the teacher's output (after the same back-projection) is added.
 
+    ``guide_image`` (an image teacher's output for the same LR, ``models.teachers``): image
+    distillation. ``distil_weight`` times the same distance between the student's image (after
+    the back-projection) and it is added; under L2 that trains on the weighted mean of the two
+    targets, a target the LR determines (the HR's detail beyond it is noise to the gradient).
+
     ``precision="bf16"``: the network calls (student and teacher) run under bf16 autocast; their
     outputs come back as float32 for everything after them.
 
@@ -232,6 +244,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         raise ValueError(f"loss target {target!r} needs back_projection > 0")
     if target == "split" and jpeg is None:
         raise ValueError("loss target 'split' needs the batch's jpeg flags")
+    if guide_image is not None and (not back_projection or teacher is not None or refine_t >= 0):
+        raise ValueError("a guide image needs back_projection > 0, no teacher and no refining call")
     if first_x_t == "zeros" and form.prediction != "sample":
         raise ValueError("x_t = 0 in the first call needs an x0-predicting model")
     x0 = form.target(hr, cond)
@@ -272,6 +286,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         want = x0 if form.prediction == "sample" else noise
     distance = LOSSES[loss]
     total = sum(distance(o - want) for o in outs) / len(outs)
+    if guide is None:
+        guide = guide_image
     if guide is not None:
         total = total + distil_weight * distance(outs[0] - guide)
     return total * weight
@@ -399,6 +415,17 @@ def _load_teacher(path: str, student: ModelConfig, device: torch.device) -> nn.M
     return teacher.to(device).requires_grad_(False)
 
 
+def _load_image_teacher(folder: str, student: ModelConfig, back_projection: int,
+                        device: torch.device) -> nn.Module:
+    """The frozen image teacher of ``folder`` (``models.teachers``); its networks are x2."""
+    if student.scale != 2:
+        raise SystemExit(f"image teacher: its networks upscale x2, {student.name} x{student.scale}")
+    try:
+        return load_image_teacher(folder, back_projection).to(device)
+    except ValueError as e:
+        raise SystemExit(f"image teacher: {e}") from None
+
+
 def _checkpoint(run: _Run, run_dir: Path, hardware: str, snapshot: bool) -> None:
     _atomic_save(_state(run), run_dir / STATE_FILE)
     meta = {**run.sampler, "steps": str(run.step), "train_seconds": f"{run.train_seconds:.0f}",
@@ -443,6 +470,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
             _init_from(run, Path(init))
     cfg = run.config
     teacher = _load_teacher(cfg.teacher, run.model_config, dev) if cfg.teacher else None
+    image_teacher = (_load_image_teacher(cfg.image_teacher, run.model_config, cfg.loss_back_projection, dev)
+                     if cfg.image_teacher else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if images is None:
         images = load_images(cfg.data)
@@ -473,14 +502,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
             noise = torch.randn(batch.hr.shape, generator=run.noise_gen).to(dev)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(run.step, cfg)
+            lr_batch = torch.from_numpy(batch.lr).to(dev)
+            jpeg = None if batch.jpeg is None else torch.from_numpy(batch.jpeg)
             loss = diffusion_loss(run.model, torch.from_numpy(batch.hr).to(dev),
                                   torch.from_numpy(batch.cond).to(dev), t, noise,
-                                  run.model_config, abar, lr=torch.from_numpy(batch.lr).to(dev),
+                                  run.model_config, abar, lr=lr_batch,
                                   back_projection=cfg.loss_back_projection, teacher=teacher,
                                   distil_weight=cfg.distil_weight, loss=cfg.loss,
                                   precision=cfg.precision, refine_t=cfg.refine_t,
                                   first_x_t=cfg.first_x_t, target=cfg.loss_target,
-                                  jpeg=None if batch.jpeg is None else torch.from_numpy(batch.jpeg))
+                                  jpeg=jpeg, guide_image=None if image_teacher is None
+                                  else image_teacher(lr_batch, jpeg))
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

