@@ -112,6 +112,10 @@ def read_ncnn(param: str | Path, weights: str | Path) -> NcnnNet:
         if kind == "PixelShuffle":
             layers.append((kind, {"factor": int(p.get("0", 1))}))
         elif kind in ("Convolution", "Deconvolution"):
+            missing = [key for key in ("0", "1", "6") if key not in p]
+            if missing:
+                raise ValueError(f"{param}: layer {name} lacks its {', '.join(missing)}= entries "
+                                 "(output channels, kernel size, weight count)")
             out_ch, k, count = int(p["0"]), int(p["1"]), int(p["6"])
             if count % (out_ch * k * k):
                 raise ValueError(f"{param}: layer {name}: {count} weights do not fill {out_ch} x {k} x {k} kernels")

@@ -94,6 +94,10 @@ def test_read_ncnn_refuses_what_it_cannot_read(tmp_path):
     param.write_text(param.read_text().replace("Convolution", "Pooling"))
     with pytest.raises(ValueError, match=r"m\.param: layer l0 is a Pooling, which read_ncnn does not support$"):
         read_ncnn(param, weights)
+    param.write_text(param.read_text().replace("Pooling", "Convolution").replace(" 6=", " 7="))
+    with pytest.raises(ValueError, match=r"m\.param: layer l0 lacks its 6= entries \(output channels, kernel size, "
+                                         r"weight count\)$"):
+        read_ncnn(param, weights)
     param.write_text("7767518\n")
     with pytest.raises(ValueError, match=r"m\.param: not an ncnn param file"):
         read_ncnn(param, weights)
