@@ -143,7 +143,7 @@ def test_shipped_checkpoint_carries_its_tuned_sampler() -> None:
     assert Path(SHIPPED_CHECKPOINT).is_file(), f"the package lacks its checkpoint {SHIPPED_CHECKPOINT}"
     meta = read_metadata(SHIPPED_CHECKPOINT)
     assert json.loads(meta["config"])["formulation"]["prediction"] == "sample"
-    assert (meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) == ("1", "trailing", "3")
+    assert (meta["default_steps"], meta["timestep_spacing"], meta["back_projection"]) == ("1", "trailing", "2")
     assert meta["tile"] == str(json.loads(meta["train_config"])["patch"]) == "128"  # the default tile
     assert "time_shift" not in meta and "time_shifts" not in meta
 
