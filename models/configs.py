@@ -121,6 +121,14 @@ def bidiff_m2c_x2() -> ModelConfig:
                        "embedding (an experiment; starts from bidiff-m2-x2's weights)")
 
 @register_config
+def bidiff_m2h_x2() -> ModelConfig:
+    return ModelConfig("bidiff-m2h-x2", {**bidiff_m2_x2().network, "head_blocks": 1}, 2,
+                       bidiff_m2_x2().formulation,
+                       "bidiff-m2-x2 with one more full-precision residual block at the top (an "
+                       "experiment; starts from bidiff-m2-x2's weights)")
+
+
+@register_config
 def bidiff_s2_x2_fp() -> ModelConfig:
     return ModelConfig("bidiff-s2-x2-fp", {**bidiff_s2_x2().network, "binary": False}, 2,
                        bidiff_s2_x2().formulation,
@@ -140,3 +148,10 @@ def tiny_binary() -> ModelConfig:
 def tiny_binary_cond() -> ModelConfig:
     return ModelConfig("tiny-binary-cond", {**tiny_binary().network, "cond_embed": True}, 2,
                        tiny_binary().formulation, "tiny-binary with the condition summary (tests)")
+
+
+@register_config
+def tiny_head() -> ModelConfig:
+    return ModelConfig("tiny-head", {**tiny_binary().network, "fp_res": [32], "head_blocks": 1}, 2,
+                       tiny_binary().formulation,
+                       "tiny-binary with a full-precision top level and a head block (tests)")

@@ -376,12 +376,17 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
 
 
 
+_GROWN = {"cond_embed": False, "head_blocks": 0}
+"""Network settings whose added parts start as no-ops (with their defaults: absent)."""
+
+
 def _grows(old: ModelConfig, new: ModelConfig) -> bool:
-    """``new`` is ``old`` plus a condition summary (``cond_embed``), which starts as a no-op, so
-    ``old``'s weights start it as the same function."""
-    net = dict(new.network)
-    return (bool(net.pop("cond_embed", False)) and net == {k: v for k, v in old.network.items() if k != "cond_embed"}
-            and not old.network.get("cond_embed", False)
+    """``new`` is ``old`` plus parts that start as no-ops (a condition summary, more head
+    blocks) and nothing else, so ``old``'s weights start it as the same function."""
+    def rest(net: dict) -> dict:
+        return {k: v for k, v in net.items() if k not in _GROWN}
+    return (rest(old.network) == rest(new.network)
+            and all(old.network.get(k, d) <= new.network.get(k, d) for k, d in _GROWN.items())
             and (new.scale, new.formulation) == (old.scale, old.formulation))
 
 def _init_from(run: _Run, path: Path) -> None:
@@ -390,7 +395,8 @@ def _init_from(run: _Run, path: Path) -> None:
     carry on (so every snapshot samples as the model it continues); the optimizer
     moments start afresh and the noise stream is reseeded with the step (the data stream is
     per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init.
-    The weights of a network without the condition summary start one with it (``_grows``)."""
+    The weights of a network without the condition summary or head blocks start one with them
+    (``_grows``)."""
     model, cfg = load_checkpoint(path)
     if cfg.name != run.model_config.name and not _grows(cfg, run.model_config):
         raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")

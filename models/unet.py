@@ -21,6 +21,10 @@ class BIDiffSRUNet(nn.Module):
     ``binary=False`` builds the full-precision twin (``layers.make_full_precision``).
     ``cond_embed``: a per-tile summary of the condition is added to the timestep embedding
     (``blocks.CondEmbed``; not in the paper).
+    ``head_blocks``: that many more full-precision residual blocks after the (full-precision)
+    top decoder level, before the final conv: depth where full precision learns fastest. Each
+    starts as the identity (its last conv is zero), so a network that gains them computes what
+    it computed before and can continue from its weights.
     """
 
     def __init__(self, in_channel: int = 6, out_channel: int = 3, inner_channel: int = 64,
@@ -28,7 +32,7 @@ class BIDiffSRUNet(nn.Module):
                  attn_res: tuple[int, ...] = (), res_blocks: int = 2, dropout: float = 0.2,
                  image_size: int = 256, fp_res: tuple[int, ...] = (256, 128),
                  total_step: int = 2000, dynamic_group: int = 5, binary: bool = True,
-                 cond_embed: bool = False) -> None:
+                 cond_embed: bool = False, head_blocks: int = 0) -> None:
         super().__init__()
         mults = list(channel_mults)
         for a, b in zip(mults, mults[1:]):
@@ -77,6 +81,14 @@ class BIDiffSRUNet(nn.Module):
                 pre //= 2
                 res *= 2
         self.ups = nn.ModuleList(ups)
+        if head_blocks and res not in fp_res:
+            raise ValueError(f"head_blocks needs a full-precision top level ({res} in fp_res), got fp_res {list(fp_res)}")
+        self.head = nn.ModuleList([ResnetBlocWithAttn(pre, inner_channel, norm_groups, 0.0, False, k)
+                                   for _ in range(head_blocks)])
+        with torch.no_grad():
+            for blk in self.head:
+                blk.res_block.block2.conv.weight.zero_()
+                blk.res_block.block2.conv.bias.zero_()
         self.final_conv = Block_F(pre, out_channel, norm_groups)
         self.binary = binary
         if not binary:
@@ -128,6 +140,8 @@ class BIDiffSRUNet(nn.Module):
                 x = layer(x, g)
             else:
                 x = layer(x, time_emb, g)
+        for layer in self.head:
+            x = layer(x, time_emb, g)
         return self.final_conv(x)
 
     def emit_onnx(self, g: GraphBuilder, x_t: str, cond: str, t: str, tile: int) -> str:
@@ -159,4 +173,6 @@ class BIDiffSRUNet(nn.Module):
                 x, hw = g.module(layer, x, path, hw)
             else:
                 x = g.module(layer, x, path, time_emb, hw)
+        for i, layer in enumerate(self.head):
+            x = g.module(layer, x, f"head.{i}", time_emb, hw)
         return g.module(self.final_conv, x, "final_conv")

@@ -11,8 +11,9 @@ order) whose input bits differ, every flipped bit sat within a few float32 ulps 
 flips are consequences of the first. With the seeds below most groups have no flip at all.
 
 Configs: ``golden-small`` (the golden checkpoint: official structure, FP decoder levels),
-``tiny-binary`` (all-binary, random weights), ``official-x2`` (full width, random weights, tile
-32). Every config is checked for all five groups.
+``tiny-binary`` (all-binary, random weights; ``tiny-binary-cond`` and ``tiny-head`` add the
+condition summary and a head block), ``official-x2`` (full width, random weights, tile
+32). Each config is checked for the groups `_GROUPS` lists (all five for the first three).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _model(name: str) -> torch.nn.Module:
 
 
 _GROUPS = {"golden-small": [0, 1, 2, 3, 4], "tiny-binary": [0, 1, 2, 3, 4], "official-x2": [0, 1, 2, 3, 4],
-           "tiny-binary-cond": [0, 4]}
+           "tiny-binary-cond": [0, 4], "tiny-head": [0, 4]}
 
 
 @pytest.fixture(scope="module", params=list(_GROUPS))

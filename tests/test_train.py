@@ -225,6 +225,22 @@ def test_init_grows_a_network_by_the_condition_summary(tmp_path):
               progress=False, init=init)
 
 
+def test_grows_accepts_only_parts_that_start_as_no_ops():
+    """_grows: more head blocks or a condition summary may start from a checkpoint without
+    them; fewer, or any other difference, may not."""
+    from bidiff.models.configs import ModelConfig
+    from bidiff.models.train import _grows
+    base = get_config("tiny-head")
+    def cfg(**kw):
+        return ModelConfig("x", {**base.network, **kw}, base.scale, base.formulation, "")
+    assert _grows(cfg(head_blocks=0), cfg(head_blocks=2))
+    assert _grows(cfg(head_blocks=1), cfg(head_blocks=1, cond_embed=True))
+    assert not _grows(cfg(head_blocks=2), cfg(head_blocks=1))
+    assert not _grows(cfg(cond_embed=True), cfg())
+    assert not _grows(cfg(head_blocks=0), cfg(head_blocks=1, inner_channel=32))
+    assert not _grows(cfg(), ModelConfig("x", base.network, 4, base.formulation, ""))
+
+
 def test_schedules():
     cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, lr_schedule="cosine")
     assert learning_rate(0, cfg) == pytest.approx(0.1)
