@@ -123,6 +123,7 @@ class TrainConfig:
     loss_target: Literal["hr", "projected", "split"] = "hr"
     train_params: Literal["all", "full-precision"] = "all"
     zoom: float = 1.0
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -156,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"unknown train_params {self.train_params!r}; valid: {', '.join(TRAIN_PARAMS)}")
         if not 0 < self.zoom <= 1:
             raise ValueError(f"zoom {self.zoom} is outside (0, 1]")
+        if not self.head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale {self.head_lr_scale} must be positive")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -341,7 +344,12 @@ def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) 
         for m in model.modules():
             if isinstance(m, HardBinaryConv):
                 m.weight.requires_grad_(False)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, betas=(0.9, 0.99))
+    params = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [q for n, q in params if not n.startswith("head.")]}]
+    head = [q for n, q in params if n.startswith("head.")]
+    if head:   # the head blocks start at zero: their own step size (head_lr_scale)
+        groups.append({"params": head, "lr_scale": cfg.head_lr_scale})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Run(cfg, model_config, model, ema, opt, 0, 0.0, gen)
 
@@ -367,7 +375,13 @@ def _restore(path: Path, overrides: dict[str, Any], device: torch.device) -> _Ru
     run = _new_run(cfg, ModelConfig.from_dict(json.loads(state["model_config"])), device)
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        raise SystemExit(f"{path}: its optimizer state does not fit this network's parameter groups ({e}); "
+                         "continue from its weights with --init instead") from None
+    for group in run.optimizer.param_groups[1:]:
+        group["lr_scale"] = cfg.head_lr_scale
     run.step, run.train_seconds = state["step"], state["train_seconds"]
     run.sampler = state.get("sampler", {})
     run.noise_gen.set_state(state["rng"]["noise"])
@@ -507,7 +521,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
             t = int(torch.randint(cfg.t_min, len(abar), (1,), generator=run.noise_gen))
             noise = torch.randn(batch.hr.shape, generator=run.noise_gen).to(dev)
             for group in run.optimizer.param_groups:
-                group["lr"] = learning_rate(run.step, cfg)
+                group["lr"] = learning_rate(run.step, cfg) * group.get("lr_scale", 1.0)
             lr_batch = torch.from_numpy(batch.lr).to(dev)
             jpeg = None if batch.jpeg is None else torch.from_numpy(batch.jpeg)
             loss = diffusion_loss(run.model, torch.from_numpy(batch.hr).to(dev),

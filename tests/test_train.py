@@ -241,6 +241,36 @@ def test_grows_accepts_only_parts_that_start_as_no_ops():
     assert not _grows(cfg(), ModelConfig("x", base.network, 4, base.formulation, ""))
 
 
+def test_head_lr_scale_multiplies_the_head_blocks_step_only(tmp_path):
+    """One Adam step moves every parameter by about lr; with head_lr_scale 10 the head block's
+    parameters move 10x as far and the rest exactly as far as without it. A run saved with
+    other parameter groups resumes with a one-line refusal."""
+    images = _images()
+    moves = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        start = create_model("tiny-head").state_dict()
+        run = train(_cfg(model="tiny-head", steps=1, head_lr_scale=scale), tmp_path / str(scale),
+                    images=images, model_config=get_config("tiny-head"), progress=False)
+        after = run.model.state_dict()
+        moves[scale] = {k: float((after[k] - start[k]).abs().max()) for k in start}
+    head = [k for k in moves[1.0] if k.startswith("head.") and moves[1.0][k] > 0]
+    rest = [k for k in moves[1.0] if not k.startswith("head.")]
+    assert head and rest
+    for k in head:
+        assert moves[10.0][k] == pytest.approx(10 * moves[1.0][k], rel=1e-3), k
+    for k in rest:
+        assert moves[10.0][k] == pytest.approx(moves[1.0][k], rel=1e-6, abs=1e-9), k
+    state = torch.load(tmp_path / "1.0" / "state.pt", weights_only=True)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+    torch.save(state, tmp_path / "1.0" / "state.pt")
+    with pytest.raises(SystemExit, match=r"state.pt: its optimizer state does not fit this network's "
+                                         r"parameter groups \(.*\); continue from its weights with --init instead"):
+        train(_cfg(model="tiny-head", steps=2), tmp_path / "1.0", resume=True, images=images, progress=False)
+    with pytest.raises(ValueError, match="head_lr_scale 0.0 must be positive"):
+        _cfg(head_lr_scale=0.0)
+
+
 def test_schedules():
     cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, lr_schedule="cosine")
     assert learning_rate(0, cfg) == pytest.approx(0.1)
