@@ -191,39 +191,31 @@ def test_deploy_binary_conv_equals_numpy_reference(channels, kernel):
     assert not np.allclose(official, ref, atol=1e-5)        # the zero cases really differ
 
 
-def test_head_blocks_start_as_the_identity_and_need_a_full_precision_top():
-    """head_blocks (unet.BIDiffSRUNet): loaded from the weights of the same network without
-    them, the output is bit for bit the old one (each block's last conv starts at zero); once
-    that conv moves, the output changes. A binary top level refuses them."""
+@pytest.mark.parametrize("grown_name,base_network,prefix,last", [
+    ("tiny-binary-cond", {}, "cond_embed.", lambda m: m.cond_embed.proj.weight),
+    ("tiny-head", {"head_blocks": 0}, "head.0.", lambda m: m.head[0].res_block.block2.conv.weight)],
+    ids=["cond_embed", "head_blocks"])
+def test_grown_parts_start_as_the_network_without_them(grown_name, base_network, prefix, last):
+    """cond_embed (blocks.CondEmbed) and head_blocks (unet.BIDiffSRUNet): loaded from the
+    weights of the same network without them, the output is bit for bit the old one (their
+    last layer starts at zero); once that layer moves, the output changes."""
     from bidiff.models.unet import BIDiffSRUNet
     torch.manual_seed(0)
-    grown = create_model("tiny-head")
-    base = BIDiffSRUNet(**{**get_config("tiny-head").network, "head_blocks": 0})
+    grown = create_model(grown_name)
+    network = {k: v for k, v in get_config(grown_name).network.items() if k != "cond_embed"}
+    base = BIDiffSRUNet(**{**network, **base_network})
     missing = grown.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert missing and all(k.startswith("head.0.") for k in missing)
+    assert missing and all(k.startswith(prefix) for k in missing)
     g = torch.Generator().manual_seed(1)
     x_t, cond = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
     t = torch.tensor([[1999], [1999]])
     with torch.no_grad():
         assert torch.equal(base(x_t, cond, t), grown(x_t, cond, t))
-        grown.head[0].res_block.block2.conv.weight.normal_(0.0, 0.5, generator=g)
+        last(grown).normal_(0.0, 0.5, generator=g)
         assert not torch.allclose(base(x_t, cond, t), grown(x_t, cond, t), atol=1e-3)
+
+
+def test_head_blocks_need_a_full_precision_top_level():
+    from bidiff.models.unet import BIDiffSRUNet
     with pytest.raises(ValueError, match=r"head_blocks needs a full-precision top level \(32 in fp_res\), got fp_res \[\]"):
         BIDiffSRUNet(**{**get_config("tiny-binary").network, "head_blocks": 1})
-
-
-def test_condition_summary_starts_as_the_network_without_it():
-    """cond_embed (blocks.CondEmbed): loaded from the weights of the same network without it,
-    the output is bit for bit the old one (its last layer starts at zero); once that layer
-    moves, the output depends on the summary."""
-    torch.manual_seed(0)
-    base, grown = create_model("tiny-binary"), create_model("tiny-binary-cond")
-    missing = grown.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert missing and all(k.startswith("cond_embed.") for k in missing)
-    g = torch.Generator().manual_seed(1)
-    x_t, cond = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
-    t = torch.tensor([[1999], [1999]])
-    with torch.no_grad():
-        assert torch.equal(base(x_t, cond, t), grown(x_t, cond, t))
-        grown.cond_embed.proj.weight.normal_(0.0, 0.5, generator=g)
-        assert not torch.allclose(base(x_t, cond, t), grown(x_t, cond, t), atol=1e-3)
