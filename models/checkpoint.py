@@ -35,7 +35,7 @@ def create_model(config: str | ModelConfig) -> BIDiffSRUNet:
       Starting at zero, the network sees the condition cleanly and can still learn to use x_t.
     """
     cfg = get_config(config) if isinstance(config, str) else config
-    model = BIDiffSRUNet(**cfg.network)
+    model = BIDiffSRUNet(**cfg.network, lr_correction=cfg.formulation.lr_correction)
     if cfg.formulation.prediction == "sample":
         with torch.no_grad():
             last = model.final_conv.block[-1]

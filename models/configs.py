@@ -3,7 +3,7 @@ artifact and the sampler must know: upscaling factor and training formulation.""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from bidiff.runtime.formulation import Formulation
@@ -129,6 +129,14 @@ def bidiff_m2h_x2() -> ModelConfig:
 
 
 @register_config
+def bidiff_m2l_x2() -> ModelConfig:
+    return ModelConfig("bidiff-m2l-x2", bidiff_m2_x2().network, 2,
+                       replace(bidiff_m2_x2().formulation, lr_correction=True),
+                       "bidiff-m2-x2 that also predicts a correction of its LR input for "
+                       "back-projection (an experiment; starts from bidiff-m2-x2's weights)")
+
+
+@register_config
 def bidiff_s2_x2_fp() -> ModelConfig:
     return ModelConfig("bidiff-s2-x2-fp", {**bidiff_s2_x2().network, "binary": False}, 2,
                        bidiff_s2_x2().formulation,
@@ -155,3 +163,10 @@ def tiny_head() -> ModelConfig:
     return ModelConfig("tiny-head", {**tiny_binary().network, "fp_res": [32], "head_blocks": 1}, 2,
                        tiny_binary().formulation,
                        "tiny-binary with a full-precision top level and a head block (tests)")
+
+
+@register_config
+def tiny_lrc() -> ModelConfig:
+    return ModelConfig("tiny-lrc", tiny_binary().network, 2,
+                       Formulation("residual", 4.0, "sample", lr_correction=True),
+                       "tiny-binary predicting x0 and an LR correction (tests)")

@@ -31,6 +31,16 @@ def _matrices(h: int, w: int, scale: int) -> tuple[np.ndarray, ...]:
             _dense(*bicubic._axis_taps(lh, h), lh), _dense(*bicubic._axis_taps(lw, w), lw))
 
 
+def downscale(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, H/s, W/s]: back-projection's antialiased bicubic ``down``
+    (equals ``consistency.downscale`` up to float rounding), differentiable."""
+    h, w = image.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"cannot downscale {h}x{w} by {scale}")
+    dh, dw = (torch.as_tensor(m, dtype=image.dtype, device=image.device) for m in _matrices(h, w, scale)[:2])
+    return dh @ image @ dw.T
+
+
 def back_project(sr: torch.Tensor, lr: torch.Tensor, scale: int, iterations: int) -> torch.Tensor:
     """``iterations`` rounds of sr + up(lr - down(sr)) on [B, C, H, W] / [B, C, H/s, W/s] tensors,
     differentiable in ``sr`` (equals ``consistency.back_project`` up to float rounding)."""

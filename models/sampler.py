@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bidiff.runtime.consistency import back_project
+from bidiff.runtime.consistency import back_project, downscale
 from bidiff.runtime.formulation import Formulation
 from bidiff.runtime.schedule import DDIMScheduler
 
@@ -38,7 +38,8 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
     ``DDIMScheduler`` (0 and "leading" = official); the network's output is ε or x0 as
     ``formulation.prediction`` says (``eps`` records it either way).
     ``back_projection``: rounds of ``consistency.back_project`` onto ``lr`` [B, 3, h, w] (the
-    LR image the condition was upscaled from) before clamping, as the device sampler does.
+    LR image the condition was upscaled from) before clamping, as the device sampler does; for
+    a model with an LR correction, onto ``lr`` corrected by its last call.
     """
     form = formulation or Formulation()
     if back_projection and lr is None:
@@ -63,7 +64,7 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
         if record:
             result.x_t.append(x.clone())
             result.eps.append(eps.clone())
-        out = sched.step(eps.numpy(), i, x.numpy())
+        out = sched.step(eps[:, :3].numpy(), i, x.numpy())
         x = torch.from_numpy(np.ascontiguousarray(out.prev_sample))
     raw = x[:, :, :h, :w]
     result.raw = raw
@@ -71,6 +72,9 @@ def sample(model: torch.nn.Module, cond: torch.Tensor, *, steps: int = 50,
     if back_projection:
         lr = np.asarray(lr, np.float32)
         scale = w // lr.shape[-1]
+        if form.lr_correction:
+            corr = eps[:, 3:, :h, :w].float().numpy()
+            lr = np.stack([form.lr_target(low, downscale(c, low.shape[1:])) for low, c in zip(lr, corr)])
         image = torch.from_numpy(np.stack([back_project(im, low, scale, back_projection)
                                            for im, low in zip(image.float().numpy(), lr)])).to(dtype)
     result.image = image.clamp(0, 1)

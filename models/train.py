@@ -43,7 +43,7 @@ from bidiff.models import ModelConfig, create_model, get_config, load_checkpoint
 from bidiff.models.checkpoint import SAMPLER_METADATA, read_metadata
 from bidiff.models.data import DEGRADATIONS, BatchStream, load_images
 from bidiff.models.layers import HardBinaryConv
-from bidiff.models.projection import back_project
+from bidiff.models.projection import back_project, downscale
 from bidiff.models.teachers import load_image_teacher
 from bidiff.runtime.consistency import check_back_projection
 from bidiff.runtime.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
@@ -251,6 +251,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         raise ValueError("a guide image needs back_projection > 0, no teacher and no refining call")
     if first_x_t == "zeros" and form.prediction != "sample":
         raise ValueError("x_t = 0 in the first call needs an x0-predicting model")
+    if form.lr_correction and (not back_projection or refine_t >= 0):
+        raise ValueError("an LR-correcting model is trained through back-projection, in one call")
     x0 = form.target(hr, cond)
     a = abar[t]
     x_t = torch.zeros_like(x0) if first_x_t == "zeros" else a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -277,7 +279,9 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
             raise ValueError("a back-projected loss needs an x0-predicting model and the LR batch")
 
         def to_image(pred: torch.Tensor) -> torch.Tensor:
-            return back_project(form.to_image(pred, cond), lr, model_config.scale, back_projection)
+            c, scale = hr.shape[1], model_config.scale
+            aim = form.lr_target(lr, downscale(pred[:, c:], scale)) if form.lr_correction else lr
+            return back_project(form.to_image(pred[:, :c], cond), aim, scale, back_projection)
 
         weight = form.residual_scale if form.type == "residual" else 1.0
         want = hr if target == "hr" else back_project(hr, lr, model_config.scale, back_projection)
@@ -396,12 +400,28 @@ _GROWN = {"cond_embed": False, "head_blocks": 0}
 
 def _grows(old: ModelConfig, new: ModelConfig) -> bool:
     """``new`` is ``old`` plus parts that start as no-ops (a condition summary, more head
-    blocks) and nothing else, so ``old``'s weights start it as the same function."""
+    blocks, an LR correction) and nothing else, so ``old``'s weights start it as the same
+    function."""
     def rest(net: dict) -> dict:
         return {k: v for k, v in net.items() if k not in _GROWN}
     return (rest(old.network) == rest(new.network)
             and all(old.network.get(k, d) <= new.network.get(k, d) for k, d in _GROWN.items())
-            and (new.scale, new.formulation) == (old.scale, old.formulation))
+            and new.scale == old.scale
+            and replace(new.formulation, lr_correction=old.formulation.lr_correction) == old.formulation
+            and old.formulation.lr_correction <= new.formulation.lr_correction)
+
+
+def _grown_state(old: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s state with ``old``'s tensors in it: whole where the shapes agree, as the
+    leading rows where ``net``'s has more (the LR correction's output channels), so the parts
+    ``old`` lacks keep their no-op initialisation."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for k, v in old.items():
+        if k in state and state[k].shape != v.shape:
+            state[k][:v.shape[0]] = v
+        elif k in state:
+            state[k] = v
+    return state
 
 def _init_from(run: _Run, path: Path) -> None:
     """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
@@ -409,13 +429,13 @@ def _init_from(run: _Run, path: Path) -> None:
     carry on (so every snapshot samples as the model it continues); the optimizer
     moments start afresh and the noise stream is reseeded with the step (the data stream is
     per step anyway), so a run that lost its ``state.pt`` is not thrown back to a random init.
-    The weights of a network without the condition summary or head blocks start one with them
-    (``_grows``)."""
+    The weights of a network without the condition summary, head blocks or LR correction start
+    one with them (``_grows``)."""
     model, cfg = load_checkpoint(path)
     if cfg.name != run.model_config.name and not _grows(cfg, run.model_config):
         raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")
     for net in (run.model, run.ema):
-        net.load_state_dict(model.state_dict(), strict=cfg.name == run.model_config.name)
+        net.load_state_dict(_grown_state(model.state_dict(), net))
     meta = read_metadata(path)
     run.step = int(meta.get("steps", 0))
     run.train_seconds = float(meta.get("train_seconds", 0.0))

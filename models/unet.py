@@ -25,6 +25,8 @@ class BIDiffSRUNet(nn.Module):
     top decoder level, before the final conv: depth where full precision learns fastest. Each
     starts as the identity (its last conv is zero), so a network that gains them computes what
     it computed before and can continue from its weights.
+    ``lr_correction``: the final conv outputs ``out_channel`` more channels, the correction of
+    the LR that back-projection aims at (``Formulation.lr_correction``), starting at zero.
     """
 
     def __init__(self, in_channel: int = 6, out_channel: int = 3, inner_channel: int = 64,
@@ -32,7 +34,7 @@ class BIDiffSRUNet(nn.Module):
                  attn_res: tuple[int, ...] = (), res_blocks: int = 2, dropout: float = 0.2,
                  image_size: int = 256, fp_res: tuple[int, ...] = (256, 128),
                  total_step: int = 2000, dynamic_group: int = 5, binary: bool = True,
-                 cond_embed: bool = False, head_blocks: int = 0) -> None:
+                 cond_embed: bool = False, head_blocks: int = 0, lr_correction: bool = False) -> None:
         super().__init__()
         mults = list(channel_mults)
         for a, b in zip(mults, mults[1:]):
@@ -89,7 +91,10 @@ class BIDiffSRUNet(nn.Module):
             for blk in self.head:
                 blk.res_block.block2.conv.weight.zero_()
                 blk.res_block.block2.conv.bias.zero_()
-        self.final_conv = Block_F(pre, out_channel, norm_groups)
+        self.final_conv = Block_F(pre, 2 * out_channel if lr_correction else out_channel, norm_groups)
+        with torch.no_grad():   # the LR correction starts at zero: plain back-projection
+            self.final_conv.block[-1].weight[out_channel:].zero_()
+            self.final_conv.block[-1].bias[out_channel:].zero_()
         self.binary = binary
         if not binary:
             make_full_precision(self)

@@ -8,8 +8,9 @@ An artifact is a directory (or the same tree zipped into one ``.bidiff`` file)::
     model.so               TVM-compiled library for ``manifest.target`` (optional)
 
 Every graph has inputs ``x_t`` float32 [1, 3, S, S], ``cond`` float32 [1, 3, S, S] and
-``t`` int64 [1, 1], and the output ``eps`` float32 [1, 3, S, S], where S = ``manifest.tile``
-(the HR tile size fixed at export). The native library exposes one Relax VM function per group,
+``t`` int64 [1, 1], and the output ``eps`` float32 [1, C, S, S], where S = ``manifest.tile``
+(the HR tile size fixed at export) and C = 3, or 6 for a model with an LR correction
+(``model.formulation.lr_correction``). The native library exposes one Relax VM function per group,
 named ``manifest.groups[k].function``, with the same signature.
 
 ``manifest.files`` maps every other file's POSIX path (relative to the root) to its sha256 hex.
@@ -53,7 +54,7 @@ from .consistency import check_back_projection
 from .formulation import Formulation
 from .schedule import check_time_shift, check_time_shifts, check_timestep_spacing, time_shift_for
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # 1: the first format. 2: the sampler fields ``time_shift``, ``time_shifts``, ``back_projection``
 # (a version-1 reader ignores unknown keys, so it would sample such an artifact differently
 # without a word; it refuses version 2 instead). Version-1 artifacts read as ever (the fields
@@ -62,7 +63,8 @@ FORMAT_VERSION = 4
 # version that describes the artifact, so an ε-model with the paper's spacing stays version 2
 # (byte-identical re-exports) and a version-2 reader refuses exactly the artifacts it would
 # sample wrongly. 4: ``timestep_spacing`` "linspace" (a version-3 reader would call it
-# malformed); every other artifact keeps its version.
+# malformed); every other artifact keeps its version. 5: ``model.formulation.lr_correction``
+# (the graphs output 6 channels; a version-4 reader would back-project onto the uncorrected LR).
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".bidiff"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -250,8 +252,10 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 def required_format_version(formulation: dict[str, Any], timestep_spacing: str) -> int:
-    """4 for the linspace spacing, 3 for an x0-predicting model or the trailing spacing (see
-    ``FORMAT_VERSION``), else 2."""
+    """5 for a model with an LR correction, 4 for the linspace spacing, 3 for an x0-predicting
+    model or the trailing spacing (see ``FORMAT_VERSION``), else 2."""
+    if formulation.get("lr_correction", False):
+        return 5
     if timestep_spacing == "linspace":
         return 4
     if timestep_spacing != "leading" or formulation.get("prediction", "epsilon") != "epsilon":

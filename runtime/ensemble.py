@@ -5,7 +5,8 @@ seeds gains +0.005 dB), so what is left to average away is the network's orienta
 running it on 2, 4 or 8 of the input's flips / rotations, undoing each on the output and taking
 the mean (the "self-ensemble" of SR papers, EDSR+) gains a few hundredths of a dB for N times
 the network calls (docs/EXPERIMENTS.md). Back-projection then runs once, on the mean: it is affine,
-so that equals averaging back-projected outputs except where they were clipped.
+so that equals averaging back-projected outputs except where they were clipped. A model's LR
+corrections (``Formulation.lr_correction``) are averaged the same way, at the LR's size.
 """
 from __future__ import annotations
 
@@ -46,20 +47,23 @@ def sample_ensemble(model: EpsModel, lr: np.ndarray, *, scale: int, ensemble: in
     """``sampler.sample`` averaged over ``ensemble`` (1, 2, 4 or 8) flips / rotations of ``lr``;
     1 is ``sample`` itself. Every pass uses the same seed and settings (``kw``); ``progress``
     counts the network evaluations of all passes."""
-    from .sampler import sample      # lazily: the CLI reads ENSEMBLES without loading the sampler
+    from .sampler import sample, sample_unprojected   # lazily: the CLI reads ENSEMBLES alone
     n = check_ensemble(ensemble)
     back_projection = check_back_projection(back_projection)
     if n == 1:
         return sample(model, lr, scale=scale, back_projection=back_projection, progress=progress, **kw)
     lr = np.asarray(lr, dtype=np.float32)
     total = np.zeros((3, lr.shape[1] * scale, lr.shape[2] * scale), np.float32)
+    aims = np.zeros_like(lr)
     for i, (turns, mirror) in enumerate(_ORDER[:n]):
         report = None if progress is None else (
             lambda done, of, i=i: progress(i * of + done, n * of))
-        out = sample(model, np.ascontiguousarray(transform(lr, turns, mirror)), scale=scale,
-                     back_projection=0, progress=report, **kw)
-        total += untransform(out, turns, mirror)
+        out, aim = sample_unprojected(model, np.ascontiguousarray(transform(lr, turns, mirror)),
+                                      scale=scale, progress=report, **kw)
+        total += untransform(np.clip(out, 0, 1), turns, mirror)
+        aims += untransform(aim, turns, mirror)
     img = total / np.float32(n)
     if back_projection:
-        img = back_project(img, lr, scale, back_projection)
+        corrected = kw["formulation"].lr_correction
+        img = back_project(img, aims / np.float32(n) if corrected else lr, scale, back_projection)
     return np.ascontiguousarray(np.clip(img, 0, 1), dtype=np.float32)

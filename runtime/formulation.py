@@ -12,6 +12,14 @@ checkpoints and artifacts.
 - ``epsilon``: the noise (the paper's objective; every sampler step adds its error);
 - ``sample``: x0 itself. With a zero-initialised last conv the network starts at x0 = 0, i.e.
   at the condition for ``residual``, and a few DDIM steps suffice (docs/TRAINING.md).
+
+``lr_correction`` (``residual`` x0 models): the network outputs three more channels, c, and
+back-projection aims at ``lr + down(c) / residual_scale`` instead of the LR as given. Why:
+back-projection imposes the LR's low frequencies on the output, and an LR that is not the
+bicubic downscale it assumes (JPEG blocking, another downscaler) has the wrong ones; on JPEG'd
+validation photos, back-projecting the same output onto the clean LR instead of the JPEG'd one
+scores 1.8 dB higher (docs/EXPERIMENTS.md). The network learns the correction with the rest, and
+starts at c = 0, the plain back-projection.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ class Formulation:
     type: FormulationType = "official"
     residual_scale: float = 4.0
     prediction: PredictionType = "epsilon"
+    lr_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in FORMULATIONS:
@@ -39,6 +48,10 @@ class Formulation:
             raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if not isinstance(self.lr_correction, bool):
+            raise ValueError(f"lr_correction must be true or false, got {self.lr_correction!r}")
+        if self.lr_correction and (self.type, self.prediction) != ("residual", "sample"):
+            raise ValueError("lr_correction needs the residual formulation predicting the sample (x0)")
 
     def to_dict(self) -> dict:
         """Only what differs from the paper is written, so older checkpoints and artifacts
@@ -48,6 +61,8 @@ class Formulation:
             d.pop("prediction", None)
         else:
             d["prediction"] = self.prediction
+        if not self.lr_correction:
+            d.pop("lr_correction", None)
         return d
 
     @classmethod
@@ -61,3 +76,13 @@ class Formulation:
     def to_image(self, x0: np.ndarray, cond: np.ndarray) -> np.ndarray:
         """Sampled x0 -> image in [0, 1] (unclamped; callers clamp)."""
         return x0 if self.type == "official" else cond + x0 / self.residual_scale
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network's output: x0 (3), then the LR correction (3) if it has one."""
+        return 6 if self.lr_correction else 3
+
+    def lr_target(self, lr: np.ndarray, correction_down: np.ndarray) -> np.ndarray:
+        """The LR back-projection aims at, given the correction channels already downscaled to
+        the LR's size (numpy arrays or torch tensors)."""
+        return lr + correction_down / self.residual_scale

@@ -12,7 +12,9 @@
    the whole image.
 4. image = ``Formulation.to_image(x0, cond)`` cropped to the HR size, back-projected onto the
    LR image ``back_projection`` times (``consistency``; 0 unless the model was tuned with it)
-   and clamped to [0, 1].
+   and clamped to [0, 1]. A model with an LR correction (``Formulation.lr_correction``)
+   outputs three more channels, blended like the rest; the last step's, downscaled, move the
+   LR that back-projection aims at.
 
 Memory: the whole-image buffers are x_t, cond, the ε accumulator and the inverse weight sum
 (3.33 arrays of 3 x H x W float32); tiles are processed one at a time and the DDIM update runs in
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import schedule
-from .consistency import back_project, check_back_projection
+from .consistency import back_project, check_back_projection, downscale
 from .bicubic import upscale_condition
 from .formulation import Formulation
 from .tiling import TileGrid, default_overlap
@@ -52,7 +54,8 @@ class EpsModel(Protocol):
     tile: int
 
     def run(self, group: int, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> output float32 [1, 3, S, S]."""
+        """x_t, cond float32 [1, 3, S, S], t int64 [1, 1] -> output float32 [1, C, S, S]
+        (C = ``Formulation.output_channels``)."""
 
 
 TileInput = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -79,20 +82,35 @@ def pad_to_tile(cond: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int
 
 
 def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
-           steps: int = 50, seed: int = 0, overlap: int | None = None, time_shift: int = 0,
-           back_projection: int = 0, timestep_spacing: str = "leading",
-           group_of: Callable[[int], int] = schedule.timestep_group,
-           progress: Progress | None = None, on_step: StepHook | None = None) -> np.ndarray:
+           back_projection: int = 0, **kw: Any) -> np.ndarray:
     """Super-resolve ``lr`` (float32 [3, h, w] in [0, 1]) -> float32 [3, h·scale, w·scale] in [0, 1].
 
+    ``kw``: ``sample_unprojected``'s settings. Deterministic: the same inputs, seed and backend
+    give identical bytes.
+    """
+    back_projection = check_back_projection(back_projection)
+    img, aim = sample_unprojected(model, lr, scale=scale, formulation=formulation, **kw)
+    if back_projection:
+        img = back_project(img, aim, scale, back_projection)
+    img = np.clip(img, 0, 1, out=img if img.dtype == np.float32 else None)
+    return np.ascontiguousarray(img, dtype=np.float32)      # a copy only when it was cropped
+
+
+def sample_unprojected(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulation,
+                       steps: int = 50, seed: int = 0, overlap: int | None = None,
+                       time_shift: int = 0, timestep_spacing: str = "leading",
+                       group_of: Callable[[int], int] = schedule.timestep_group,
+                       progress: Progress | None = None,
+                       on_step: StepHook | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled image before back-projection and clamping (float32 [3, h·scale, w·scale]),
+    and the LR back-projection aims at: ``lr`` itself, or ``lr`` corrected by the model.
+
     ``overlap`` (HR pixels between neighbouring tiles, at least) defaults to an eighth of the tile.
-    Deterministic: the same inputs, seed and backend give identical bytes.
     """
     lr = np.ascontiguousarray(lr, dtype=np.float32)
     if lr.ndim != 3 or lr.shape[0] != 3:
         raise ValueError(f"lr must be [3, h, w], got {lr.shape}")
     tile = int(model.tile)
-    back_projection = check_back_projection(back_projection)
     sched = schedule.DDIMScheduler(time_shift=time_shift, timestep_spacing=timestep_spacing,
                                    prediction_type=formulation.prediction)
     timesteps = sched.set_timesteps(steps)
@@ -107,7 +125,8 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
     tiles = grid.tiles()
     inv_wsum = (np.float32(1) / grid.weight_sum())[None]          # [1, H, W]
     single = len(tiles) == 1
-    eps = np.empty_like(x_t)
+    out_all = np.empty((formulation.output_channels, H, W), np.float32)
+    eps = out_all[:3]
     t_buf = np.empty((1, 1), dtype=np.int64)
     total, done = len(timesteps) * len(tiles), 0
     band = max(1, BAND_PIXELS // W)          # rows per DDIM-update band
@@ -123,18 +142,18 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
         group = int(group_of(t_net))
         t_buf[0, 0] = t_net
         if not single:
-            eps.fill(0)
+            out_all.fill(0)
         for e, (tl, w) in zip(run_tiles(group, t_buf, len(tiles), tile_input), tiles):
             ys, xs = tl.slices
             if single:
-                eps[...] = e[0]
+                out_all[...] = e[0]
             else:
-                eps[:, ys, xs] += w * e[0]
+                out_all[:, ys, xs] += w * e[0]
             done += 1
             if progress is not None:
                 progress(done, total)
         if not single:
-            eps *= inv_wsum
+            out_all *= inv_wsum
         if on_step is not None:
             on_step(i, int(t), x_t, eps)
         # The DDIM update is elementwise, so it runs band by band in place: the same bits as one
@@ -145,11 +164,10 @@ def sample(model: EpsModel, lr: np.ndarray, *, scale: int, formulation: Formulat
             rows = slice(y0, y0 + band)
             out = sched.step(eps[:, rows], i, x_t[:, rows])
             x_t[:, rows] = out.pred_original_sample if last else out.prev_sample
-    del eps, inv_wsum
+    aim = lr
+    if formulation.lr_correction:
+        aim = formulation.lr_target(lr, downscale(out_all[3:, :hr_h, :hr_w], lr.shape[1:]))
+    del out_all, eps, inv_wsum
 
     img = formulation.to_image(x_t[:, :hr_h, :hr_w], cond[:, :hr_h, :hr_w])
-    del x_t, cond
-    if back_projection:
-        img = back_project(img, lr, scale, back_projection)
-    img = np.clip(img, 0, 1, out=img if img.dtype == np.float32 else None)
-    return np.ascontiguousarray(img, dtype=np.float32)      # a copy only when it was cropped
+    return img, np.ascontiguousarray(aim, dtype=np.float32)

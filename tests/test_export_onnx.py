@@ -11,8 +11,8 @@ order) whose input bits differ, every flipped bit sat within a few float32 ulps 
 flips are consequences of the first. With the seeds below most groups have no flip at all.
 
 Configs: ``golden-small`` (the golden checkpoint: official structure, FP decoder levels),
-``tiny-binary`` (all-binary, random weights; ``tiny-binary-cond`` and ``tiny-head`` add the
-condition summary and a head block), ``official-x2`` (full width, random weights, tile
+``tiny-binary`` (all-binary, random weights; ``tiny-binary-cond``, ``tiny-head`` and
+``tiny-lrc`` add the condition summary, a head block and the LR correction's channels), ``official-x2`` (full width, random weights, tile
 32). Each config is checked for the groups `_GROUPS` lists (all five for the first three).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 from bidiff.exporter.onnx_export import (PRIMITIVE_MODULES, WEIGHTS_FILE, build_group_graph,
                                          write_onnx_graphs)
 from bidiff.exporter.unroll import fold_biconv
-from bidiff.models import create_model, list_configs, load_checkpoint, set_deploy
+from bidiff.models import create_model, get_config, list_configs, load_checkpoint, set_deploy
 from bidiff.runtime.binary_op import unpack_weights
 from conftest import GOLDEN   # the one definition of where the golden data lives
 
@@ -58,7 +58,7 @@ def _model(name: str) -> torch.nn.Module:
 
 
 _GROUPS = {"golden-small": [0, 1, 2, 3, 4], "tiny-binary": [0, 1, 2, 3, 4], "official-x2": [0, 1, 2, 3, 4],
-           "tiny-binary-cond": [0, 4], "tiny-head": [0, 4]}
+           "tiny-binary-cond": [0, 4], "tiny-head": [0, 4], "tiny-lrc": [4]}
 
 
 @pytest.fixture(scope="module", params=list(_GROUPS))
@@ -134,7 +134,7 @@ def test_onnxruntime_equals_pytorch_deploy(exported) -> None:
         got = _session(path).run(None, feeds)[0]
         with torch.no_grad():
             want = model(*(torch.from_numpy(feeds[n]) for n in ("x_t", "cond", "t"))).numpy()
-        assert got.shape == want.shape == (1, 3, TILE, TILE)
+        assert got.shape == want.shape == (1, get_config(name).formulation.output_channels, TILE, TILE)
         err = float(np.abs(got - want).max())
         if err <= TOL:
             continue

@@ -41,7 +41,7 @@ def test_every_config_builds_and_runs(name):
     s = 4 * cfg.input_multiple
     with torch.no_grad():
         eps = model(torch.randn(1, 3, s, s), torch.rand(1, 3, s, s), torch.tensor([[5]]))
-    assert eps.shape == (1, 3, s, s) and torch.isfinite(eps).all()
+    assert eps.shape == (1, cfg.formulation.output_channels, s, s) and torch.isfinite(eps).all()
 
 
 @pytest.mark.parametrize("x_shape,cond_shape,t,msg", [

@@ -131,6 +131,7 @@ def test_version_1_artifact_reads_with_the_papers_sampler(tmp_path: Path) -> Non
     ({"type": "residual", "residual_scale": 4.0, "prediction": "sample"}, "leading", 3),
     ({"type": "official"}, "trailing", 3),
     ({"type": "residual", "residual_scale": 4.0, "prediction": "sample"}, "linspace", 4),
+    ({"type": "residual", "residual_scale": 4.0, "prediction": "sample", "lr_correction": True}, "trailing", 5),
 ])
 def test_x0_prediction_and_spacing_round_trip_as_format_3_or_4(tmp_path: Path, formulation, spacing,
                                                                version) -> None:
@@ -189,6 +190,11 @@ def test_unknown_spacing_or_prediction_is_malformed(tmp_path: Path) -> None:
                          "formulation": {"type": "residual", "prediction": "v"}})
     with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(unknown prediction 'v'; valid: "
                                               r"epsilon, sample\): re-export the artifact$"):
+        A.read_artifact(root)
+    edit_manifest(root, model={"name": "fake", "network": {}, "scale": 2,
+                               "formulation": {"type": "official", "lr_correction": True}})
+    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(lr_correction needs the residual "
+                                              r"formulation predicting the sample \(x0\)\): re-export the artifact$"):
         A.read_artifact(root)
 
 

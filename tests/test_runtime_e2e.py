@@ -12,7 +12,8 @@ from bidiff import exporter, runtime
 from bidiff.models import create_model, get_config, save_checkpoint, set_deploy
 from bidiff.models.sampler import sample as torch_sample
 from bidiff.runtime.bicubic import upscale_condition
-from bidiff.runtime.sampler import sample as rt_sample
+from bidiff.runtime.consistency import back_project
+from bidiff.runtime.sampler import sample as rt_sample, sample_unprojected
 
 TILE, STEPS = 32, 4       # t = 1500, 1000, 500, 0: groups 3, 2, 1, 0
 
@@ -64,13 +65,15 @@ def test_onnxruntime_matches_pytorch_step_by_step(exported) -> None:
     assert diff.mean() < 1e-4 and np.percentile(diff, 99.9) < 2e-3, (diff.mean(), diff.max())
 
 
-@pytest.fixture(scope="module")
-def exported_x0(tmp_path_factory):
-    """The tiny network as an x0 predictor whose checkpoint recommends 4 trailing steps."""
+@pytest.fixture(scope="module", params=["x0", "lr-correction"])
+def exported_x0(request, tmp_path_factory):
+    """The tiny network as an x0 predictor whose checkpoint recommends 4 trailing steps; in
+    the second case it also predicts an LR correction (format 5)."""
     from dataclasses import replace
     from bidiff.runtime.formulation import Formulation
     d = tmp_path_factory.mktemp("e2e_x0")
-    cfg = replace(get_config("tiny-binary"), formulation=Formulation("residual", 4.0, "sample"))
+    form = Formulation("residual", 4.0, "sample", lr_correction=request.param == "lr-correction")
+    cfg = replace(get_config("tiny-binary"), formulation=form)
     torch.manual_seed(1)
     model = create_model(cfg)
     assert not model.final_conv.block[-1].weight.any()         # x0 head starts at zero
@@ -83,12 +86,15 @@ def exported_x0(tmp_path_factory):
 
 def test_x0_model_numpy_sampler_matches_pytorch_step_by_step(exported_x0) -> None:
     """prediction = sample through export, manifest and both samplers (trailing spacing: the
-    network sees t = 1999, 1499, 999, 499, groups 4, 3, 2, 1)."""
+    network sees t = 1999, 1499, 999, 499, groups 4, 3, 2, 1); with an LR correction, the
+    graphs' six channels and the corrected back-projection too."""
     art, model, cfg = exported_x0
     up = runtime.load(art, backend="onnxruntime", threads=1)
     m = up.manifest
-    assert (m.format_version, m.default_steps, m.timestep_spacing, m.back_projection) == (3, 4, "trailing", 2)
-    assert up.formulation.prediction == "sample"
+    corrected = cfg.formulation.lr_correction
+    assert (m.format_version, m.default_steps, m.timestep_spacing, m.back_projection) == (
+        5 if corrected else 3, 4, "trailing", 2)
+    assert up.formulation == cfg.formulation
     lr = np.random.default_rng(5).random((3, TILE // 2, TILE // 2), dtype=np.float32)
     seen: list[tuple[int, np.ndarray, np.ndarray]] = []
     out = rt_sample(up.backend, lr, scale=cfg.scale, formulation=up.formulation, steps=4, seed=3,
@@ -100,13 +106,20 @@ def test_x0_model_numpy_sampler_matches_pytorch_step_by_step(exported_x0) -> Non
     ref = torch_sample(model, cond, steps=4, noise=torch.from_numpy(noise)[None], lr=lr[None],
                        formulation=cfg.formulation, timestep_spacing="trailing", back_projection=2,
                        record=True)
+    assert ref.eps[0].shape[1] == (6 if corrected else 3)
     for i, ((_, x_rt, o_rt), x_ref, o_ref) in enumerate(zip(seen, ref.x_t, ref.eps)):
-        do = np.abs(o_rt - o_ref[0].numpy())
+        do = np.abs(o_rt - o_ref[0, :3].numpy())
         dx = np.abs(x_rt - x_ref[0].numpy())
         assert do.mean() < 1e-4 and np.percentile(do, 99.9) < 1e-3, (i, do.mean(), do.max())
         assert dx.mean() < 1e-4 and np.percentile(dx, 99.9) < 1e-3, (i, dx.mean(), dx.max())
     diff = np.abs(out - ref.image[0].numpy())
     assert diff.mean() < 1e-4 and np.percentile(diff, 99.9) < 2e-3, (diff.mean(), diff.max())
+    # the correction moves the result: back-projecting onto the LR as given differs
+    img, aim = sample_unprojected(up.backend, lr, scale=cfg.scale, formulation=up.formulation,
+                                  steps=4, seed=3, timestep_spacing="trailing")
+    assert np.array_equal(aim, lr) != corrected
+    plain = np.clip(back_project(img, lr, cfg.scale, 2), 0, 1)
+    assert (np.abs(plain - out).max() > 1e-3) == corrected
     # the API takes every sampler setting from the manifest
     api = up.upscale((lr.transpose(1, 2, 0) * 255).round().astype(np.uint8), seed=3)
     assert api.shape == (TILE, TILE, 3)

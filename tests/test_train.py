@@ -225,9 +225,42 @@ def test_init_grows_a_network_by_the_condition_summary(tmp_path):
               progress=False, init=init)
 
 
+def test_init_grows_an_x0_network_by_the_lr_correction(tmp_path):
+    """--init with an x0 tiny-binary checkpoint starts tiny-lrc with its x0 channels the old
+    output and its correction channels at zero; the loss then trains the correction
+    through back-projection, where a JPEG'd LR gives it something to fix."""
+    images = _images()
+    x0 = replace(TINY, formulation=Formulation("residual", 4.0, "sample"))
+    lrc = get_config("tiny-lrc")
+    first = train(_cfg(steps=2, loss_back_projection=2), tmp_path / "a", images=images,
+                  model_config=x0, progress=False)
+    grown = train(_cfg(model="tiny-lrc", steps=2, loss_back_projection=2), tmp_path / "b",
+                  images=images, model_config=lrc, progress=False,
+                  init=tmp_path / "a" / "latest_raw.safetensors", until=2)
+    g = torch.Generator().manual_seed(3)
+    x_t, cond, t = torch.randn(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g), torch.tensor([[1999]])
+    with torch.no_grad():
+        out = grown.model(x_t, cond, t)
+        # the same weights; a 6-channel conv may sum in another order (~1e-9)
+        assert out.shape[1] == 6
+        torch.testing.assert_close(out[:, :3], first.model(x_t, cond, t), rtol=0, atol=1e-6)
+        assert not out[:, 3:].any()
+
+    batch = sample_batch(images, 2, patch=16, scale=2, rng=np.random.default_rng(3), degradation="jpeg-only")
+    hr, cond, low = (torch.from_numpy(a) for a in (batch.hr, batch.cond, batch.lr))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    model = grown.model
+    model.zero_grad()
+    diffusion_loss(model, hr, cond, 1999, torch.randn(hr.shape), lrc, abar, lr=low,
+                   back_projection=2).backward()
+    assert model.final_conv.block[-1].weight.grad[3:].abs().sum() > 0
+    with pytest.raises(ValueError, match="^an LR-correcting model is trained through back-projection, in one call$"):
+        diffusion_loss(model, hr, cond, 1999, torch.randn(hr.shape), lrc, abar, lr=low)
+
+
 def test_grows_accepts_only_parts_that_start_as_no_ops():
-    """_grows: more head blocks or a condition summary may start from a checkpoint without
-    them; fewer, or any other difference, may not."""
+    """_grows: more head blocks, a condition summary or an LR correction may start from a
+    checkpoint without them; fewer, or any other difference, may not."""
     from bidiff.models.configs import ModelConfig
     from bidiff.models.train import _grows
     base = get_config("tiny-head")
@@ -239,6 +272,10 @@ def test_grows_accepts_only_parts_that_start_as_no_ops():
     assert not _grows(cfg(cond_embed=True), cfg())
     assert not _grows(cfg(head_blocks=0), cfg(head_blocks=1, inner_channel=32))
     assert not _grows(cfg(), ModelConfig("x", base.network, 4, base.formulation, ""))
+    x0 = Formulation("residual", 4.0, "sample")
+    plain, corrected = (ModelConfig("x", base.network, 2, f, "") for f in (x0, replace(x0, lr_correction=True)))
+    assert _grows(plain, corrected) and not _grows(corrected, plain)
+    assert not _grows(replace(plain, formulation=replace(x0, residual_scale=2.0)), corrected)
 
 
 def test_head_lr_scale_multiplies_the_head_blocks_step_only(tmp_path):
@@ -378,14 +415,20 @@ def test_each_mix_jpegs_its_share_of_patches_over_its_quality_range(monkeypatch,
 
 def test_torch_back_projection_equals_the_runtime_one_and_trains_through_it():
     """models.projection is the runtime's back-projection, differentiable: a loss taken after
-    it equals the runtime's correction of the same prediction, and its gradient reaches x0."""
-    from bidiff.models.projection import back_project
+    it equals the runtime's correction of the same prediction, and its gradient reaches x0.
+    Its downscale (what an LR correction goes through) is the runtime's too."""
+    from bidiff.models.projection import back_project, downscale
     from bidiff.runtime.consistency import back_project as runtime_back_project
+    from bidiff.runtime.consistency import downscale as runtime_downscale
     rng = np.random.default_rng(0)
     sr, lr = rng.random((2, 3, 32, 24), dtype=np.float32), rng.random((2, 3, 16, 12), dtype=np.float32)
     got = back_project(torch.from_numpy(sr).double(), torch.from_numpy(lr).double(), 2, 3).numpy()
     want = np.stack([runtime_back_project(s, low, 2, 3) for s, low in zip(sr, lr)])
     np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(downscale(torch.from_numpy(sr).double(), 2).numpy(),
+                               np.stack([runtime_downscale(s, (16, 12)) for s in sr]), atol=1e-6)
+    with pytest.raises(ValueError, match="^cannot downscale 31x24 by 2$"):
+        downscale(torch.zeros(1, 3, 31, 24), 2)
     with pytest.raises(ValueError, match="do not match at x2"):
         back_project(torch.zeros(1, 3, 32, 24), torch.zeros(1, 3, 16, 16), 2, 1)
 
