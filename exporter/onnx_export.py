@@ -199,7 +199,8 @@ def build_group_graph(model: torch.nn.Module, *, group: int, tile: int, binary: 
     inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, model.out_channel, tile, tile]),
               helper.make_tensor_value_info("cond", TensorProto.FLOAT, [1, c_in, tile, tile]),
               helper.make_tensor_value_info("t", TensorProto.INT64, [1, 1])]
-    c_out = model.final_conv.block[-1].out_channels     # 6 with an LR correction
+    corr = model.final_conv.correction
+    c_out = model.out_channel + (0 if corr is None else corr.out_channels)
     outputs = [helper.make_tensor_value_info("eps", TensorProto.FLOAT, [1, c_out, tile, tile])]
     # params become initializers here (with data, for an in-memory model); write_onnx_graphs
     # moves them to the shared file.

@@ -83,19 +83,35 @@ class Block(_NormActConv):
 
 
 class Block_F(nn.Module):
-    """The final conv: GroupNorm -> Swish -> (identity) -> Conv 3x3 C -> out (``block.3``)."""
+    """The final conv: GroupNorm -> Swish -> (identity) -> Conv 3x3 C -> out (``block.3``).
 
-    def __init__(self, dim: int, dim_out: int, groups: int) -> None:
+    ``extra`` > 0: a second conv (``correction``) on the same activations adds that many output
+    channels (the LR correction, ``Formulation.lr_correction``). It is a module of its own, not
+    more rows of ``block.3``, so training can give it its own step size; it starts at zero.
+    """
+
+    def __init__(self, dim: int, dim_out: int, groups: int, extra: int = 0) -> None:
         super().__init__()
         self.block = nn.Sequential(nn.GroupNorm(groups, dim), Swish(), nn.Identity(),
                                    nn.Conv2d(dim, dim_out, 3, padding=1))
+        self.correction = nn.Conv2d(dim, extra, 3, padding=1) if extra else None
+        if self.correction is not None:
+            with torch.no_grad():
+                self.correction.weight.zero_()
+                self.correction.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        if self.correction is None:
+            return self.block(x)
+        h = self.block[:3](x)
+        return torch.cat([self.block[3](h), self.correction(h)], 1)
 
     def emit_onnx(self, g: GraphBuilder, x: str, path: str) -> str:
-        return g.module(self.block, x, path + ".block")
-
+        if self.correction is None:
+            return g.module(self.block, x, path + ".block")
+        h = g.module(self.block[:3], x, path + ".block")
+        out = [g.module(self.block[3], h, path + ".block.3"), g.module(self.correction, h, path + ".correction")]
+        return g.op("Concat", out, path + ".cat", axis=1)
 
 
 class CondEmbed(nn.Module):

@@ -349,9 +349,10 @@ def _new_run(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) 
             if isinstance(m, HardBinaryConv):
                 m.weight.requires_grad_(False)
     params = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": [q for n, q in params if not n.startswith("head.")]}]
-    head = [q for n, q in params if n.startswith("head.")]
-    if head:   # the head blocks start at zero: their own step size (head_lr_scale)
+    own = ("head.", "final_conv.correction.")
+    groups: list[dict[str, Any]] = [{"params": [q for n, q in params if not n.startswith(own)]}]
+    head = [q for n, q in params if n.startswith(own)]
+    if head:   # head blocks and an LR correction start at zero: their own step (head_lr_scale)
         groups.append({"params": head, "lr_scale": cfg.head_lr_scale})
     opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -411,18 +412,6 @@ def _grows(old: ModelConfig, new: ModelConfig) -> bool:
             and old.formulation.lr_correction <= new.formulation.lr_correction)
 
 
-def _grown_state(old: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
-    """``net``'s state with ``old``'s tensors in it: whole where the shapes agree, as the
-    leading rows where ``net``'s has more (the LR correction's output channels), so the parts
-    ``old`` lacks keep their no-op initialisation."""
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    for k, v in old.items():
-        if k in state and state[k].shape != v.shape:
-            state[k][:v.shape[0]] = v
-        elif k in state:
-            state[k] = v
-    return state
-
 def _init_from(run: _Run, path: Path) -> None:
     """Continue from a weights-only checkpoint (e.g. the shipped model): its weights seed both
     the model and the EMA, its ``steps`` / ``train_seconds`` metadata and its sampler settings
@@ -435,7 +424,7 @@ def _init_from(run: _Run, path: Path) -> None:
     if cfg.name != run.model_config.name and not _grows(cfg, run.model_config):
         raise SystemExit(f"{path} holds {cfg.name!r}, not {run.model_config.name!r}; pass --config {cfg.name}")
     for net in (run.model, run.ema):
-        net.load_state_dict(_grown_state(model.state_dict(), net))
+        net.load_state_dict(model.state_dict(), strict=cfg.name == run.model_config.name)
     meta = read_metadata(path)
     run.step = int(meta.get("steps", 0))
     run.train_seconds = float(meta.get("train_seconds", 0.0))

@@ -25,7 +25,7 @@ class BIDiffSRUNet(nn.Module):
     top decoder level, before the final conv: depth where full precision learns fastest. Each
     starts as the identity (its last conv is zero), so a network that gains them computes what
     it computed before and can continue from its weights.
-    ``lr_correction``: the final conv outputs ``out_channel`` more channels, the correction of
+    ``lr_correction``: the final block outputs ``out_channel`` more channels, the correction of
     the LR that back-projection aims at (``Formulation.lr_correction``), starting at zero.
     """
 
@@ -91,10 +91,7 @@ class BIDiffSRUNet(nn.Module):
             for blk in self.head:
                 blk.res_block.block2.conv.weight.zero_()
                 blk.res_block.block2.conv.bias.zero_()
-        self.final_conv = Block_F(pre, 2 * out_channel if lr_correction else out_channel, norm_groups)
-        with torch.no_grad():   # the LR correction starts at zero: plain back-projection
-            self.final_conv.block[-1].weight[out_channel:].zero_()
-            self.final_conv.block[-1].bias[out_channel:].zero_()
+        self.final_conv = Block_F(pre, out_channel, norm_groups, out_channel if lr_correction else 0)
         self.binary = binary
         if not binary:
             make_full_precision(self)

@@ -49,7 +49,7 @@ _FLAGS = {  # TrainConfig field -> help
     "zoom": "smallest scale a training photo is shown at: each HR patch is cut at a random scale "
             "in [zoom, 1] (antialiased bicubic; models.data.random_patch); 1: native pixels only",
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
-    "head_lr_scale": "learning-rate multiplier for the head blocks (head_blocks; they start at zero)",
+    "head_lr_scale": "learning-rate multiplier for the head blocks and the LR correction (they start at zero)",
 }
 
 
