@@ -124,6 +124,7 @@ class TrainConfig:
     train_params: Literal["all", "full-precision"] = "all"
     zoom: float = 1.0
     head_lr_scale: float = 1.0
+    correction_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -159,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"zoom {self.zoom} is outside (0, 1]")
         if not self.head_lr_scale > 0:
             raise ValueError(f"head_lr_scale {self.head_lr_scale} must be positive")
+        if self.correction_weight < 0:
+            raise ValueError(f"correction_weight {self.correction_weight} is negative")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -196,7 +199,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
                    precision: str = "fp32", refine_t: int = -1,
                    first_x_t: str = "noise", target: str = "hr",
                    jpeg: torch.Tensor | None = None,
-                   guide_image: torch.Tensor | None = None) -> torch.Tensor:
+                   guide_image: torch.Tensor | None = None,
+                   correction_weight: float = 0.0) -> torch.Tensor:
     """L1 between the true and predicted eps (or x0, for ``prediction == "sample"``) at one
     timestep ``t`` for the whole batch (``loss="l2"``: the mean squared error instead, the
     quantity PSNR scores).
@@ -225,6 +229,12 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     distillation. ``distil_weight`` times the same distance between the student's image (after
     the back-projection) and it is added; under L2 that trains on the weighted mean of the two
     targets, a target the LR determines (the HR's detail beyond it is noise to the gradient).
+
+    ``correction_weight`` (models with an LR correction): that many times the distance between
+    the LR back-projection aims at and the HR's own bicubic downscale (the LR it assumes) is
+    added. The image loss reaches the correction only through back-projection, a weak signal
+    for a part that starts at zero; this one tells it directly what to undo (JPEG blocking,
+    another downscaler's response).
 
     ``precision="bf16"``: the network calls (student and teacher) run under bf16 autocast; their
     outputs come back as float32 for everything after them.
@@ -263,6 +273,7 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
             return model(x, cond, t_now).float()
 
     outs = [call(x_t, t_batch)]
+    aux = None
     if refine_t >= 0:
         if form.prediction != "sample" or teacher is not None:
             raise ValueError("a refining second call needs an x0-predicting model and no teacher")
@@ -278,15 +289,20 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         if form.prediction != "sample" or lr is None:
             raise ValueError("a back-projected loss needs an x0-predicting model and the LR batch")
 
+        c, scale = hr.shape[1], model_config.scale
+
+        def aim_of(pred: torch.Tensor) -> torch.Tensor:
+            return form.lr_target(lr, downscale(pred[:, c:], scale)) if form.lr_correction else lr
+
         def to_image(pred: torch.Tensor) -> torch.Tensor:
-            c, scale = hr.shape[1], model_config.scale
-            aim = form.lr_target(lr, downscale(pred[:, c:], scale)) if form.lr_correction else lr
-            return back_project(form.to_image(pred[:, :c], cond), aim, scale, back_projection)
+            return back_project(form.to_image(pred[:, :c], cond), aim_of(pred), scale, back_projection)
 
         weight = form.residual_scale if form.type == "residual" else 1.0
-        want = hr if target == "hr" else back_project(hr, lr, model_config.scale, back_projection)
+        want = hr if target == "hr" else back_project(hr, lr, scale, back_projection)
         if target == "split":
             want = torch.where(jpeg.view(-1, 1, 1, 1).to(hr.device), hr, want)
+        if form.lr_correction and correction_weight:
+            aux = correction_weight * LOSSES[loss](aim_of(outs[0]) - downscale(hr, scale))
         outs, guide = [to_image(o) for o in outs], None if guide is None else to_image(guide)
     else:
         weight = 1.0
@@ -297,6 +313,8 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         guide = guide_image
     if guide is not None:
         total = total + distil_weight * distance(outs[0] - guide)
+    if aux is not None:
+        total = total + aux
     return total * weight
 
 
@@ -541,7 +559,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                   precision=cfg.precision, refine_t=cfg.refine_t,
                                   first_x_t=cfg.first_x_t, target=cfg.loss_target,
                                   jpeg=jpeg, guide_image=None if image_teacher is None
-                                  else image_teacher(lr_batch, jpeg))
+                                  else image_teacher(lr_batch, jpeg),
+                                  correction_weight=cfg.correction_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -256,6 +256,31 @@ def test_init_grows_an_x0_network_by_the_lr_correction(tmp_path):
         diffusion_loss(model, hr, cond, 1999, torch.randn(hr.shape), lrc, abar, lr=low)
 
 
+def test_correction_weight_adds_the_distance_of_the_aimed_lr_to_the_hrs_downscale():
+    """correction_weight W adds W x the distance between the LR back-projection aims at and
+    the HR's bicubic downscale (times the residual scale, like the rest of the loss)."""
+    from bidiff.models.projection import downscale
+    lrc = get_config("tiny-lrc")
+    torch.manual_seed(0)
+    model = create_model(lrc)
+    with torch.no_grad():
+        model.final_conv.correction.weight.normal_(0.0, 0.05)
+    batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3), degradation="jpeg-only")
+    hr, cond, low = (torch.from_numpy(a) for a in (batch.hr, batch.cond, batch.lr))
+    abar = torch.from_numpy(alphas_cumprod().copy())
+    x_t = torch.zeros_like(hr)
+    kw = dict(lr=low, back_projection=2, loss="l2", first_x_t="zeros")
+    with torch.no_grad():
+        base = diffusion_loss(model, hr, cond, 1999, x_t, lrc, abar, **kw)
+        weighted = diffusion_loss(model, hr, cond, 1999, x_t, lrc, abar, correction_weight=2.0, **kw)
+        c = model(x_t, cond, torch.full((2, 1), 1999))[:, 3:]
+        aim = low + downscale(c, 2) / 4
+        want = 4 * 2.0 * ((aim - downscale(hr, 2)) ** 2).mean()
+    assert float(weighted - base) == pytest.approx(float(want), rel=1e-4)
+    with pytest.raises(ValueError, match="correction_weight -1.0 is negative"):
+        _cfg(correction_weight=-1.0)
+
+
 def test_grows_accepts_only_parts_that_start_as_no_ops():
     """_grows: more head blocks, a condition summary or an LR correction may start from a
     checkpoint without them; fewer, or any other difference, may not."""
