@@ -231,10 +231,13 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
     targets, a target the LR determines (the HR's detail beyond it is noise to the gradient).
 
     ``correction_weight`` (models with an LR correction): that many times the distance between
-    the LR back-projection aims at and the HR's own bicubic downscale (the LR it assumes) is
-    added. The image loss reaches the correction only through back-projection, a weak signal
-    for a part that starts at zero; this one tells it directly what to undo (JPEG blocking,
-    another downscaler's response).
+    the LR back-projection aims at and the LR the target image implies is added: the HR's own
+    bicubic downscale (the LR back-projection assumes) where the target is the HR, the LR as
+    given where it is the projected HR (``split``: the former for JPEG'd patches only). The
+    image loss reaches the correction only through back-projection, a weak signal for a part
+    that starts at zero; this one tells it directly what to undo (JPEG blocking), and to leave
+    alone the LRs whose downscaler it cannot tell apart from bicubic (a correction learnt on
+    those would be their mixture's mean, wrong for each).
 
     ``precision="bf16"``: the network calls (student and teacher) run under bf16 autocast; their
     outputs come back as float32 for everything after them.
@@ -302,7 +305,10 @@ def diffusion_loss(model: nn.Module, hr: torch.Tensor, cond: torch.Tensor, t: in
         if target == "split":
             want = torch.where(jpeg.view(-1, 1, 1, 1).to(hr.device), hr, want)
         if form.lr_correction and correction_weight:
-            aux = correction_weight * LOSSES[loss](aim_of(outs[0]) - downscale(hr, scale))
+            want_lr = lr if target == "projected" else downscale(hr, scale)
+            if target == "split":
+                want_lr = torch.where(jpeg.view(-1, 1, 1, 1).to(hr.device), want_lr, lr)
+            aux = correction_weight * LOSSES[loss](aim_of(outs[0]) - want_lr)
         outs, guide = [to_image(o) for o in outs], None if guide is None else to_image(guide)
     else:
         weight = 1.0

@@ -256,9 +256,11 @@ def test_init_grows_an_x0_network_by_the_lr_correction(tmp_path):
         diffusion_loss(model, hr, cond, 1999, torch.randn(hr.shape), lrc, abar, lr=low)
 
 
-def test_correction_weight_adds_the_distance_of_the_aimed_lr_to_the_hrs_downscale():
+@pytest.mark.parametrize("target", ["hr", "split", "projected"])
+def test_correction_weight_adds_the_distance_of_the_aimed_lr_to_the_targets_lr(target):
     """correction_weight W adds W x the distance between the LR back-projection aims at and
-    the HR's bicubic downscale (times the residual scale, like the rest of the loss)."""
+    the LR of the target (times the residual scale, like the rest of the loss): the HR's
+    bicubic downscale where the target is the HR, the given LR where it is the projected HR."""
     from bidiff.models.projection import downscale
     lrc = get_config("tiny-lrc")
     torch.manual_seed(0)
@@ -268,15 +270,15 @@ def test_correction_weight_adds_the_distance_of_the_aimed_lr_to_the_hrs_downscal
     batch = sample_batch(_images(), 2, patch=16, scale=2, rng=np.random.default_rng(3), degradation="jpeg-only")
     hr, cond, low = (torch.from_numpy(a) for a in (batch.hr, batch.cond, batch.lr))
     abar = torch.from_numpy(alphas_cumprod().copy())
-    x_t = torch.zeros_like(hr)
-    kw = dict(lr=low, back_projection=2, loss="l2", first_x_t="zeros")
+    x_t, jpeg = torch.zeros_like(hr), torch.tensor([True, False])
+    kw = dict(lr=low, back_projection=2, loss="l2", first_x_t="zeros", target=target, jpeg=jpeg)
     with torch.no_grad():
         base = diffusion_loss(model, hr, cond, 1999, x_t, lrc, abar, **kw)
         weighted = diffusion_loss(model, hr, cond, 1999, x_t, lrc, abar, correction_weight=2.0, **kw)
-        c = model(x_t, cond, torch.full((2, 1), 1999))[:, 3:]
-        aim = low + downscale(c, 2) / 4
-        want = 4 * 2.0 * ((aim - downscale(hr, 2)) ** 2).mean()
-    assert float(weighted - base) == pytest.approx(float(want), rel=1e-4)
+        aim = low + downscale(model(x_t, cond, torch.full((2, 1), 1999))[:, 3:], 2) / 4
+        want = {"hr": downscale(hr, 2), "projected": low,
+                "split": torch.cat([downscale(hr, 2)[:1], low[1:]])}[target]
+    assert float(weighted - base) == pytest.approx(float(4 * 2.0 * ((aim - want) ** 2).mean()), rel=1e-4)
     with pytest.raises(ValueError, match="correction_weight -1.0 is negative"):
         _cfg(correction_weight=-1.0)
 
