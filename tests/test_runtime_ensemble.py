@@ -93,3 +93,32 @@ def test_every_pass_is_tiled_alike_and_counted():
     assert [d for d, _ in seen] == list(range(1, model.calls + 1))
     with pytest.raises(ValueError, match="ensemble must be one of 1, 2, 4, 8, got 3"):
         sample_ensemble(model, lr, ensemble=3, **ONE_STEP)
+
+
+class CorrectingRampModel(RampModel):
+    """x0 = 0, and an LR correction = a ramp along the tile's columns (channels 3-5)."""
+
+    def run(self, group, x_t, cond, t):
+        self.calls += 1
+        ramp = np.float32(0.4) * np.arange(self.tile, dtype=np.float32) / self.tile
+        corr = np.broadcast_to(ramp, x_t.shape)
+        return np.ascontiguousarray(np.concatenate([np.zeros_like(x_t), corr], 1), dtype=np.float32)
+
+
+def test_lr_corrections_are_averaged_like_the_images():
+    """A correcting model's passes each aim back-projection at their own corrected LR; the
+    ensemble aims at the mean of those (untransformed), so the mirrored ramps cancel to a flat
+    offset: the same as back-projecting onto lr + that offset."""
+    from bidiff.runtime.consistency import downscale
+    form = Formulation("residual", 4.0, "sample", lr_correction=True)
+    kw = dict(ONE_STEP, formulation=form)
+    lr = _lr(8, 8)
+    cond = upscale_condition(lr, 2)
+    ramp = np.broadcast_to(np.float32(0.4) * np.arange(16, dtype=np.float32) / 16, (3, 16, 16))
+    one = sample_ensemble(CorrectingRampModel(16), lr, ensemble=1, back_projection=2, **kw)
+    np.testing.assert_allclose(one, np.clip(back_project(cond, lr + downscale(ramp, (8, 8)) / 4, 2, 2), 0, 1),
+                               atol=1e-6)
+    two = sample_ensemble(CorrectingRampModel(16), lr, ensemble=2, back_projection=2, **kw)
+    mean_aim = lr + (downscale(ramp, (8, 8)) + downscale(ramp[..., ::-1], (8, 8))) / 8
+    np.testing.assert_allclose(two, np.clip(back_project(cond, mean_aim, 2, 2), 0, 1), atol=1e-6)
+    assert not np.allclose(one, two, atol=1e-3)
