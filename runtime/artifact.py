@@ -231,7 +231,8 @@ class Manifest:
             f"format      {self.format_version} (bidiff {self.bidiff_version})",
             f"model       {self.model.name}  x{self.model.scale}  formulation "
             f"{self.model.formulation.get('type', 'official')}, predicts "
-            f"{self.model.formulation.get('prediction', 'epsilon')}",
+            f"{self.model.formulation.get('prediction', 'epsilon')}"
+            + (" and an LR correction" if self.model.formulation.get("lr_correction") else ""),
             f"tile        {self.tile}x{self.tile} HR, input multiple {self.input_multiple}",
             f"steps       {self.default_steps} by default" + self._sampler_summary(),
             "groups      " + ", ".join(f"{g.index}: t {g.t_min}-{g.t_max}" for g in self.groups),

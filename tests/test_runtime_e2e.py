@@ -120,6 +120,7 @@ def test_x0_model_numpy_sampler_matches_pytorch_step_by_step(exported_x0) -> Non
     assert np.array_equal(aim, lr) != corrected
     plain = np.clip(back_project(img, lr, cfg.scale, 2), 0, 1)
     assert (np.abs(plain - out).max() > 1e-3) == corrected
+    assert ("predicts sample and an LR correction" in m.summary()) == corrected
     # the API takes every sampler setting from the manifest
     api = up.upscale((lr.transpose(1, 2, 0) * 255).round().astype(np.uint8), seed=3)
     assert api.shape == (TILE, TILE, 3)
