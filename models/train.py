@@ -432,7 +432,7 @@ def _grows(old: ModelConfig, new: ModelConfig) -> bool:
     return (rest(old.network) == rest(new.network)
             and all(old.network.get(k, d) <= new.network.get(k, d) for k, d in _GROWN.items())
             and new.scale == old.scale
-            and replace(new.formulation, lr_correction=old.formulation.lr_correction) == old.formulation
+            and replace(new.formulation, lr_correction=False) == replace(old.formulation, lr_correction=False)
             and old.formulation.lr_correction <= new.formulation.lr_correction)
 
 

@@ -301,6 +301,7 @@ def test_grows_accepts_only_parts_that_start_as_no_ops():
     plain, corrected = (ModelConfig("x", base.network, 2, f, "") for f in (x0, replace(x0, lr_correction=True)))
     assert _grows(plain, corrected) and not _grows(corrected, plain)
     assert not _grows(replace(plain, formulation=replace(x0, residual_scale=2.0)), corrected)
+    assert not _grows(corrected, replace(plain, formulation=Formulation()))     # no error either
 
 
 @pytest.mark.parametrize("name,prefix,kw", [("tiny-head", "head.", {}),
