@@ -18,7 +18,7 @@ back-projection aims at ``lr + down(c) / residual_scale`` instead of the LR as g
 back-projection imposes the LR's low frequencies on the output, and an LR that is not the
 bicubic downscale it assumes (JPEG blocking, another downscaler) has the wrong ones; on JPEG'd
 validation photos, back-projecting the same output onto the clean LR instead of the JPEG'd one
-scores 1.8 dB higher (docs/EXPERIMENTS.md). The network learns the correction with the rest, and
+scores 1.9 dB higher (docs/EXPERIMENTS.md). The network learns the correction with the rest, and
 starts at c = 0, the plain back-projection.
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@
    LR that back-projection aims at.
 
 Memory: the whole-image buffers are x_t, cond, the ε accumulator and the inverse weight sum
-(3.33 arrays of 3 x H x W float32; one more for an LR correction's channels); tiles are processed one at a time and the DDIM update runs in
-place band by band, so nothing else grows with the image area (the bicubic condition's float64
+(3.33 arrays of 3 x H x W float32; one more for an LR correction's channels); tiles are
+processed one at a time and the DDIM update runs in place band by band, so nothing else grows with the image area (the bicubic condition's float64
 work buffers come and go before sampling starts; back-projection, after the loop, raised the
 measured peak of a 1024² output by about two 3 x H x W buffers: README, peak memory).
 """

@@ -51,7 +51,8 @@ _FLAGS = {  # TrainConfig field -> help
     "precision": "network arithmetic in training: fp32 | bf16 (autocast; 1.8x faster on AMX CPUs)",
     "head_lr_scale": "learning-rate multiplier for the head blocks and the LR correction (they start at zero)",
     "correction_weight": "models with an LR correction: weight of the distance between the LR it aims "
-                         "at and the HR's bicubic downscale (a direct signal for the correction)",
+                         "at and the LR the image target implies (the HR's bicubic downscale where "
+                         "the target is the HR, with split the JPEG'd patches; else the given LR)",
 }
 
 

@@ -192,6 +192,11 @@ def test_unknown_spacing_or_prediction_is_malformed(tmp_path: Path) -> None:
                                               r"epsilon, sample\): re-export the artifact$"):
         A.read_artifact(root)
     edit_manifest(root, model={"name": "fake", "network": {}, "scale": 2,
+                               "formulation": {"type": "residual", "prediction": "sample", "lr_correction": 1}})
+    with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(lr_correction must be true or false, "
+                                              r"got 1\): re-export the artifact$"):
+        A.read_artifact(root)
+    edit_manifest(root, model={"name": "fake", "network": {}, "scale": 2,
                                "formulation": {"type": "official", "lr_correction": True}})
     with pytest.raises(A.ArtifactError, match=r"^manifest is malformed \(lr_correction needs the residual "
                                               r"formulation predicting the sample \(x0\)\): re-export the artifact$"):
