@@ -18,28 +18,17 @@ import torch
 
 from bidiff.models.checkpoint import read_metadata
 from bidiff.models.train import TrainConfig, train
+from bidiff.models.train_flags import add_config_flags, given_config
 
 _RESTART_SECONDS = 20.0  # phase 2 loads the state and spawns its workers again
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="bidiff-s2-x2", help="model config name")
+    add_config_flags(parser, leave_out=("steps", "lr_schedule", "decay_start"))
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of both phases")
     parser.add_argument("--probe-steps", type=int, default=600,
                         help="constant-LR steps (warm-up included) that measure the rate")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--patch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-steps", type=int, default=500)
-    parser.add_argument("--data", default="data/train")
-    parser.add_argument("--degradation", default="bicubic", help="bicubic | mixed | mixed-jpeg | jpeg-only | no-jpeg (models.data)")
-    parser.add_argument("--loss-back-projection", type=int, default=0,
-                        help="x0 models: back-project the prediction before the loss (models.train)")
-    parser.add_argument("--t-min", type=int, default=0,
-                        help="train only timesteps t >= this (1600: the 1-step sampler's expert)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--device", default="cpu")
@@ -55,12 +44,8 @@ def main() -> None:
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
 
     deadline = time.monotonic() + args.minutes * 60
-    cfg = TrainConfig(model=args.config, data=args.data, steps=10**9, batch=args.batch,
-                      patch=args.patch, lr=args.lr, lr_schedule="constant",
-                      warmup_steps=args.warmup_steps, min_lr=args.min_lr, seed=args.seed,
-                      degradation=args.degradation, loss_back_projection=args.loss_back_projection,
-                      t_min=args.t_min, checkpoint_minutes=1e9)
-    run_dir = args.runs / (args.name or args.config)
+    cfg = TrainConfig(**{**given_config(args), "steps": 10**9, "lr_schedule": "constant"})
+    run_dir = args.runs / (args.name or cfg.model)
     common = dict(device=args.device, workers=args.workers)
     start, seconds0 = 0, 0.0
     if args.init is not None:

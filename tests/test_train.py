@@ -561,7 +561,8 @@ def test_train_script_checks_resume_flags_against_the_saved_run(tmp_path):
 
 def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     """scripts/train_timed.py (the lent-GPU entry point): phase 1 at the constant peak LR, then
-    a cosine to the end step its budget reaches, with the recipe's flags (here --t-min)."""
+    a cosine to the end step its budget reaches, with the recipe's flags (the same set as
+    scripts/train.py's: models.train_flags)."""
     from PIL import Image
     data = tmp_path / "data"
     data.mkdir()
@@ -570,13 +571,76 @@ def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_timed.py"), "--config", "tiny-binary",
                           "--minutes", "0.5", "--probe-steps", "3", "--warmup-steps", "1", "--batch", "2",
                           "--patch", "16", "--t-min", "1600", "--data", str(data), "--runs", str(tmp_path / "runs"),
-                          "--threads", "1"], capture_output=True, text=True, timeout=600)
+                          "--loss", "l2", "--degradation", "mixed", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "phase 1: 3 steps at" in res.stdout
     state = torch.load(tmp_path / "runs" / "tiny-binary" / "state.pt", weights_only=False)
     cfg = state["config"]
     assert (cfg["t_min"], cfg["lr_schedule"], cfg["decay_start"]) == (1600, "cosine", 3)
+    assert (cfg["loss"], cfg["degradation"]) == ("l2", "mixed")   # every TrainConfig flag reaches it
     assert state["step"] == cfg["steps"] >= 3
+
+
+def _pack_carry():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from pack_carry import pack
+    finally:
+        sys.path.pop(0)
+    return pack
+
+
+def _carry_sources(tmp_path):
+    from PIL import Image
+    train, teachers = tmp_path / "train", tmp_path / "teachers"
+    train.mkdir()
+    teachers.mkdir()
+    noisy = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for i, img in enumerate([*_images(), noisy]):
+        Image.fromarray(img).save(train / f"p{i}.png")
+    (teachers / "teacher.json").write_text("{}")
+    (teachers / "clean.bin").write_bytes(b"\x01\x02")
+    return train, teachers
+
+
+def test_pack_carry_keeps_every_pixel_in_the_same_order(tmp_path):
+    """The lent-GPU carry (scripts/pack_carry.py): lossless WebP gives back each training
+    image's pixels, listed in the order data/train lists them, so a run sees the same data
+    stream; the teachers are copied as they are."""
+    from bidiff.models.data import list_images, load_rgb
+    train, teachers = _carry_sources(tmp_path)
+    out = tmp_path / "build" / "carry"
+    size = _pack_carry()(train, teachers, out)
+    packed, sources = list_images(out / "train"), list_images(train)
+    assert [p.suffix for p in packed] == [".webp"] * 4
+    assert [p.stem for p in packed] == [p.stem for p in sources]
+    for a, b in zip(packed, sources):
+        assert np.array_equal(load_rgb(a), load_rgb(b))
+    assert (out / "teachers" / "clean.bin").read_bytes() == b"\x01\x02"
+    assert size == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["carry"]      # no staging left
+
+
+def test_pack_carry_refuses_an_oversized_carry_and_writes_nothing(tmp_path):
+    train, teachers = _carry_sources(tmp_path)
+    out = tmp_path / "build" / "carry"
+    with pytest.raises(SystemExit, match=r"^packed data is 0\.0 MiB, over the 0 MiB a device call "
+                                         r"carries: carry the training images in two calls$"):
+        _pack_carry()(train, teachers, out, limit=100)
+    assert list(out.parent.iterdir()) == []
+    # p0.png < p0.w.png, but p0.w.webp < p0.webp
+    (train / "p0.w.png").write_bytes((train / "p1.png").read_bytes())
+    with pytest.raises(SystemExit, match=r"^the \.webp names of .*train sort in another order than the "
+                                         r"originals \(a dot in a file name\?\): rename them, or the "
+                                         r"data stream would change$"):
+        _pack_carry()(train, teachers, out)
+    assert list(out.parent.iterdir()) == []
+    (teachers / "teacher.json").unlink()
+    with pytest.raises(SystemExit, match=r"^no teachers in .*teachers \(run scripts/prepare_data\.py "
+                                         r"--teachers first\)$"):
+        _pack_carry()(train, teachers, out)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_l2_loss_is_the_mean_squared_error_of_the_same_comparison():
