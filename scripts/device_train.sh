@@ -2,10 +2,11 @@
 # One lent-GPU call that continues the shipped line with the recipe it was trained on, then
 # returns the EMA and raw weights in $OUT (compact int8 latents, under 16 MiB each).
 #   here:    python scripts/pack_carry.py          # build/carry: the training photos + teachers
-#   device:  run(command="scripts/device_train.sh 9", carry=["build/carry"], timeout_s=600)
-# MINUTES is the training budget (leave ~1 min of the call for start-up and the copies); any
-# further flags go to scripts/train_timed.py after the recipe's and override them (e.g.
-# --config bidiff-m2l-x2 --correction-weight 1, or --device cpu --workers 0 for a dry run).
+#   device:  run(command="scripts/device_train.sh 8", carry=["build/carry"], timeout_s=600)
+# MINUTES is train_timed.py's budget, its own start-up included; a call may run 600 s and the
+# install before it and the copies after it take about a minute, so 8 fits. Further flags go
+# to scripts/train_timed.py after the recipe's and override them (e.g. --config bidiff-m2l-x2
+# --correction-weight 1, or --device cpu --workers 0 for a dry run on this machine).
 set -euo pipefail
 minutes=${1:?usage: scripts/device_train.sh MINUTES [train_timed.py flags]}
 shift
