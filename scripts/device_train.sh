@@ -17,7 +17,7 @@ python3 scripts/train_timed.py --name gpu --runs "$runs" --minutes "$minutes" \
     --config bidiff-m2-x2 --init checkpoints/bidiff-m2-x2.safetensors \
     --data build/carry/train --image-teacher build/carry/teachers --distil-weight 3 \
     --degradation mixed --loss l2 --loss-target split --loss-back-projection 2 --t-min 1600 \
-    --batch 32 --patch 128 --lr 2e-4 --warmup-steps 1 --probe-steps 200 --precision bf16 \
+    --batch 32 --patch 128 --lr 2e-4 --warmup-steps 1 --probe-steps 200 --precision bf16 --no-anneal \
     --device cuda --workers 12 "$@"
 for w in ema raw; do
     python3 scripts/keep_weights.py "$runs/gpu/latest_$w.safetensors" "$OUT/gpu-$w.safetensors"

@@ -4,7 +4,8 @@
 Why: a lent accelerator comes for minutes, and the cosine schedule needs its end step up front.
 Phase 1 trains at the constant peak LR (after the warm-up) for ``--probe-steps`` and measures
 the step rate; phase 2 resumes the same run with a cosine decay from there to the step the
-remaining budget reaches. Everything else is ``bidiff.models.train`` (same run directory,
+remaining budget reaches (``--no-anneal``: at the peak LR to that step, for a line that a
+lower rate made worse, docs/EXPERIMENTS.md). Everything else is ``bidiff.models.train`` (same run directory,
 checkpoint format and log), so the run can still be resumed or annealed further by
 scripts/train.py.
 """
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of both phases")
     parser.add_argument("--probe-steps", type=int, default=600,
                         help="constant-LR steps (warm-up included) that measure the rate")
+    parser.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True,
+                        help="phase 2 decays the LR on a cosine to --min-lr (default); --no-anneal "
+                             "keeps the peak LR to the end (the EMA then does the averaging)")
     parser.add_argument("--name", default=None, help="run name (default: the config name)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--device", default="cpu")
@@ -55,9 +59,14 @@ def main() -> None:
     # loop time of this run only: start-up costs are not per step
     rate = (run.step - start) / max(run.train_seconds - seconds0, 1e-9)
     extra = int(0.95 * rate * max(0.0, deadline - time.monotonic() - _RESTART_SECONDS))
-    print(f"phase 1: {run.step} steps at {rate:.2f} steps/s; cosine over {extra} more steps", flush=True)
-    train(cfg, run_dir, resume=True, overrides={"lr_schedule": "cosine", "decay_start": run.step,
-                                                "steps": run.step + extra}, **common)
+    schedule = "cosine" if args.anneal else "constant"
+    print(f"phase 1: {run.step} steps at {rate:.2f} steps/s; {schedule} over {extra} more steps", flush=True)
+    if extra == 0:
+        return      # the budget went on phase 1: a resume by scripts/train.py can take the run on
+    end = {"steps": run.step + extra}
+    if args.anneal:
+        end |= {"lr_schedule": "cosine", "decay_start": run.step}
+    train(cfg, run_dir, resume=True, overrides=end, **common)
 
 
 if __name__ == "__main__":

@@ -569,7 +569,7 @@ def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     for i, img in enumerate(_images()):
         Image.fromarray(img).save(data / f"p{i}.png")
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_timed.py"), "--config", "tiny-binary",
-                          "--minutes", "0.5", "--probe-steps", "3", "--warmup-steps", "1", "--batch", "2",
+                          "--minutes", "0.75", "--probe-steps", "3", "--warmup-steps", "1", "--batch", "2",
                           "--patch", "16", "--t-min", "1600", "--data", str(data), "--runs", str(tmp_path / "runs"),
                           "--loss", "l2", "--degradation", "mixed", "--threads", "1"],
                          capture_output=True, text=True, timeout=600)
@@ -580,6 +580,16 @@ def test_train_timed_ends_on_a_cosine_with_the_flags_given(tmp_path):
     assert (cfg["t_min"], cfg["lr_schedule"], cfg["decay_start"]) == (1600, "cosine", 3)
     assert (cfg["loss"], cfg["degradation"]) == ("l2", "mixed")   # every TrainConfig flag reaches it
     assert state["step"] == cfg["steps"] >= 3
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_timed.py"), "--config", "tiny-binary",
+                          "--minutes", "0.75", "--probe-steps", "2", "--warmup-steps", "1", "--batch", "2",
+                          "--patch", "16", "--data", str(data), "--runs", str(tmp_path / "runs"),
+                          "--name", "flat", "--no-anneal", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "phase 1: 2 steps at" in res.stdout and " steps/s; constant over " in res.stdout
+    state = torch.load(tmp_path / "runs" / "flat" / "state.pt", weights_only=False)
+    assert state["config"]["lr_schedule"] == "constant"
+    assert state["step"] == state["config"]["steps"] >= 2
 
 
 def _pack_carry():
