@@ -5,9 +5,9 @@ Why: a lent accelerator comes for minutes, and the cosine schedule needs its end
 Phase 1 trains at the constant peak LR (after the warm-up) for ``--probe-steps`` and measures
 the step rate; phase 2 resumes the same run with a cosine decay from there to the step the
 remaining budget reaches (``--no-anneal``: at the peak LR to that step, for a line that a
-lower rate made worse, docs/EXPERIMENTS.md). Everything else is ``bidiff.models.train`` (same run directory,
-checkpoint format and log), so the run can still be resumed or annealed further by
-scripts/train.py.
+lower rate made worse, docs/EXPERIMENTS.md). Everything else is ``bidiff.models.train`` (same
+run directory, checkpoint format and log; the same recipe flags, ``models.train_flags``), so
+the run can still be resumed or annealed further by scripts/train.py.
 """
 from __future__ import annotations
 
