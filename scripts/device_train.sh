@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU call that continues the shipped line with the recipe it was trained on, then
-# returns the EMA and raw weights in $OUT (compact int8 latents, under 16 MiB each).
+# returns the EMA and raw weights in $OUT (compact int8 latents, under 16 MiB each) with the
+# run's log (step rate, losses).
 #   here:    python scripts/pack_carry.py          # build/carry: the training photos + teachers
 #   device:  run(command="scripts/device_train.sh 8", carry=["build/carry"], timeout_s=600)
 # MINUTES is train_timed.py's budget, its own start-up included; a call may run 600 s and the
@@ -22,3 +23,4 @@ python3 scripts/train_timed.py --name gpu --runs "$runs" --minutes "$minutes" \
 for w in ema raw; do
     python3 scripts/keep_weights.py "$runs/gpu/latest_$w.safetensors" "$OUT/gpu-$w.safetensors"
 done
+cp "$runs/gpu/log.jsonl" "$OUT/gpu-log.jsonl"
