@@ -18,9 +18,10 @@
 
 Memory: the whole-image buffers are x_t, cond, the ε accumulator and the inverse weight sum
 (3.33 arrays of 3 x H x W float32; one more for an LR correction's channels); tiles are
-processed one at a time and the DDIM update runs in place band by band, so nothing else grows with the image area (the bicubic condition's float64
-work buffers come and go before sampling starts; back-projection, after the loop, raised the
-measured peak of a 1024² output by about two 3 x H x W buffers: README, peak memory).
+processed one at a time and the DDIM update runs in place band by band, so nothing else grows
+with the image area (the bicubic condition's float64 work buffers come and go before sampling
+starts; back-projection, after the loop, raised the measured peak of a 1024² output by about
+two 3 x H x W buffers: README, peak memory).
 """
 from __future__ import annotations
 
